@@ -1,0 +1,186 @@
+"""Continuous batching: every step, running requests advance first, then waiting ones join while the
+token budget, the sequence limit and the KV blocks allow. Out of blocks, the newest running request is
+preempted and later recomputed."""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from fastinfer.core.kv_cache_manager import KVCacheManager
+from fastinfer.core.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """What to compute this step: ``num_scheduled_tokens[i]`` new tokens of ``reqs[i]``, starting at its
+    ``num_computed_tokens``, into the blocks ``block_ids[i]``."""
+
+    reqs: list[Request] = field(default_factory=list)
+    num_scheduled_tokens: list[int] = field(default_factory=list)
+    block_ids: list[list[int]] = field(default_factory=list)
+    preempted_req_ids: list[str] = field(default_factory=list)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens)
+
+    def is_empty(self) -> bool:
+        return not self.reqs
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Per scheduled request that reached the end of its tokens: the sampled token ids (one, or several
+    with speculation) and, when asked for, their logprobs."""
+
+    sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
+    sampled_logprobs: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_preemptions: int
+    prefix_queries: int
+    prefix_hits: int
+
+
+class Scheduler:
+    def __init__(self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int) -> None:
+        self.kv = kv_cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # -- queue management ------------------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        if not 1 <= req.num_tokens < self.max_model_len:
+            raise ValueError(f"request {req.request_id!r}: {req.num_tokens} prompt tokens do not fit "
+                             f"max_model_len={self.max_model_len} (at least one token must be generated)")
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """Finish (stop or abort) requests wherever they are; their blocks go back to the pool."""
+        assert status.finished
+        done = []
+        for rid in request_ids:
+            req = self.requests.pop(rid, None)
+            if req is None:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            req.status = status
+            self.kv.free(req)
+            done.append(req)
+        return done
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(len(self.running), len(self.waiting), self.kv.usage(), self.num_preemptions,
+                              self.kv.prefix_queries, self.kv.prefix_hits)
+
+    # -- one step --------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n <= 0:  # cannot happen: a running request always has its last token to compute
+                i += 1
+                continue
+            while not self.kv.allocate_slots(req, n):
+                victim = self.running.pop()
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+            else:
+                self._add(out, req, n)
+                budget -= n
+                i += 1
+        if out.preempted_req_ids:  # no room for newcomers this step
+            return out
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            hits = self.kv.get_computed_blocks(req)
+            num_hit = len(hits) * self.kv.block_size
+            n = min(req.num_tokens - req.num_computed_tokens - num_hit, budget)
+            if not self.kv.allocate_slots(req, n, hits):
+                break
+            self.waiting.popleft()
+            if num_hit:
+                req.num_computed_tokens += num_hit
+            if req.status == RequestStatus.WAITING:
+                req.num_cached_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            self._add(out, req, n)
+            budget -= n
+        return out
+
+    def _add(self, out: SchedulerOutput, req: Request, n: int) -> None:
+        out.reqs.append(req)
+        out.num_scheduled_tokens.append(n)
+        out.block_ids.append(self.kv.req_blocks[req.request_id])
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        out.preempted_req_ids.append(req.request_id)
+
+    def update(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[Request]:
+        """Advance computed tokens, append sampled tokens, apply stop rules. Returns the requests that got
+        new tokens (finished ones already freed)."""
+        touched = []
+        for req, n in zip(sched.reqs, sched.num_scheduled_tokens):
+            if req.status != RequestStatus.RUNNING:
+                continue
+            req.num_computed_tokens += n
+            self.kv.cache_blocks(req)
+            new_ids = result.sampled_token_ids.get(req.request_id)
+            if not new_ids:
+                continue
+            for tok in new_ids:
+                req.append_output_token(tok)
+                status = self._check_stop(req, tok)
+                if status is not None:
+                    self.finish_requests([req.request_id], status)
+                    break
+            touched.append(req)
+        return touched
+
+    def _check_stop(self, req: Request, tok: int) -> RequestStatus | None:
+        sp = req.sampling_params
+        if req.num_output_tokens >= sp.min_tokens:
+            if not sp.ignore_eos and tok in req.eos_token_ids:
+                req.stop_reason = None
+                return RequestStatus.FINISHED_STOPPED
+            if tok in sp.stop_token_ids:  # type: ignore[operator]
+                req.stop_reason = tok
+                return RequestStatus.FINISHED_STOPPED
+        if sp.max_tokens is not None and req.num_output_tokens >= sp.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None

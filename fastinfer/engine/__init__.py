@@ -1,0 +1,1 @@
+"""The synchronous step loop (``LLMEngine``) and incremental detokenization."""

@@ -1,0 +1,233 @@
+"""The synchronous engine: add requests, call ``step()`` until done. Each step schedules, runs the model
+once, updates request state, detokenizes and returns the outputs that changed."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fastinfer.config import EngineConfig
+from fastinfer.core.kv_cache_manager import KVCacheManager, cdiv
+from fastinfer.core.request import Request, RequestStatus
+from fastinfer.core.scheduler import Scheduler, SchedulerOutput
+from fastinfer.engine.detokenizer import IncrementalDetokenizer
+from fastinfer.models.loader import load_model
+from fastinfer.ops import OpSet
+from fastinfer.outputs import CompletionOutput, Logprob, RequestOutput
+from fastinfer.sampling_params import SamplingParams
+from fastinfer.worker.model_runner import ModelRunner, kv_bytes_per_token
+
+logger = logging.getLogger("fastinfer")
+
+PromptType = str | list[int] | dict[str, Any]
+
+
+@dataclass
+class _Sample:
+    """Engine-side state of one sample (one core ``Request``)."""
+
+    req: Request
+    detok: IncrementalDetokenizer
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
+
+
+@dataclass
+class _Parent:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: list[_Sample] = field(default_factory=list)
+    arrival: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.req.is_finished for s in self.samples)
+
+
+class LLMEngine:
+    """Owns the model, the KV cache, the scheduler and the tokenizer of one served model."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        device = torch.device(config.device)
+        self.ops = OpSet(device.type, config.attention_backend)
+        loaded = load_model(config.model, config.dtype, self.ops, config.max_model_len, config.tokenizer,
+                            config.load_progress)
+        self.model_config = cfg = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.load_seconds = loaded.load_seconds
+        self.dtype = loaded.dtype
+        self.max_model_len = config.max_model_len or cfg.max_position_embeddings
+        bs = config.block_size
+        block_bytes = kv_bytes_per_token(cfg, loaded.dtype) * bs
+        if config.num_kv_blocks is not None:
+            num_blocks, why = config.num_kv_blocks, "num_kv_blocks"
+        elif config.kv_cache_memory_bytes is not None:
+            num_blocks, why = config.kv_cache_memory_bytes // block_bytes, "kv_cache_memory_bytes"
+        else:
+            wanted = config.max_num_seqs * cdiv(self.max_model_len, bs)
+            num_blocks = min(wanted, EngineConfig.DEFAULT_KV_BYTES // block_bytes)
+            why = (f"max_num_seqs x max_model_len = {config.max_num_seqs} x {self.max_model_len}"
+                   + ("" if num_blocks == wanted else f", capped at {EngineConfig.DEFAULT_KV_BYTES >> 30} GiB"))
+        if num_blocks * bs < self.max_model_len:
+            raise ValueError(f"a KV cache of {num_blocks} blocks x {bs} tokens cannot hold one sequence of "
+                             f"max_model_len={self.max_model_len}; give more KV memory or a smaller max_model_len")
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB (%s); %.1f full-length sequences",
+                    num_blocks, bs, num_blocks * bs, num_blocks * block_bytes / 2**30, why,
+                    num_blocks * bs / self.max_model_len)
+        self.num_kv_blocks = num_blocks
+        self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching)
+        budget = config.max_num_batched_tokens or max(2048, config.max_num_seqs)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, budget, self.max_model_len)
+        self.runner = ModelRunner(loaded.model, cfg, num_blocks, bs, loaded.dtype, device, config.seed)
+        self.eos_token_ids = cfg.eos_token_ids or tuple(
+            t for t in [getattr(self.tokenizer, "eos_token_id", None)] if t is not None)
+        self._parents: dict[str, _Parent] = {}
+        self._owner: dict[str, _Parent] = {}  # core request id -> parent
+        self.num_steps = 0
+
+    # -- requests --------------------------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """Text and token ids of a prompt given as text, token ids or ``{"prompt"|"prompt_token_ids": ...}``."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), self._check_ids(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)):
+            return None, self._check_ids(prompt)
+        raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def _check_ids(self, ids: Sequence[int]) -> list[int]:
+        vocab = self.model_config.vocab_size
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                         for t in ids):
+            raise ValueError("prompt_token_ids must be a list of integers")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_token_ids out of range [0, {vocab}): {bad[:5]}")
+        return list(ids)
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                    cache_salt: str | None = None) -> None:
+        """Queue a prompt. Raises ValueError (and queues nothing) for an empty or too long prompt, a
+        duplicate id or bad token ids."""
+        params = params or SamplingParams()
+        if request_id in self._parents:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        text, ids = self.tokenize_prompt(prompt)
+        if not ids:
+            raise ValueError("prompt is empty (no tokens)")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len} "
+                             "(prompt plus at least one generated token)")
+        parent = _Parent(request_id, text, ids, params)
+        for i in range(params.n):
+            rid = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(rid, ids, params, self.eos_token_ids, sample_index=i, cache_salt=cache_salt)
+            parent.samples.append(_Sample(req, IncrementalDetokenizer(self.tokenizer, ids, params),
+                                          [] if params.logprobs is not None else None,
+                                          0.0 if params.logprobs is not None else None))
+        for s in parent.samples:
+            self.scheduler.add_request(s.req)
+            self._owner[s.req.request_id] = parent
+        self._parents[request_id] = parent
+
+    def abort_request(self, request_ids: str | Sequence[str]) -> None:
+        """Stop requests (e.g. a client went away); their KV blocks are freed at once."""
+        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            parent = self._parents.pop(rid, None)
+            if parent is None:
+                continue
+            ids = [s.req.request_id for s in parent.samples]
+            self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+            for i in ids:
+                self._owner.pop(i, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._parents)
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; returns an output for every request that changed."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty():
+            return []
+        self.num_steps += 1
+        try:
+            result = self.runner.execute(sched)
+        except Exception as e:  # keep serving: fail this batch's requests, loudly
+            logger.exception("model step failed; failing the %d requests of this batch", len(sched.reqs))
+            return self._fail(sched, f"internal error during the forward pass: {type(e).__name__}: {e}")
+        touched = self.scheduler.update(sched, result)
+        now = time.monotonic()
+        dirty: dict[str, _Parent] = {}
+        for req in touched:
+            parent = self._owner[req.request_id]
+            sample = parent.samples[req.sample_index]
+            new = result.sampled_token_ids[req.request_id]
+            parent.first_token = parent.first_token or now
+            if sample.logprobs is not None:
+                self._add_logprobs(sample, result.logprobs[req.request_id], result.sampled_logprobs[req.request_id])
+            sample.detok.add(new)
+            if sample.detok.stopped_by is not None and not req.is_finished:
+                req.stop_reason = sample.detok.stopped_by
+                self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+            dirty[parent.request_id] = parent
+        return [self._emit(p, now) for p in dirty.values()]
+
+    def _fail(self, sched: SchedulerOutput, message: str) -> list[RequestOutput]:
+        parents = {self._owner[r.request_id].request_id: self._owner[r.request_id] for r in sched.reqs}
+        out = []
+        for p in parents.values():
+            p.error = message
+            self.scheduler.finish_requests([s.req.request_id for s in p.samples], RequestStatus.FINISHED_ERROR)
+            out.append(self._emit(p, time.monotonic()))
+        return out
+
+    def _add_logprobs(self, sample: _Sample, tops: list[dict[int, float]], chosen: list[float]) -> None:
+        assert sample.logprobs is not None and sample.cumulative_logprob is not None
+        for top, lp in zip(tops, chosen):
+            ranked = sorted(top.items(), key=lambda kv: -kv[1])
+            sample.logprobs.append({t: Logprob(v, rank + 1, sample.detok.token_text(t))
+                                    for rank, (t, v) in enumerate(ranked)})
+            sample.cumulative_logprob += lp
+
+    def _emit(self, parent: _Parent, now: float) -> RequestOutput:
+        finished = parent.finished
+        outs = []
+        for i, s in enumerate(parent.samples):
+            done = s.req.is_finished
+            outs.append(CompletionOutput(
+                index=i, text=s.detok.visible_text(done), token_ids=list(s.req.output_token_ids),
+                cumulative_logprob=s.cumulative_logprob,
+                logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                finish_reason=s.req.finish_reason, stop_reason=s.req.stop_reason))
+        if finished:
+            self._parents.pop(parent.request_id, None)
+            for s in parent.samples:
+                self._owner.pop(s.req.request_id, None)
+        metrics = {"arrival": parent.arrival, "now": now}
+        if parent.first_token is not None:
+            metrics["ttft_s"] = parent.first_token - parent.arrival
+        if finished:
+            metrics["e2e_s"] = now - parent.arrival
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outs, finished,
+                             parent.error, parent.samples[0].req.num_cached_tokens, metrics)

@@ -1,0 +1,125 @@
+"""The offline API, shaped like vLLM's: ``LLM(model, **engine_args).generate(prompts, sampling_params)``."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from fastinfer.config import EngineConfig
+from fastinfer.engine.llm_engine import LLMEngine, PromptType
+from fastinfer.models.loader import DEFAULT_MODEL
+from fastinfer.outputs import CompletionOutput, RequestOutput
+from fastinfer.sampling_params import SamplingParams
+
+logger = logging.getLogger("fastinfer")
+Messages = list[dict[str, str]]
+_ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)} - {"model", "extra"}
+
+
+class LLM:
+    """Load a model and generate. ``model`` is an HF directory, a ``.gguf`` file or a short name
+    (``smollm2-135m``); keyword arguments are :class:`EngineConfig` fields (vLLM names: ``dtype``,
+    ``max_model_len``, ``max_num_seqs``, ``enable_prefix_caching``, ``block_size``, ...)."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, **kwargs: Any) -> None:
+        known = {k: v for k, v in kwargs.items() if k in _ENGINE_FIELDS}
+        extra = {k: v for k, v in kwargs.items() if k not in _ENGINE_FIELDS}
+        self.engine = LLMEngine(EngineConfig(model=model, extra=extra, **known))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def _next_id(self) -> str:
+        return f"llm-{next(self._ids)}"
+
+    @staticmethod
+    def _as_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+        if isinstance(prompts, (str, dict)):
+            return [prompts]
+        if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts):
+            return [list(prompts)]  # one tokenized prompt
+        return list(prompts)  # type: ignore[arg-type]
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt (text, token ids, or ``{"prompt_token_ids": [...]}``), all batched
+        together; one SamplingParams for all or one per prompt. Returns outputs in prompt order. A prompt
+        that cannot be served (empty, too long, bad ids) gets an output with ``error`` set and
+        ``finish_reason="error"``; the others are unaffected."""
+        plist = self._as_list(prompts)
+        params = self._params(sampling_params, len(plist))
+        results: dict[str, RequestOutput] = {}
+        order = []
+        for p, sp in zip(plist, params):
+            rid = self._next_id()
+            order.append(rid)
+            try:
+                self.engine.add_request(rid, p, sp)
+            except ValueError as e:
+                logger.warning("request %s rejected: %s", rid, e)
+                results[rid] = _error_output(rid, p, sp, str(e))
+        bar = tqdm(total=len(plist), desc="generating", unit="req", disable=not use_tqdm, leave=False)
+        bar.update(len(results))
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    results[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+        return [results[r] for r in order]
+
+    def chat(self, messages: Messages | Sequence[Messages],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             chat_template: str | None = None) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)  # type: ignore
+        prompts = [self.chat_prompt(c, add_generation_prompt, chat_template) for c in convs]  # type: ignore
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def chat_prompt(self, messages: Messages, add_generation_prompt: bool = True,
+                    chat_template: str | None = None) -> dict[str, Any]:
+        """``{"prompt": text, "prompt_token_ids": ids}`` for a conversation, via the chat template."""
+        if not messages:
+            raise ValueError("messages is empty")
+        text = self.engine.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template,
+                                                         add_generation_prompt=add_generation_prompt)
+        return {"prompt": text, "prompt_token_ids": self.engine.tokenizer.encode(text, add_special_tokens=False)}
+
+    def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
+               ) -> Iterator[RequestOutput]:
+        """Yield the (cumulative) output of one prompt after every step it advances; the last is final.
+        Other requests may run in the same engine meanwhile."""
+        rid = self._next_id()
+        self.engine.add_request(rid, prompt, sampling_params)
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort_request(rid)
+
+    @staticmethod
+    def _params(sp: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+        if sp is None:
+            return [SamplingParams()] * n
+        if isinstance(sp, SamplingParams):
+            return [sp] * n
+        if len(sp) != n:
+            raise ValueError(f"got {len(sp)} SamplingParams for {n} prompts")
+        return list(sp)
+
+
+def _error_output(rid: str, prompt: Any, sp: SamplingParams, message: str) -> RequestOutput:
+    outs = [CompletionOutput(i, "", [], finish_reason="error") for i in range(sp.n)]
+    text = prompt if isinstance(prompt, str) else (prompt.get("prompt") if isinstance(prompt, dict) else None)
+    return RequestOutput(rid, text, [], outs, finished=True, error=message)

@@ -1,0 +1,1 @@
+"""Native model architectures and the checkpoint loaders."""

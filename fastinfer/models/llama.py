@@ -1,0 +1,156 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM): GQA, RoPE, RMSNorm, SwiGLU, tied embeddings.
+
+q/k/v and gate/up projections are fused into one matmul each; attention reads and writes the paged KV
+cache through the op set.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastinfer.config import ModelConfig
+from fastinfer.layers.linear import Linear
+from fastinfer.layers.norm import RMSNorm
+from fastinfer.layers.rotary import RotaryEmbedding
+from fastinfer.ops import AttentionMetadata, OpSet
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: OpSet, dtype: torch.dtype, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.ops = ops
+        self.num_heads, self.num_kv_heads, self.head_dim = (cfg.num_attention_heads, cfg.num_key_value_heads,
+                                                            cfg.head_dim)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.attention_bias, dtype=dtype,
+                               shard_sizes=(q_size, kv_size, kv_size))
+        self.o_proj = Linear(q_size, cfg.hidden_size, dtype=dtype)
+        self.rotary = rotary  # shared by all layers
+        self.scale = self.head_dim ** -0.5
+        self.sliding_window = cfg.sliding_window
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.shard_sizes, dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        self.ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        o = self.ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
+        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: OpSet, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.ops = ops
+        n = cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * n, dtype=dtype, shard_sizes=(n, n))
+        self.down_proj = Linear(n, cfg.hidden_size, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: OpSet, dtype: torch.dtype, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, ops, dtype, rotary)
+        self.mlp = LlamaMLP(cfg, ops, dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops, dtype)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(positions, h, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    """``forward`` maps packed token ids [T] and positions [T] to hidden states [T, hidden];
+    ``compute_logits`` maps selected hidden states to fp32 logits [S, vocab]."""
+
+    # checkpoint name fragment -> (our module name fragment, shard index)
+    STACKED = {
+        "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, cfg: ModelConfig, ops: OpSet, dtype: torch.dtype, max_position: int) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, _weight=torch.empty(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype))
+        self.embed_tokens.weight.requires_grad_(False)
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling, ops)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, ops, dtype, self.rotary)
+                                    for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops, dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
+
+    def bind_kv_cache(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for layer, (k, v) in zip(self.layers, caches, strict=True):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [T, hidden]
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, w).float()  # [S, vocab]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named checkpoint tensors (``model.layers.0.self_attn.q_proj.weight``...) into the fused
+        parameters; raises on unknown names, shape mismatches or missing weights."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        shards_seen: dict[str, set[int]] = {}
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: some checkpoints store the copy anyway
+            for src, (dst, shard) in self.STACKED.items():
+                if f".{src}." in name:
+                    target = name.replace(f".{src}.", f".{dst}.")
+                    module_name, kind = target.rsplit(".", 1)
+                    module = self.get_submodule(module_name)
+                    assert isinstance(module, Linear)
+                    module.load_shard(kind, shard, tensor)
+                    shards_seen.setdefault(target, set()).add(shard)
+                    break
+            else:
+                if name not in params:
+                    raise ValueError(f"checkpoint tensor {name!r} has no place in {self.config.architecture}")
+                p = params[name]
+                if tuple(p.shape) != tuple(tensor.shape):
+                    raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, "
+                                     f"model expects {tuple(p.shape)}")
+                p.data.copy_(tensor)
+                loaded.add(name)
+        for target, seen in shards_seen.items():
+            module = self.get_submodule(target.rsplit(".", 1)[0])
+            assert isinstance(module, Linear)
+            if len(seen) == len(module.shard_sizes):
+                loaded.add(target)
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:4]}")

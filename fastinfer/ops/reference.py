@@ -1,0 +1,87 @@
+"""Plain-PyTorch specification of every op: simple loops, fp32 math, exact slicing. Kernels and the fast
+torch backend are tested against these functions; the engine never needs to call them."""
+from __future__ import annotations
+
+import torch
+
+from fastinfer.ops.metadata import AttentionMetadata
+
+
+def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write ``key``/``value`` [T, Hkv, D] into the caches [num_blocks, block_size, Hkv, D] at the flat
+    slots ``slot_mapping`` [T]; negative slots are skipped (padding)."""
+    bs = k_cache.shape[1]
+    for t, slot in enumerate(slot_mapping.tolist()):
+        if slot < 0:
+            continue
+        k_cache[slot // bs, slot % bs] = key[t]
+        v_cache[slot // bs, slot % bs] = value[t]
+
+
+def gather_kv(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` positions of one sequence from the paged cache: [length, Hkv, D]."""
+    bs = cache.shape[1]
+    nb = -(-length // bs)
+    return cache[blocks[:nb].long()].reshape(nb * bs, *cache.shape[2:])[:length]
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """Causal attention of packed queries ``q`` [T, H, D] over each sequence's paged context.
+
+    Query ``r`` of sequence ``i`` sits at position ``p = seq_len - query_len + r`` and sees keys
+    ``max(0, p - sliding_window + 1) .. p``. GQA: query head ``h`` reads KV head ``h // (H // Hkv)``.
+    """
+    out = torch.empty_like(q)
+    num_heads, num_kv = q.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv
+    qsl = meta.query_start_loc.tolist()
+    for i, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+        k = gather_kv(k_cache, meta.block_table[i], slen).float()  # [L, Hkv, D]
+        v = gather_kv(v_cache, meta.block_table[i], slen).float()
+        k = k.repeat_interleave(group, dim=1)  # [L, H, D]
+        v = v.repeat_interleave(group, dim=1)
+        for r in range(qlen):
+            p = slen - qlen + r
+            lo = 0 if sliding_window is None else max(0, p - sliding_window + 1)
+            qi = q[qsl[i] + r].float()  # [H, D]
+            scores = torch.einsum("hd,lhd->hl", qi, k[lo:p + 1]) * scale  # [H, p+1-lo]
+            probs = torch.softmax(scores, dim=-1)
+            out[qsl[i] + r] = torch.einsum("hl,lhd->hd", probs, v[lo:p + 1]).to(q.dtype)
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in fp32, scaled by ``weight`` after casting back (the HF Llama convention)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual += x`` then RMSNorm of the sum; returns (normed, new residual)."""
+    s = residual + x
+    return rms_norm(s, weight, eps), s
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """NeoX-style (rotate-half) rotary embedding. ``cos_sin_cache`` [max_pos, rot_dim] holds cos in its first
+    half and sin in its second; q [T, H, D], k [T, Hkv, D] rotate their first ``rot_dim`` features."""
+    rot = cos_sin_cache.shape[1]
+    cos, sin = cos_sin_cache[positions.long()].chunk(2, dim=-1)  # [T, rot/2] each
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        c, s = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+        x1, x2, rest = x[..., :rot // 2], x[..., rot // 2:rot], x[..., rot:]
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, rest], dim=-1)
+
+    return apply(q), apply(k)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :d]) * x[..., d:]`` for x [..., 2d]."""
+    d = x.shape[-1] // 2
+    return torch.nn.functional.silu(x[..., :d]) * x[..., d:]

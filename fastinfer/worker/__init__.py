@@ -1,0 +1,1 @@
+"""Device-side work of a step: input building, the model forward, sampling."""

@@ -1,0 +1,66 @@
+"""Runs one scheduled step: builds the packed inputs and attention metadata once, runs the model,
+samples the requests whose computed tokens caught up with their total."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from fastinfer.config import ModelConfig
+from fastinfer.core.scheduler import ModelRunnerOutput, SchedulerOutput
+from fastinfer.models.llama import LlamaForCausalLM
+from fastinfer.ops import AttentionMetadata
+from fastinfer.worker.sampler import sample
+
+logger = logging.getLogger("fastinfer")
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    elem = torch.empty(0, dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, cfg: ModelConfig, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu", seed: int = 0) -> None:
+        self.model, self.cfg, self.block_size, self.device = model, cfg, block_size, torch.device(device)
+        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        # Zeroed, so never-written slots hold finite values (kernels also mask them).
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
+                           torch.zeros(shape, dtype=dtype, device=device))
+                          for _ in range(cfg.num_hidden_layers)]  # per layer: [num_blocks, block, Hkv, D] x 2
+        model.bind_kv_cache(self.kv_caches)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        order = sorted(range(len(sched.reqs)), key=lambda i: sched.num_scheduled_tokens[i] != 1)  # decodes first
+        input_ids: list[int] = []
+        positions: list[int] = []
+        query_lens, seq_lens, block_ids, sample_rows, sample_reqs = [], [], [], [], []
+        for i in order:
+            req, n = sched.reqs[i], sched.num_scheduled_tokens[i]
+            start = req.num_computed_tokens
+            input_ids.extend(req.all_token_ids[start:start + n])
+            positions.extend(range(start, start + n))
+            query_lens.append(n)
+            seq_lens.append(start + n)
+            block_ids.append(sched.block_ids[i])
+            if start + n == req.num_tokens:  # caught up: the last position's logits give the next token
+                sample_rows.append(len(input_ids) - 1)
+                sample_reqs.append(req)
+        meta = AttentionMetadata.build(query_lens, seq_lens, block_ids, self.block_size, self.device)
+        hidden = self.model(torch.tensor(input_ids, device=self.device),
+                            torch.tensor(positions, device=self.device), meta)  # [T, hidden]
+        out = ModelRunnerOutput()
+        if not sample_reqs:
+            return out
+        logits = self.model.compute_logits(hidden[sample_rows])  # [S, vocab] fp32
+        res = sample(logits, sample_reqs, self.generator)
+        for j, req in enumerate(sample_reqs):
+            out.sampled_token_ids[req.request_id] = [res.token_ids[j]]
+            top = res.top_logprobs[j]
+            if top is not None:
+                out.logprobs[req.request_id] = [top]
+                out.sampled_logprobs[req.request_id] = [res.logprob[j]]  # type: ignore[list-item]
+        return out
