@@ -79,7 +79,9 @@ class LLM:
              use_tqdm: bool = True, add_generation_prompt: bool = True,
              chat_template: str | None = None) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
-        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)  # type: ignore
+        if not messages:
+            raise ValueError("messages is empty")
+        convs = [messages] if isinstance(messages[0], dict) else list(messages)  # type: ignore
         prompts = [self.chat_prompt(c, add_generation_prompt, chat_template) for c in convs]  # type: ignore
         return self.generate(prompts, sampling_params, use_tqdm)
 

@@ -18,7 +18,7 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
 
 
 def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
-    """Boolean [.., Q, K] mask: key visible to query (causal, optionally windowed)."""
+    """Boolean [Q, K] mask: key visible to query (causal, optionally windowed)."""
     ok = k_pos <= q_pos
     if sliding_window is not None:
         ok = ok & (k_pos > q_pos - sliding_window)
@@ -27,23 +27,19 @@ def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int |
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
             seq_lens: list[int], scale: float, sliding_window: int | None) -> torch.Tensor:
-    """One query per sequence, all sequences in one padded SDPA call."""
-    b, bs = len(seq_lens), k_cache.shape[1]
-    max_len = max(seq_lens)
-    nb = -(-max_len // bs)
-    idx = block_table[:b, :nb].long()
-    k = k_cache[idx].flatten(1, 2)  # [B, nb*bs, Hkv, D]
-    v = v_cache[idx].flatten(1, 2)
-    lens = torch.tensor(seq_lens, device=q.device)
-    k_pos = torch.arange(nb * bs, device=q.device)
-    valid = _window_mask((lens - 1)[:, None], k_pos[None, :], sliding_window) & (k_pos[None, :] < lens[:, None])
-    # Zero what is masked so stale or NaN slots cannot leak through 0 * NaN.
-    k = torch.where(valid[:, :, None, None], k, 0)
-    v = torch.where(valid[:, :, None, None], v, 0)
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),  # [B, H, 1, D], [B, Hkv, S, D]
-        attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True)
-    return out.squeeze(2)  # [B, H, D]
+    """One query per sequence. A loop over sequences with exact slicing beats one padded batched call on
+    CPU (no padding work, no mask, stale or NaN slots past ``seq_len`` are never read); fp32 math."""
+    b, num_heads, d = q.shape
+    num_kv = k_cache.shape[2]
+    out = torch.empty_like(q)  # [B, H, D]
+    qg = q.view(b, num_kv, num_heads // num_kv, d).float()  # [B, Hkv, G, D]
+    for i, slen in enumerate(seq_lens):
+        lo = 0 if sliding_window is None else max(0, slen - sliding_window)
+        k = reference.gather_kv(k_cache, block_table[i], slen)[lo:].float()  # [L, Hkv, D]
+        v = reference.gather_kv(v_cache, block_table[i], slen)[lo:].float()
+        probs = (torch.einsum("hgd,lhd->hgl", qg[i], k) * scale).softmax(dim=-1)
+        out[i] = torch.einsum("hgl,lhd->hgd", probs, v).reshape(num_heads, d)
+    return out
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,

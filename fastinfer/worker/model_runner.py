@@ -25,9 +25,10 @@ class ModelRunner:
                  dtype: torch.dtype, device: torch.device | str = "cpu", seed: int = 0) -> None:
         self.model, self.cfg, self.block_size, self.device = model, cfg, block_size, torch.device(device)
         shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-        # Zeroed, so never-written slots hold finite values (kernels also mask them).
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
-                           torch.zeros(shape, dtype=dtype, device=device))
+        # Uninitialised (pages are touched lazily): every attention backend reads only slots < seq_len,
+        # which store_kv has written, and the kernel tests poison the rest with NaN to prove it.
+        self.kv_caches = [(torch.empty(shape, dtype=dtype, device=device),
+                           torch.empty(shape, dtype=dtype, device=device))
                           for _ in range(cfg.num_hidden_layers)]  # per layer: [num_blocks, block, Hkv, D] x 2
         model.bind_kv_cache(self.kv_caches)
         self.generator = torch.Generator().manual_seed(seed)

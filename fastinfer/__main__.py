@@ -1,0 +1,5 @@
+import sys
+
+from fastinfer.entrypoints.cli import main
+
+sys.exit(main())

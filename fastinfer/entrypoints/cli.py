@@ -1,0 +1,128 @@
+"""The ``fastinfer`` command: ``generate`` one completion, ``chat`` interactively in the terminal."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from fastinfer.models.loader import DEFAULT_MODEL
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"HF directory, .gguf file or short name (default: {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-v", "--verbose", action="store_true", help="log engine details to stderr")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _sampling(a: argparse.Namespace):
+    from fastinfer.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                          min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.sample_seed,
+                          stop=a.stop)
+
+
+def _llm(a: argparse.Namespace):
+    from fastinfer.entrypoints.llm import LLM
+
+    return LLM(a.model, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs, seed=a.seed,
+               load_progress=sys.stderr.isatty())
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    sp = _sampling(a)
+    llm = _llm(a)
+    prompt = llm.chat_prompt([{"role": "user", "content": a.prompt}]) if a.chat else a.prompt
+    printed = ""
+    for out in llm.stream(prompt, sp):
+        if out.error:
+            print(f"error: {out.error}", file=sys.stderr)
+            return 1
+        text = out.outputs[0].text
+        sys.stdout.write(text[len(printed):])
+        sys.stdout.flush()
+        printed = text
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    sp = _sampling(a)
+    llm = _llm(a)
+    messages: list[dict[str, str]] = []
+    if a.system:
+        messages.append({"role": "system", "content": a.system})
+    print("fastinfer chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        printed = ""
+        try:
+            for out in llm.stream(llm.chat_prompt(messages), sp):
+                text = out.outputs[0].text
+                sys.stdout.write(text[len(printed):])
+                sys.stdout.flush()
+                printed = text
+        except ValueError as e:  # e.g. the conversation outgrew max_model_len
+            print(f"\nerror: {e}", file=sys.stderr)
+            messages.pop()
+            continue
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": printed})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fastinfer", description="Fast LLM inference: generate, chat, serve.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="print the completion of one prompt (streamed)")
+    _add_engine_args(g)
+    g.add_argument("prompt", help="the prompt text")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _add_sampling_args(g, 128)
+    g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", help="interactive chat in the terminal (streamed)")
+    _add_engine_args(c)
+    c.add_argument("--system", default=None, help="system prompt")
+    _add_sampling_args(c, 512)
+    c.set_defaults(func=cmd_chat)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.command == "generate" and args.prompt is None:
+        ap.error("generate needs a prompt")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
