@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--model", required=True, help="Hugging Face model directory (safetensors)")
     ap.add_argument("--workload", required=True, help="JSON lines: prompt_token_ids, max_tokens")
     ap.add_argument("--max-model-len", type=int, required=True)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--eager", action="store_true", help="enforce_eager=True (skip torch.compile)")
     args = ap.parse_args()
 
@@ -40,7 +41,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     llm = LLM(
-        model=args.model, dtype="float32", max_model_len=args.max_model_len, enforce_eager=args.eager, seed=0
+        model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=args.eager, seed=0
     )
     load_s = time.perf_counter() - t0
 

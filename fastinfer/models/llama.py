@@ -102,6 +102,7 @@ class LlamaForCausalLM(nn.Module):
 
     def bind_kv_cache(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         for layer, (k, v) in zip(self.layers, caches, strict=True):
+            assert isinstance(layer, LlamaDecoderLayer)
             layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

@@ -10,8 +10,8 @@ from fastinfer.ops.metadata import AttentionMetadata
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    keep = slot_mapping >= 0
-    if not bool(keep.all()):
+    if slot_mapping.numel() and int(slot_mapping.min()) < 0:  # padding slots: skip them
+        keep = slot_mapping >= 0
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))

@@ -115,8 +115,9 @@ def sample(logits: torch.Tensor, reqs: Sequence[Request], generator: torch.Gener
         for j, i in enumerate(lp_rows):
             k = reqs[i].sampling_params.logprobs or 0
             tok = token_list[i]
-            logprob[i] = float(lps[j, tok])
-            d = {tok: logprob[i]}
+            chosen = float(lps[j, tok])
+            logprob[i] = chosen
+            d = {tok: chosen}
             if k:
                 vals, ids = lps[j].topk(k)
                 d.update(zip(ids.tolist(), vals.tolist()))

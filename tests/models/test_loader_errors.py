@@ -35,7 +35,8 @@ def _copy_model(src: str, dst) -> str:
 def test_truncated_safetensors(tmp_path, tiny_model_dir):
     d = _copy_model(tiny_model_dir("llama"), tmp_path / "m")
     f = os.path.join(d, "model.safetensors")
-    data = open(f, "rb").read()
+    with open(f, "rb") as fh:
+        data = fh.read()
     with open(f, "wb") as fh:
         fh.write(data[: len(data) // 2])
     with pytest.raises(ValueError, match="safetensors"):
@@ -45,9 +46,11 @@ def test_truncated_safetensors(tmp_path, tiny_model_dir):
 def test_corrupt_safetensors_header(tmp_path, tiny_model_dir):
     d = _copy_model(tiny_model_dir("llama"), tmp_path / "m")
     f = os.path.join(d, "model.safetensors")
-    data = bytearray(open(f, "rb").read())
+    with open(f, "rb") as fh:
+        data = bytearray(fh.read())
     data[8:40] = b"{not json at all!!!!!!!!!!!!!!!}"
-    open(f, "wb").write(bytes(data))
+    with open(f, "wb") as fh:
+        fh.write(bytes(data))
     with pytest.raises(ValueError, match="safetensors"):
         load_model(d, progress=False)
 
@@ -55,9 +58,11 @@ def test_corrupt_safetensors_header(tmp_path, tiny_model_dir):
 def test_unknown_architecture_names_supported_ones(tmp_path, tiny_model_dir):
     d = _copy_model(tiny_model_dir("llama"), tmp_path / "m")
     cfg_path = os.path.join(d, "config.json")
-    cfg = json.load(open(cfg_path))
+    with open(cfg_path) as fh:
+        cfg = json.load(fh)
     cfg["architectures"] = ["GPTNeoXForCausalLM"]
-    json.dump(cfg, open(cfg_path, "w"))
+    with open(cfg_path, "w") as fh:
+        json.dump(cfg, fh)
     with pytest.raises(ValueError, match="LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
         load_model(d, progress=False)
 

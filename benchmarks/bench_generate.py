@@ -1,0 +1,197 @@
+"""End-to-end generation speed: fastinfer vs HF transformers ``generate`` (and vLLM's CPU build when
+installed), same weights, same prompts (token ids), same process/run.
+
+    python benchmarks/bench_generate.py                       # SmolLM2-135M, 32 mixed requests
+    python benchmarks/bench_generate.py --plot bench.png --vllm-python /opt/vllm-venv/bin/python
+
+Cases: load time; (a) single-stream decode tok/s; (b) 32 requests of the standard 'mixed' workload:
+fastinfer continuous batching vs HF one request at a time, vs HF static padded batches of 16, vs vLLM.
+All runs are greedy with ``ignore_eos`` so every engine generates exactly the requested tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import emit, make_workload, median_time, table  # noqa: E402
+
+from fastinfer import LLM, SamplingParams  # noqa: E402
+from fastinfer.models.loader import resolve_model_path  # noqa: E402
+
+_DT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def fastinfer_runs(args, prompts, max_tokens, single_ids, rows):
+    out = {}
+    for dtype in args.dtypes:
+        t = time.perf_counter()
+        llm = LLM(args.model, dtype=dtype, max_model_len=args.max_model_len, max_num_seqs=args.n,
+                  load_progress=False)
+        load_s = time.perf_counter() - t
+        emit({"case": "load", "engine": "fastinfer", "dtype": dtype, "seconds": load_s,
+              "backends": llm.engine.ops.describe()}, rows)
+        greedy = SamplingParams(temperature=0, max_tokens=args.single_tokens, ignore_eos=True)
+        llm.generate({"prompt_token_ids": single_ids}, greedy, use_tqdm=False)  # warm-up
+        s = median_time(lambda: llm.generate({"prompt_token_ids": single_ids}, greedy, use_tqdm=False),  # noqa: B023
+                        args.repeats)
+        sps = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+        t = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sps, use_tqdm=False)
+        batch_s = time.perf_counter() - t
+        n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+        assert n_out == sum(max_tokens)
+        out[dtype] = {"single_tok_s": args.single_tokens / s, "batch_tok_s": n_out / batch_s,
+                      "batch_s": batch_s, "preemptions": llm.engine.scheduler.num_preemptions}
+    return out
+
+
+def hf_runs(args, prompts, max_tokens, single_ids, rows):
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(args.model)
+    out = {}
+    for dtype in args.hf_dtypes:
+        t = time.perf_counter()
+        if path.endswith(".gguf"):
+            d, f = os.path.split(path)
+            model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=_DT[dtype]).eval()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=_DT[dtype]).eval()
+        emit({"case": "load", "engine": "hf", "dtype": dtype, "seconds": time.perf_counter() - t}, rows)
+        model.generation_config.pad_token_id = 0
+
+        @torch.inference_mode()
+        def gen(batch: list[list[int]], new: int) -> None:
+            width = max(len(p) for p in batch)
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])  # left padding
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,  # noqa: B023
+                           do_sample=False)
+
+        gen([single_ids], 4)
+        r = {"single_tok_s": args.single_tokens / median_time(lambda: gen([single_ids], args.single_tokens),
+                                                             args.repeats)}
+        if not args.skip_hf_sequential:
+            t = time.perf_counter()
+            for p, m in zip(prompts, max_tokens):
+                gen([p], m)
+            r["sequential_tok_s"] = sum(max_tokens) / (time.perf_counter() - t)
+        t = time.perf_counter()
+        for i in range(0, len(prompts), 16):  # static batches: each runs to its longest request
+            gen(prompts[i:i + 16], max(max_tokens[i:i + 16]))
+        r["static16_tok_s"] = sum(max_tokens) / (time.perf_counter() - t)
+        out[dtype] = r
+    return out
+
+
+def vllm_run(args, prompts, max_tokens, dtype):
+    if not (args.vllm_python and os.path.exists(args.vllm_python) and os.path.isdir(args.vllm_model)):
+        return None
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
+        for p, m in zip(prompts, max_tokens):
+            f.write(json.dumps({"prompt_token_ids": p, "max_tokens": m}) + "\n")
+    runner = os.path.join(os.path.dirname(__file__), "vllm_runner.py")
+    proc = subprocess.run([args.vllm_python, runner, "--model", args.vllm_model, "--workload", f.name,
+                           "--max-model-len", str(args.max_model_len), "--dtype", dtype], capture_output=True,
+                          text=True)
+    os.unlink(f.name)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        print(f"vLLM run failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1])
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = [r for r in rows if "ratio" in r]
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(ratios) + 1.5))
+    labels = [f"{r['case']} ({r.get('dtype', '')})" for r in ratios]
+    ax.barh(labels, [r["ratio"] for r in ratios], color="tab:blue")
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_xlabel("fastinfer speed / baseline speed (higher is better)")
+    ax.set_title("fastinfer vs baselines, same run (SmolLM2-135M, CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--n", type=int, default=32, help="requests in the mixed workload")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtypes", default="float32,bfloat16", type=lambda s: s.split(","))
+    ap.add_argument("--hf-dtypes", default="float32", type=lambda s: s.split(","))
+    ap.add_argument("--single-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-hf-sequential", action="store_true")
+    ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--vllm-python", default="/opt/vllm-venv/bin/python")
+    ap.add_argument("--vllm-model", default=os.path.expanduser("~/.cache/fastinfer/smollm2-135m-hf"))
+    ap.add_argument("--plot", default=None, help="write a PNG of the ratios")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+
+    wl = make_workload("mixed", args.n, args.seed)
+    from fastinfer.models.gguf_loader import GGUFFile
+    from fastinfer.tokenizer import load_hf_tokenizer, tokenizer_from_gguf
+
+    path = resolve_model_path(args.model)
+    tokenizer = tokenizer_from_gguf(GGUFFile(path)) if path.endswith(".gguf") else load_hf_tokenizer(path)
+    prompts = [tokenizer.encode(w["prompt"]) for w in wl]
+    max_tokens = [w["max_tokens"] for w in wl]
+    single_ids = prompts[0][:32]
+    print(f"# workload: {len(prompts)} requests, {sum(map(len, prompts))} prompt tokens, {sum(max_tokens)} "
+          f"output tokens; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+
+    rows: list[dict] = []
+    ours = fastinfer_runs(args, prompts, max_tokens, single_ids, rows)
+    hf = {} if args.skip_hf else hf_runs(args, prompts, max_tokens, single_ids, rows)
+    best_hf_dtype = max(hf, key=lambda d: hf[d]["single_tok_s"]) if hf else None
+    for dtype, o in ours.items():
+        ref_dtype = dtype if dtype in hf else best_hf_dtype
+        if ref_dtype is None:
+            continue
+        h = hf[ref_dtype]
+        emit({"case": "single_stream", "dtype": dtype, "hf_dtype": ref_dtype,
+              "fastinfer_tok_s": o["single_tok_s"], "hf_tok_s": h["single_tok_s"],
+              "ratio": o["single_tok_s"] / h["single_tok_s"]}, rows)
+        if "sequential_tok_s" in h:
+            emit({"case": f"mixed{args.n}_vs_hf_sequential", "dtype": dtype, "hf_dtype": ref_dtype,
+                  "fastinfer_tok_s": o["batch_tok_s"], "hf_tok_s": h["sequential_tok_s"],
+                  "ratio": o["batch_tok_s"] / h["sequential_tok_s"]}, rows)
+        emit({"case": f"mixed{args.n}_vs_hf_static16", "dtype": dtype, "hf_dtype": ref_dtype,
+              "fastinfer_tok_s": o["batch_tok_s"], "hf_tok_s": h["static16_tok_s"],
+              "ratio": o["batch_tok_s"] / h["static16_tok_s"]}, rows)
+    for dtype, o in ours.items():
+        v = None if args.skip_vllm else vllm_run(args, prompts, max_tokens, dtype)
+        if v is not None:
+            emit({"case": f"mixed{args.n}_vs_vllm_cpu", "dtype": dtype, "fastinfer_tok_s": o["batch_tok_s"],
+                  "vllm_tok_s": v["output_tok_s"], "ratio": o["batch_tok_s"] / v["output_tok_s"],
+                  "vllm_version": v.get("version"), "vllm_load_s": v.get("load_s")}, rows)
+    for dtype, o in ours.items():
+        emit({"case": "fastinfer_only", "dtype": dtype, **o}, rows)
+    print()
+    print(table([r for r in rows if "ratio" in r], ["case", "dtype", "fastinfer_tok_s", "hf_tok_s",
+                                                    "vllm_tok_s", "ratio"]))
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"# plot written to {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
