@@ -111,6 +111,7 @@ def tiny_llm(tiny_model_dir):
 
     def make(arch: str = "llama", **kw):
         kw.setdefault("load_progress", False)
+        kw.setdefault("dtype", "float32")
         kw.setdefault("max_model_len", 512)
         return LLM(tiny_model_dir(arch), **kw)
 
