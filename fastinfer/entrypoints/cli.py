@@ -93,6 +93,21 @@ def cmd_chat(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    import uvicorn
+
+    from fastinfer.entrypoints.openai_server import ServerConfig, build_app
+
+    llm = _llm(a)
+    cfg = ServerConfig(served_model_name=a.served_model_name or a.model, api_key=a.api_key,
+                       max_body_bytes=a.max_body_bytes, max_n=a.max_n, max_pending=a.max_pending,
+                       shutdown_timeout=a.shutdown_timeout)
+    app = build_app(llm.engine, cfg)
+    uvicorn.run(app, host=a.host, port=a.port, log_level="warning" if not a.verbose else "info",
+                timeout_graceful_shutdown=int(a.shutdown_timeout))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fastinfer", description="Fast LLM inference: generate, chat, serve.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -107,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="system prompt")
     _add_sampling_args(c, 512)
     c.set_defaults(func=cmd_chat)
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    _add_engine_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
+    s.add_argument("--served-model-name", default=None)
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    s.add_argument("--max-n", type=int, default=16)
+    s.add_argument("--max-pending", type=int, default=256, help="requests queued beyond max-num-seqs; then 429")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM")
+    s.set_defaults(func=cmd_serve, max_num_seqs=64)
     return ap
 
 

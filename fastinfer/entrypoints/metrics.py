@@ -1,0 +1,77 @@
+"""Prometheus metrics of one server (its own registry: no global state)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from fastinfer.outputs import RequestOutput
+
+_LAT = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class _EngineCollector:
+    """Gauges read from the engine at scrape time."""
+
+    def __init__(self, get_engine: Callable[[], Any], model: str) -> None:
+        self.get_engine, self.model = get_engine, model
+
+    def collect(self):
+        a = self.get_engine()
+        if a is None:
+            return
+        s = a.engine.scheduler.stats()
+        for name, doc, value in (
+            ("fastinfer_num_requests_running", "Requests in the running batch", s.num_running),
+            ("fastinfer_num_requests_waiting", "Requests waiting to be scheduled (queue length)", s.num_waiting),
+            ("fastinfer_kv_cache_usage_perc", "Fraction of KV-cache blocks in use", s.kv_usage),
+            ("fastinfer_num_preemptions_total", "Requests preempted (recomputed later)", s.num_preemptions),
+            ("fastinfer_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache", s.prefix_queries),
+            ("fastinfer_prefix_cache_hits_total", "Prompt tokens found in the prefix cache", s.prefix_hits),
+            ("fastinfer_requests_in_flight", "Requests admitted and not finished", a.num_in_flight),
+        ):
+            g = GaugeMetricFamily(name, doc, labels=["model_name"])
+            g.add_metric([self.model], float(value))
+            yield g
+
+
+class ServerMetrics:
+    def __init__(self, get_engine: Callable[[], Any], model: str) -> None:
+        self.model = model
+        self.registry = CollectorRegistry()
+        lab = ["model_name"]
+        self.requests = Counter("fastinfer_requests", "Finished requests by finish reason",
+                                lab + ["finish_reason"], registry=self.registry)
+        self.prompt_tokens = Counter("fastinfer_prompt_tokens", "Prompt tokens processed", lab,
+                                     registry=self.registry)
+        self.generation_tokens = Counter("fastinfer_generation_tokens", "Tokens generated", lab,
+                                         registry=self.registry)
+        self.ttft = Histogram("fastinfer_time_to_first_token_seconds", "Time to first token", lab,
+                              buckets=_LAT, registry=self.registry)
+        self.tpot = Histogram("fastinfer_time_per_output_token_seconds", "Time per output token after the first",
+                              lab, buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2), registry=self.registry)
+        self.e2e = Histogram("fastinfer_e2e_request_latency_seconds", "Request latency", lab, buckets=_LAT,
+                             registry=self.registry)
+        self.registry.register(_EngineCollector(get_engine, model))
+
+    def observe(self, out: RequestOutput) -> None:
+        m = self.model
+        for c in out.outputs:
+            self.requests.labels(m, c.finish_reason or "unknown").inc()
+        n_gen = sum(len(c.token_ids) for c in out.outputs)
+        self.prompt_tokens.labels(m).inc(len(out.prompt_token_ids))
+        self.generation_tokens.labels(m).inc(n_gen)
+        ttft, e2e = out.metrics.get("ttft_s"), out.metrics.get("e2e_s")
+        if ttft is not None:
+            self.ttft.labels(m).observe(ttft)
+        if e2e is not None:
+            self.e2e.labels(m).observe(e2e)
+            per_seq = max(len(c.token_ids) for c in out.outputs) if out.outputs else 0
+            if ttft is not None and per_seq > 1:
+                self.tpot.labels(m).observe((e2e - ttft) / (per_seq - 1))
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
