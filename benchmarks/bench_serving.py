@@ -1,0 +1,142 @@
+"""Serving benchmark: a live ``fastinfer serve`` process on localhost driven by bounded numbers of concurrent
+streaming clients; throughput, TTFT and inter-token latency percentiles, and the same workload through the
+offline ``LLM.generate`` (after the server stops, so they never share the cores) for the overhead ratio.
+
+    python benchmarks/bench_serving.py --concurrency 1,8,32,64 --requests 64
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import emit, make_workload, table  # noqa: E402
+
+
+def pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+async def drive(url: str, items: list[dict], conc: int) -> dict:
+    sem = asyncio.Semaphore(conc)
+    ttfts, itls, lost = [], [], 0
+    out_tokens = 0
+
+    async def one(c: httpx.AsyncClient, it: dict) -> None:
+        nonlocal lost, out_tokens
+        async with sem:
+            body = {"model": "m", "prompt": it["prompt_token_ids"], "max_tokens": it["max_tokens"],
+                    "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            t0 = time.perf_counter()
+            last = None
+            usage = 0
+            async with c.stream("POST", url + "/v1/completions", json=body) as r:
+                if r.status_code != 200:
+                    lost += 1
+                    return
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    ev = json.loads(line[6:])
+                    now = time.perf_counter()
+                    if ev["choices"] and ev["choices"][0]["text"]:
+                        if last is None:
+                            ttfts.append(now - t0)
+                        else:
+                            itls.append(now - last)
+                        last = now
+                    if not ev["choices"]:
+                        usage = ev["usage"]["completion_tokens"]
+            if usage != it["max_tokens"]:
+                lost += 1
+            out_tokens += usage
+
+    t = time.perf_counter()
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=conc)) as c:
+        await asyncio.gather(*[one(c, it) for it in items])
+    el = time.perf_counter() - t
+    return {"requests": len(items), "elapsed_s": el, "output_tok_s": out_tokens / el, "lost": lost,
+            "ttft_p50_s": pct(ttfts, 50), "ttft_p90_s": pct(ttfts, 90), "ttft_p99_s": pct(ttfts, 99),
+            "itl_p50_s": pct(itls, 50), "itl_p90_s": pct(itls, 90), "itl_p99_s": pct(itls, 99),
+            "itl_mean_s": statistics.fmean(itls) if itls else float("nan")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--concurrency", default="1,8,32,64", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level (>= the level)")
+    ap.add_argument("--port", type=int, default=8321)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    args = ap.parse_args()
+
+    from fastinfer.models.gguf_loader import GGUFFile
+    from fastinfer.models.loader import resolve_model_path
+    from fastinfer.tokenizer import load_hf_tokenizer, tokenizer_from_gguf
+
+    path = resolve_model_path(args.model)
+    tok = tokenizer_from_gguf(GGUFFile(path)) if path.endswith(".gguf") else load_hf_tokenizer(path)
+    n = max(args.requests, max(args.concurrency))
+    wl = make_workload("mixed", n, 0)
+    items = [{"prompt_token_ids": tok.encode(w["prompt"]), "max_tokens": w["max_tokens"]} for w in wl]
+
+    srv = subprocess.Popen([sys.executable, "-m", "fastinfer", "serve", args.model, "--port", str(args.port),
+                            "--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
+                            "--max-num-seqs", str(max(args.concurrency)), "--served-model-name", "m",
+                            "--max-pending", str(n)])
+    url = f"http://127.0.0.1:{args.port}"
+    rows: list[dict] = []
+    try:
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+            if srv.poll() is not None:
+                sys.exit("server failed to start")
+        asyncio.run(drive(url, items[:2], 1))  # warm-up
+        for c in args.concurrency:
+            sub = items[:max(c, min(args.requests, n))]
+            emit({"case": "serving", "concurrency": c, **asyncio.run(drive(url, sub, c))}, rows)
+    finally:
+        srv.send_signal(signal.SIGTERM)
+        srv.wait(120)
+
+    from fastinfer import LLM, SamplingParams
+
+    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=max(args.concurrency),
+              load_progress=False)
+    full = items[:n]
+    llm.generate([{"prompt_token_ids": it["prompt_token_ids"]} for it in full[:2]],
+                 SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    t = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": it["prompt_token_ids"]} for it in full],
+                        [SamplingParams(temperature=0, max_tokens=it["max_tokens"], ignore_eos=True) for it in full],
+                        use_tqdm=False)
+    offline = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
+    top = [r for r in rows if r["concurrency"] >= len(full)] or rows[-1:]
+    emit({"case": "server_vs_offline", "requests": len(full), "concurrency": top[-1]["concurrency"],
+          "server_tok_s": top[-1]["output_tok_s"], "offline_tok_s": offline,
+          "ratio": top[-1]["output_tok_s"] / offline}, rows)
+    print()
+    print(table([r for r in rows if r["case"] == "serving"],
+                ["concurrency", "requests", "output_tok_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s",
+                 "lost"]))
+
+
+if __name__ == "__main__":
+    main()
