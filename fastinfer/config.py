@@ -100,7 +100,7 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory_bytes: int | None = None
     num_kv_blocks: int | None = None
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool = True
     quantization: str | None = None
     speculative_config: dict[str, Any] | None = None
     tensor_parallel_size: int = 1

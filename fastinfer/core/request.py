@@ -48,6 +48,7 @@ class Request:
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
         self.block_hashes: list[bytes] = []
+        self.cacheable = True  # False once its forward produced non-finite values
 
     @property
     def num_prompt_tokens(self) -> int:

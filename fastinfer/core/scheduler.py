@@ -37,6 +37,7 @@ class ModelRunnerOutput:
     sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
     sampled_logprobs: dict[str, list[float]] = field(default_factory=dict)
+    nonfinite_req_ids: set[str] = field(default_factory=set)  # produced NaN/inf: never cache their blocks
 
 
 @dataclass
@@ -47,6 +48,8 @@ class SchedulerStats:
     num_preemptions: int
     prefix_queries: int
     prefix_hits: int
+    num_cached_blocks: int = 0
+    num_evictions: int = 0
 
 
 class Scheduler:
@@ -93,7 +96,8 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(len(self.running), len(self.waiting), self.kv.usage(), self.num_preemptions,
-                              self.kv.prefix_queries, self.kv.prefix_hits)
+                              self.kv.prefix_queries, self.kv.prefix_hits, self.kv.pool.num_cached_blocks,
+                              self.kv.pool.num_evictions)
 
     # -- one step --------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -129,6 +133,7 @@ class Scheduler:
                 req.num_computed_tokens += num_hit
             if req.status == RequestStatus.WAITING:
                 req.num_cached_tokens = num_hit
+            self.kv.record_prefix_lookup(req.num_tokens, num_hit)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             self._add(out, req, n)
@@ -157,7 +162,10 @@ class Scheduler:
             if req.status != RequestStatus.RUNNING:
                 continue
             req.num_computed_tokens += n
-            self.kv.cache_blocks(req)
+            if req.request_id in result.nonfinite_req_ids:
+                req.cacheable = False
+            if req.cacheable:
+                self.kv.cache_blocks(req)
             new_ids = result.sampled_token_ids.get(req.request_id)
             if not new_ids:
                 continue

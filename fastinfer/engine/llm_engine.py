@@ -127,6 +127,10 @@ class LLMEngine:
         """Queue a prompt. Raises ValueError (and queues nothing) for an empty or too long prompt, a
         duplicate id or bad token ids."""
         params = params or SamplingParams()
+        if isinstance(prompt, dict) and prompt.get("cache_salt") is not None:
+            cache_salt = prompt["cache_salt"]
+            if not isinstance(cache_salt, str) or not cache_salt:
+                raise ValueError("cache_salt must be a non-empty string")
         if request_id in self._parents:
             raise ValueError(f"duplicate request id {request_id!r}")
         text, ids = self.tokenize_prompt(prompt)

@@ -31,6 +31,8 @@ class _EngineCollector:
             ("fastinfer_num_preemptions_total", "Requests preempted (recomputed later)", s.num_preemptions),
             ("fastinfer_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache", s.prefix_queries),
             ("fastinfer_prefix_cache_hits_total", "Prompt tokens found in the prefix cache", s.prefix_hits),
+            ("fastinfer_prefix_cache_blocks", "KV blocks currently held by the prefix cache", s.num_cached_blocks),
+            ("fastinfer_prefix_cache_evictions_total", "Cached KV blocks evicted", s.num_evictions),
             ("fastinfer_requests_in_flight", "Requests admitted and not finished", a.num_in_flight),
         ):
             g = GaugeMetricFamily(name, doc, labels=["model_name"])

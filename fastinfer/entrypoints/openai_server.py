@@ -270,7 +270,8 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
                 raise APIError(400, "prompt is empty", param="prompt")
             if any(not isinstance(t, int) or not 0 <= t < engine.model_config.vocab_size for t in ids):
                 raise APIError(400, "prompt token ids out of range", param="prompt")
-            encoded.append({"prompt_token_ids": ids, **({"prompt": p} if isinstance(p, str) else {})})
+            encoded.append({"prompt_token_ids": ids, "cache_salt": req.cache_salt,
+                            **({"prompt": p} if isinstance(p, str) else {})})
         sps = [sampling(req, len(e["prompt_token_ids"]), req.max_tokens, req.logprobs) for e in encoded]
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -316,7 +317,7 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         base = {"id": rid, "object": "chat.completion", "created": int(time.time()),
                 "model": cfg.served_model_name}
-        prompt = {"prompt": text, "prompt_token_ids": ids}
+        prompt = {"prompt": text, "prompt_token_ids": ids, "cache_salt": req.cache_salt}
         k = req.top_logprobs or 0
         if req.stream:
             stream = _start(aengine(), rid, prompt, sp, submit_errors)

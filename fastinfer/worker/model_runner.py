@@ -2,6 +2,7 @@
 samples the requests whose computed tokens caught up with their total."""
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
@@ -54,6 +55,13 @@ class ModelRunner:
         hidden = self.model(torch.tensor(input_ids, device=self.device),
                             torch.tensor(positions, device=self.device), meta)  # [T, hidden]
         out = ModelRunnerOutput()
+        bad = ~torch.isfinite(hidden).all(dim=-1)  # [T]
+        if bool(bad.any()):  # such requests must never publish KV blocks to the prefix cache
+            offsets = [0, *itertools.accumulate(query_lens)]
+            flags = bad.tolist()
+            for j, i in enumerate(order):
+                if any(flags[offsets[j]:offsets[j + 1]]):
+                    out.nonfinite_req_ids.add(sched.reqs[i].request_id)
         if not sample_reqs:
             return out
         logits = self.model.compute_logits(hidden[sample_rows])  # [S, vocab] fp32
