@@ -263,7 +263,7 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
         prompts = _prompt_list(req.prompt)
         if not prompts or len(prompts) > cfg.max_prompts:
             raise APIError(400, f"give between 1 and {cfg.max_prompts} prompts", param="prompt")
-        encoded = []
+        encoded: list[dict[str, Any]] = []
         for p in prompts:
             ids = tok.encode(p) if isinstance(p, str) else p
             if not ids:
