@@ -73,6 +73,20 @@ class KVCacheManager:
             self.pool.cache(blocks[i], req.block_hashes[i])
         self._num_published[req.request_id] = n_full
 
+    def fork(self, parent: Request, child: Request, num_shared: int) -> tuple[int, int] | None:
+        """Give ``child`` ``parent``'s first ``num_shared`` blocks (shared, ref-counted) plus a fresh block that
+        will receive a copy of the parent's next block. Returns (src, dst) for the copy, or None if no block."""
+        if self.pool.num_free_blocks < 1:
+            return None
+        blocks = self.req_blocks[parent.request_id]
+        shared = blocks[:num_shared]
+        self.pool.touch(shared)
+        [new] = self.pool.allocate(1)
+        self.req_blocks[child.request_id] = shared + [new]
+        if self.enable_caching:
+            self._num_published[child.request_id] = min(num_shared, self._num_published.get(parent.request_id, 0))
+        return blocks[num_shared], new
+
     def free(self, req: Request) -> None:
         """Release the request's blocks; the tail goes first so a prefix outlives its continuations."""
         blocks = self.req_blocks.pop(req.request_id, [])

@@ -20,6 +20,7 @@ class SchedulerOutput:
     num_scheduled_tokens: list[int] = field(default_factory=list)
     block_ids: list[list[int]] = field(default_factory=list)
     preempted_req_ids: list[str] = field(default_factory=list)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -63,16 +64,24 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        # n > 1: samples 1.. wait for sample 0's prefill, then share its prompt blocks (copy-on-write)
+        self.pending_forks: dict[str, list[Request]] = {}
+        self._copies: list[tuple[int, int]] = []
 
     # -- queue management ------------------------------------------------------------------------------
-    def add_request(self, req: Request) -> None:
+    def add_request(self, req: Request, fork_from: Request | None = None) -> None:
+        """Queue ``req``; with ``fork_from`` (a sibling sample of the same prompt) it instead waits for that
+        sibling's prefill and then shares its prompt blocks (see :meth:`_fork`)."""
         if req.request_id in self.requests:
             raise ValueError(f"duplicate request id {req.request_id!r}")
         if not 1 <= req.num_tokens < self.max_model_len:
             raise ValueError(f"request {req.request_id!r}: {req.num_tokens} prompt tokens do not fit "
                              f"max_model_len={self.max_model_len} (at least one token must be generated)")
         self.requests[req.request_id] = req
-        self.waiting.append(req)
+        if fork_from is not None and fork_from.request_id in self.requests:
+            self.pending_forks.setdefault(fork_from.request_id, []).append(req)
+        else:
+            self.waiting.append(req)
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
         """Finish (stop or abort) requests wherever they are; their blocks go back to the pool."""
@@ -84,10 +93,15 @@ class Scheduler:
                 continue
             if req.status == RequestStatus.RUNNING:
                 self.running.remove(req)
-            else:
+            elif req in self.waiting:
                 self.waiting.remove(req)
+            else:
+                for group in self.pending_forks.values():
+                    if req in group:
+                        group.remove(req)
             req.status = status
             self.kv.free(req)
+            self.waiting.extend(self.pending_forks.pop(rid, []))  # its forks now prefill on their own
             done.append(req)
         return done
 
@@ -101,7 +115,8 @@ class Scheduler:
 
     # -- one step --------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        out = SchedulerOutput(blocks_to_copy=self._copies)
+        self._copies = []
         budget = self.max_num_batched_tokens
         i = 0
         while i < len(self.running) and budget > 0:
@@ -166,6 +181,9 @@ class Scheduler:
                 req.cacheable = False
             if req.cacheable:
                 self.kv.cache_blocks(req)
+            if req.request_id in self.pending_forks and req.num_computed_tokens >= req.num_prompt_tokens:
+                for child in self.pending_forks.pop(req.request_id):
+                    self._fork(req, child)
             new_ids = result.sampled_token_ids.get(req.request_id)
             if not new_ids:
                 continue
@@ -177,6 +195,23 @@ class Scheduler:
                     break
             touched.append(req)
         return touched
+
+    def _fork(self, parent: Request, child: Request) -> None:
+        """Start ``child`` (same prompt) from ``parent``'s computed prompt: it shares the blocks that lie wholly
+        before the last prompt token and gets a copy of the block holding that token, which it recomputes
+        (its own logits, its own sample). Without a free block or a free seat it prefills normally."""
+        last = child.num_prompt_tokens - 1
+        if len(self.running) >= self.max_num_seqs:
+            self.waiting.append(child)
+            return
+        pair = self.kv.fork(parent, child, last // self.kv.block_size)
+        if pair is None:
+            self.waiting.append(child)
+            return
+        self._copies.append(pair)
+        child.num_computed_tokens = last
+        child.status = RequestStatus.RUNNING
+        self.running.append(child)
 
     def _check_stop(self, req: Request, tok: int) -> RequestStatus | None:
         sp = req.sampling_params

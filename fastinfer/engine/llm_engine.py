@@ -87,7 +87,7 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching)
         budget = config.max_num_batched_tokens or max(2048, config.max_num_seqs)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, budget, self.max_model_len)
-        self.runner = ModelRunner(loaded.model, cfg, num_blocks, bs, loaded.dtype, device, config.seed)
+        self.runner = ModelRunner(loaded.model, cfg, num_blocks, bs, loaded.dtype, self.ops, device, config.seed)
         self.eos_token_ids = cfg.eos_token_ids or tuple(
             t for t in [getattr(self.tokenizer, "eos_token_id", None)] if t is not None)
         self._parents: dict[str, _Parent] = {}
@@ -146,8 +146,9 @@ class LLMEngine:
             parent.samples.append(_Sample(req, IncrementalDetokenizer(self.tokenizer, ids, params),
                                           [] if params.logprobs is not None else None,
                                           0.0 if params.logprobs is not None else None))
+        leader = parent.samples[0].req
         for s in parent.samples:
-            self.scheduler.add_request(s.req)
+            self.scheduler.add_request(s.req, fork_from=None if s.req is leader else leader)
             self._owner[s.req.request_id] = parent
         self._parents[request_id] = parent
 

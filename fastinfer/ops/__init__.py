@@ -9,6 +9,7 @@ Ops (shapes: T tokens, H query heads, Hkv KV heads, D head dim):
 - ``rms_norm(x, weight, eps)``, ``fused_add_rms_norm(x, residual, weight, eps) -> (normed, residual)``.
 - ``rotary_embedding(positions, q, k, cos_sin_cache) -> (q, k)``: NeoX-style RoPE.
 - ``silu_and_mul(x) -> silu(x[..., :d]) * x[..., d:]``.
+- ``copy_blocks(k_cache, v_cache, src_to_dst)``: copy whole KV blocks (copy-on-write forks), pairs [N, 2].
 """
 from fastinfer.ops.metadata import AttentionMetadata
 from fastinfer.ops.registry import BACKENDS, OPS, OpSet

@@ -85,3 +85,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[..., :d]) * x[..., d:]`` for x [..., 2d]."""
     d = x.shape[-1] // 2
     return torch.nn.functional.silu(x[..., :d]) * x[..., d:]
+
+
+def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, src_to_dst: torch.Tensor) -> None:
+    """Copy block ``src`` to block ``dst`` in both caches for each row of ``src_to_dst`` [N, 2] (int64)."""
+    for src, dst in src_to_dst.tolist():
+        k_cache[dst].copy_(k_cache[src])
+        v_cache[dst].copy_(v_cache[src])

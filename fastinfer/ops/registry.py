@@ -15,7 +15,8 @@ from typing import Any
 
 logger = logging.getLogger("fastinfer.ops")
 
-OPS = ("store_kv", "paged_attention", "rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul")
+OPS = ("store_kv", "paged_attention", "rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul",
+       "copy_blocks")
 BACKENDS = ("cuda", "triton", "torch")
 # Modules that provide each backend, imported lazily (a missing compiler or GPU must not break import).
 _BACKEND_MODULES = {
@@ -82,3 +83,4 @@ class OpSet:
     fused_add_rms_norm: Callable[..., Any] = field(init=False, repr=False)
     rotary_embedding: Callable[..., Any] = field(init=False, repr=False)
     silu_and_mul: Callable[..., Any] = field(init=False, repr=False)
+    copy_blocks: Callable[..., Any] = field(init=False, repr=False)

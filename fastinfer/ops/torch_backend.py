@@ -78,5 +78,11 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return rms_norm(s, weight, eps), s
 
 
+def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, src_to_dst: torch.Tensor) -> None:
+    src, dst = src_to_dst[:, 0], src_to_dst[:, 1]
+    k_cache[dst] = k_cache[src]
+    v_cache[dst] = v_cache[src]
+
+
 rotary_embedding = reference.rotary_embedding
 silu_and_mul = reference.silu_and_mul

@@ -10,7 +10,7 @@ import torch
 from fastinfer.config import ModelConfig
 from fastinfer.core.scheduler import ModelRunnerOutput, SchedulerOutput
 from fastinfer.models.llama import LlamaForCausalLM
-from fastinfer.ops import AttentionMetadata
+from fastinfer.ops import AttentionMetadata, OpSet
 from fastinfer.worker.sampler import sample
 
 logger = logging.getLogger("fastinfer")
@@ -23,7 +23,8 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, cfg: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu", seed: int = 0) -> None:
+                 dtype: torch.dtype, ops: OpSet, device: torch.device | str = "cpu", seed: int = 0) -> None:
+        self.ops = ops
         self.model, self.cfg, self.block_size, self.device = model, cfg, block_size, torch.device(device)
         shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
         # Uninitialised (pages are touched lazily): every attention backend reads only slots < seq_len,
@@ -36,6 +37,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        if sched.blocks_to_copy:  # copy-on-write forks, before anything writes this step
+            pairs = torch.tensor(sched.blocks_to_copy, dtype=torch.int64, device=self.device)  # [N, 2]
+            for k, v in self.kv_caches:
+                self.ops.copy_blocks(k, v, pairs)
         order = sorted(range(len(sched.reqs)), key=lambda i: sched.num_scheduled_tokens[i] != 1)  # decodes first
         input_ids: list[int] = []
         positions: list[int] = []
