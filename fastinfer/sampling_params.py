@@ -25,10 +25,12 @@ class SamplingParams:
     """How to sample the completion of one prompt.
 
     ``temperature == 0`` is greedy. ``top_k`` of 0 or -1 and ``top_p == 1`` and ``min_p == 0`` switch those
-    filters off. ``seed`` makes the sample a pure function of (seed, sample index, step): the same whatever
-    other requests share the batch, and across preemption. ``stop`` strings never appear in the output text
-    (unless ``include_stop_str_in_output``). ``logprobs=k`` returns the sampled token's log-probability and
-    the top-k alternatives per generated token (raw model distribution, as vLLM does).
+    filters off. ``best_of > n`` generates ``best_of`` samples and returns the ``n`` with the highest
+    cumulative log-probability (outputs only when finished). ``seed`` makes the sample a pure function of
+    (seed, sample index, step): the same whatever other requests share the batch, and across preemption.
+    ``stop`` strings never appear in the output text (unless ``include_stop_str_in_output``). ``logprobs=k``
+    returns the sampled token's log-probability and the top-k alternatives per generated token (raw model
+    distribution, as vLLM does).
     """
 
     n: int = 1
@@ -68,11 +70,8 @@ class SamplingParams:
 
         if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
             raise bad("n", f"must be an integer in [1, {MAX_N}]")
-        if self.best_of is not None:
-            if not _is_int(self.best_of) or self.best_of < self.n or self.best_of > MAX_N:
-                raise bad("best_of", f"must be an integer in [n, {MAX_N}]")
-            if self.best_of != self.n:
-                raise bad("best_of", "other than n is not supported yet")
+        if self.best_of is not None and (not _is_int(self.best_of) or not self.n <= self.best_of <= MAX_N):
+            raise bad("best_of", f"must be an integer in [n, {MAX_N}]")
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
             v = getattr(self, name)
@@ -120,6 +119,11 @@ class SamplingParams:
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be a bool")
+
+    @property
+    def num_samples(self) -> int:
+        """Sequences generated: ``best_of`` (the ``n`` with the highest cumulative logprob are returned)."""
+        return self.best_of or self.n
 
     @property
     def greedy(self) -> bool:

@@ -2,6 +2,7 @@
 once, updates request state, detokenizes and returns the outputs that changed."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -140,12 +141,16 @@ class LLMEngine:
             raise ValueError(f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len} "
                              "(prompt plus at least one generated token)")
         parent = _Parent(request_id, text, ids, params)
-        for i in range(params.n):
-            rid = request_id if params.n == 1 else f"{request_id}#{i}"
-            req = Request(rid, ids, params, self.eos_token_ids, sample_index=i, cache_salt=cache_salt)
+        count = params.num_samples
+        # best_of ranks by cumulative logprob: track it even when the user did not ask for logprobs
+        run_params = dataclasses.replace(params, logprobs=0) if count > params.n and params.logprobs is None \
+            else params
+        for i in range(count):
+            rid = request_id if count == 1 else f"{request_id}#{i}"
+            req = Request(rid, ids, run_params, self.eos_token_ids, sample_index=i, cache_salt=cache_salt)
             parent.samples.append(_Sample(req, IncrementalDetokenizer(self.tokenizer, ids, params),
-                                          [] if params.logprobs is not None else None,
-                                          0.0 if params.logprobs is not None else None))
+                                          [] if run_params.logprobs is not None else None,
+                                          0.0 if run_params.logprobs is not None else None))
         leader = parent.samples[0].req
         for s in parent.samples:
             self.scheduler.add_request(s.req, fork_from=None if s.req is leader else leader)
@@ -196,7 +201,8 @@ class LLMEngine:
                 req.stop_reason = sample.detok.stopped_by
                 self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
             dirty[parent.request_id] = parent
-        return [self._emit(p, now) for p in dirty.values()]
+        best_of_pending = [p for p in dirty.values() if p.params.num_samples > p.params.n and not p.finished]
+        return [self._emit(p, now) for p in dirty.values() if p not in best_of_pending]
 
     def _fail(self, sched: SchedulerOutput, message: str) -> list[RequestOutput]:
         parents = {self._owner[r.request_id].request_id: self._owner[r.request_id] for r in sched.reqs}
@@ -225,6 +231,12 @@ class LLMEngine:
                 cumulative_logprob=s.cumulative_logprob,
                 logprobs=list(s.logprobs) if s.logprobs is not None else None,
                 finish_reason=s.req.finish_reason, stop_reason=s.req.stop_reason))
+        if finished and len(outs) > parent.params.n:  # best_of: keep the n most likely samples
+            outs = sorted(outs, key=lambda o: -(o.cumulative_logprob or 0.0))[:parent.params.n]
+            for i, o in enumerate(outs):
+                o.index = i
+                if parent.params.logprobs is None:
+                    o.logprobs, o.cumulative_logprob = None, None
         if finished:
             self._parents.pop(parent.request_id, None)
             for s in parent.samples:

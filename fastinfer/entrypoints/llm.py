@@ -9,11 +9,18 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from fastinfer.beam_search import (
+    BeamSearchOutput,
+    BeamSearchParams,
+    BeamSearchSequence,
+    beam_score,
+    select_beams,
+)
 from fastinfer.config import EngineConfig
 from fastinfer.engine.llm_engine import LLMEngine, PromptType
 from fastinfer.models.loader import DEFAULT_MODEL
 from fastinfer.outputs import CompletionOutput, RequestOutput
-from fastinfer.sampling_params import SamplingParams
+from fastinfer.sampling_params import MAX_LOGPROBS, SamplingParams
 
 logger = logging.getLogger("fastinfer")
 Messages = list[dict[str, str]]
@@ -109,6 +116,36 @@ class LLM:
                             return
         finally:
             self.engine.abort_request(rid)
+
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
+                    ) -> list[BeamSearchOutput]:
+        """Beam search for each prompt (deterministic); returns ``beam_width`` sequences per prompt, best first."""
+        eng = self.engine
+        eos = () if params.ignore_eos else eng.eos_token_ids
+        outputs = []
+        for prompt in self._as_list(prompts):
+            _, ids = eng.tokenize_prompt(prompt)
+            if not ids or len(ids) + params.max_tokens > eng.max_model_len:
+                raise ValueError(f"prompt of {len(ids)} tokens plus max_tokens={params.max_tokens} does not fit "
+                                 f"max_model_len={eng.max_model_len}")
+            live = [BeamSearchSequence([])]
+            done: list[BeamSearchSequence] = []
+            step = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True,
+                                  logprobs=min(2 * params.beam_width, MAX_LOGPROBS))
+            for _ in range(params.max_tokens):
+                outs = self.generate([{"prompt_token_ids": ids + b.tokens} for b in live], step, use_tqdm=False)
+                cands = [BeamSearchSequence(b.tokens + [t], b.cum_logprob + lp.logprob)
+                         for b, o in zip(live, outs) for t, lp in (o.outputs[0].logprobs or [{}])[0].items()]
+                live, finished = select_beams(cands, params.beam_width, eos, params.ignore_eos)
+                done += finished
+                if not live:
+                    break
+            seqs = done + live
+            for s in seqs:
+                s.score = beam_score(len(ids), s, eos, params.length_penalty)
+                s.text = eng.tokenizer.decode(s.tokens, skip_special_tokens=True)
+            outputs.append(BeamSearchOutput(sorted(seqs, key=lambda s: -s.score)[:params.beam_width]))
+        return outputs
 
     @staticmethod
     def _params(sp: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
