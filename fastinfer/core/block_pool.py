@@ -76,6 +76,15 @@ class BlockPool:
             self._cached[block_hash] = block_id
             self.block_hash[block_id] = block_hash
 
+    def reset_cache(self) -> bool:
+        """Forget every cached block; only when no block is in use (returns False otherwise)."""
+        if len(self._free) != self.num_blocks:
+            return False
+        for b in self._cached.values():
+            self.block_hash[b] = None
+        self._cached.clear()
+        return True
+
     def _evict(self, block_id: int) -> None:
         h = self.block_hash[block_id]
         if h is not None:

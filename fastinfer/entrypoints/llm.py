@@ -41,6 +41,10 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def reset_prefix_cache(self) -> bool:
+        """Drop all cached KV blocks (between benchmark passes, say); False while requests are running."""
+        return self.engine.kv.pool.reset_cache()
+
     def _next_id(self) -> str:
         return f"llm-{next(self._ids)}"
 

@@ -60,3 +60,13 @@ def test_hash_chain_depends_on_parent_and_salt():
     assert a != hash_block_tokens(None, [1, 2, 3], salt="tenant-a")
     assert hash_block_tokens(None, [1, 2, 3], "a") != hash_block_tokens(None, [1, 2, 3], "b")
     assert len(a) == 32
+
+
+def test_reset_cache_only_when_idle():
+    pool = BlockPool(3, enable_caching=True)
+    [b] = pool.allocate(1)
+    pool.cache(b, b"h" * 32)
+    assert not pool.reset_cache()  # in use
+    pool.free([b])
+    assert pool.lookup(b"h" * 32) == b
+    assert pool.reset_cache() and pool.lookup(b"h" * 32) is None and pool.num_cached_blocks == 0
