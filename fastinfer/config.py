@@ -87,6 +87,44 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM-shaped speculative decoding settings. ``method="ngram"``: prompt lookup (no extra model) proposes
+    up to ``num_speculative_tokens`` tokens that followed the latest earlier occurrence of the sequence's last
+    ``prompt_lookup_max``..``prompt_lookup_min`` tokens. Speculation switches off while more than
+    ``disable_by_batch_size`` requests run (verification then costs real compute) and, per request, while its
+    measured acceptance stays low."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+    disable_by_batch_size: int = 4
+
+    METHODS = ("ngram",)
+
+    def __post_init__(self) -> None:
+        if self.method not in self.METHODS:
+            raise ValueError(f"speculative_config.method {self.method!r} is not supported; supported: "
+                             f"{', '.join(self.METHODS)} (draft_model and the quantized self-draft are not built yet)")
+        for name, lo, hi in (("num_speculative_tokens", 1, 16), ("prompt_lookup_max", 1, 64),
+                             ("prompt_lookup_min", 1, 64), ("disable_by_batch_size", 1, 1 << 20)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or not lo <= v <= hi:
+                raise ValueError(f"speculative_config.{name} must be an integer in [{lo}, {hi}], got {v!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError("speculative_config.prompt_lookup_min must be <= prompt_lookup_max")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SpeculativeConfig:
+        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                 "disable_by_batch_size"}
+        extra = set(d) - known
+        if extra:
+            raise ValueError(f"unknown speculative_config keys: {sorted(extra)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Engine arguments (vLLM names). KV memory comes from ``kv_cache_memory_bytes`` or ``num_kv_blocks``
     when given, else from ``max_num_seqs x max_model_len`` tokens capped at ``DEFAULT_KV_BYTES``."""
@@ -130,6 +168,6 @@ class EngineConfig:
         if self.quantization is not None:
             raise ValueError(f"quantization={self.quantization!r} is not supported yet")
         if self.speculative_config is not None:
-            raise ValueError("speculative_config is not supported yet")
+            SpeculativeConfig.from_dict(dict(self.speculative_config))
         if self.extra:
             raise TypeError(f"unknown engine arguments: {sorted(self.extra)}")

@@ -63,7 +63,7 @@ class KVCacheManager:
         """Publish the request's full blocks whose KV has been computed."""
         if not self.enable_caching:
             return
-        n_full = req.num_computed_tokens // self.block_size
+        n_full = min(req.num_computed_tokens, req.num_tokens) // self.block_size
         start = self._num_published.get(req.request_id, 0)
         if n_full <= start:
             return

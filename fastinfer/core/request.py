@@ -49,6 +49,8 @@ class Request:
         self.num_preemptions = 0
         self.block_hashes: list[bytes] = []
         self.cacheable = True  # False once its forward produced non-finite values
+        self.spec_token_ids: list[int] = []  # draft tokens to verify in the next step
+        self.spec_acceptance = 1.0  # moving average of the fraction of drafts accepted
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -57,6 +59,10 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_tokens_with_spec(self) -> int:
+        return len(self.all_token_ids) + len(self.spec_token_ids)
 
     @property
     def num_output_tokens(self) -> int:

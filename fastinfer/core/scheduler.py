@@ -21,6 +21,7 @@ class SchedulerOutput:
     block_ids: list[list[int]] = field(default_factory=list)
     preempted_req_ids: list[str] = field(default_factory=list)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)  # drafts scheduled for verification
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -36,6 +37,7 @@ class ModelRunnerOutput:
     with speculation) and, when asked for, their logprobs."""
 
     sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    num_rejected: dict[str, int] = field(default_factory=dict)  # drafts whose KV must be rolled back
     logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
     sampled_logprobs: dict[str, list[float]] = field(default_factory=dict)
     nonfinite_req_ids: set[str] = field(default_factory=set)  # produced NaN/inf: never cache their blocks
@@ -121,7 +123,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(req.num_tokens_with_spec - req.num_computed_tokens, budget,
+                    self.max_model_len - req.num_computed_tokens)
             if n <= 0:  # cannot happen: a running request always has its last token to compute
                 i += 1
                 continue
@@ -156,6 +159,10 @@ class Scheduler:
         return out
 
     def _add(self, out: SchedulerOutput, req: Request, n: int) -> None:
+        num_spec = req.num_computed_tokens + n - req.num_tokens
+        if num_spec > 0:
+            out.spec_token_ids[req.request_id] = req.spec_token_ids[:num_spec]
+        req.spec_token_ids = []  # the proposer makes fresh ones after this step
         out.reqs.append(req)
         out.num_scheduled_tokens.append(n)
         out.block_ids.append(self.kv.req_blocks[req.request_id])
@@ -164,6 +171,7 @@ class Scheduler:
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
+        req.spec_token_ids = []
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
@@ -176,24 +184,26 @@ class Scheduler:
         for req, n in zip(sched.reqs, sched.num_scheduled_tokens):
             if req.status != RequestStatus.RUNNING:
                 continue
-            req.num_computed_tokens += n
+            # rejected drafts: their KV slots are simply not counted (overwritten later), no copies
+            req.num_computed_tokens += n - result.num_rejected.get(req.request_id, 0)
             if req.request_id in result.nonfinite_req_ids:
                 req.cacheable = False
+            status = None
+            new_ids = result.sampled_token_ids.get(req.request_id) or []
+            for tok in new_ids:
+                req.append_output_token(tok)
+                status = self._check_stop(req, tok)
+                if status is not None:
+                    break
             if req.cacheable:
                 self.kv.cache_blocks(req)
             if req.request_id in self.pending_forks and req.num_computed_tokens >= req.num_prompt_tokens:
                 for child in self.pending_forks.pop(req.request_id):
                     self._fork(req, child)
-            new_ids = result.sampled_token_ids.get(req.request_id)
-            if not new_ids:
-                continue
-            for tok in new_ids:
-                req.append_output_token(tok)
-                status = self._check_stop(req, tok)
-                if status is not None:
-                    self.finish_requests([req.request_id], status)
-                    break
-            touched.append(req)
+            if status is not None:
+                self.finish_requests([req.request_id], status)
+            if new_ids:
+                touched.append(req)
         return touched
 
     def _fork(self, parent: Request, child: Request) -> None:

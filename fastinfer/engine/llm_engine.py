@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from fastinfer.config import EngineConfig
+from fastinfer.config import EngineConfig, SpeculativeConfig
 from fastinfer.core.kv_cache_manager import KVCacheManager, cdiv
 from fastinfer.core.request import Request, RequestStatus
 from fastinfer.core.scheduler import Scheduler, SchedulerOutput
@@ -21,6 +21,7 @@ from fastinfer.ops import OpSet
 from fastinfer.outputs import CompletionOutput, Logprob, RequestOutput
 from fastinfer.sampling_params import SamplingParams
 from fastinfer.worker.model_runner import ModelRunner, kv_bytes_per_token
+from fastinfer.worker.spec_decode import propose_ngram, speculation_allowed
 
 logger = logging.getLogger("fastinfer")
 
@@ -91,6 +92,9 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, cfg, num_blocks, bs, loaded.dtype, self.ops, device, config.seed)
         self.eos_token_ids = cfg.eos_token_ids or tuple(
             t for t in [getattr(self.tokenizer, "eos_token_id", None)] if t is not None)
+        self.spec = (SpeculativeConfig.from_dict(dict(config.speculative_config))
+                     if config.speculative_config is not None else None)
+        self.spec_stats = {"steps": 0, "draft_tokens": 0, "accepted_tokens": 0}
         self._parents: dict[str, _Parent] = {}
         self._owner: dict[str, _Parent] = {}  # core request id -> parent
         self.num_steps = 0
@@ -187,6 +191,10 @@ class LLMEngine:
             logger.exception("model step failed; failing the %d requests of this batch", len(sched.reqs))
             return self._fail(sched, f"internal error during the forward pass: {type(e).__name__}: {e}")
         touched = self.scheduler.update(sched, result)
+        if sched.spec_token_ids:
+            self._record_spec(sched, result)
+        if self.spec is not None:
+            self._propose()
         now = time.monotonic()
         dirty: dict[str, _Parent] = {}
         for req in touched:
@@ -203,6 +211,37 @@ class LLMEngine:
             dirty[parent.request_id] = parent
         best_of_pending = [p for p in dirty.values() if p.params.num_samples > p.params.n and not p.finished]
         return [self._emit(p, now) for p in dirty.values() if p not in best_of_pending]
+
+    def _record_spec(self, sched: SchedulerOutput, result: Any) -> None:
+        for rid, draft in sched.spec_token_ids.items():
+            rejected = result.num_rejected.get(rid, len(draft))
+            accepted = len(draft) - rejected
+            self.spec_stats["steps"] += 1
+            self.spec_stats["draft_tokens"] += len(draft)
+            self.spec_stats["accepted_tokens"] += accepted
+            req = self.scheduler.requests.get(rid)
+            if req is not None:
+                req.spec_acceptance = 0.7 * req.spec_acceptance + 0.3 * accepted / len(draft)
+
+    def _propose(self) -> None:
+        """Give running requests drafts for the next step (n-gram lookup), adaptively: none while the batch is
+        large (verifying costs compute there), fewer for requests whose drafts keep failing."""
+        spec = self.spec
+        assert spec is not None
+        running = self.scheduler.running
+        if len(running) > spec.disable_by_batch_size:
+            return
+        for req in running:
+            if req.num_computed_tokens != req.num_tokens - 1 or not speculation_allowed(req):
+                continue  # still prefilling, or sampling that depends on history
+            sp = req.sampling_params
+            room = min((sp.max_tokens or self.max_model_len) - req.num_output_tokens,
+                       self.max_model_len - req.num_tokens) - 1
+            k = spec.num_speculative_tokens if req.spec_acceptance >= 0.3 else 1
+            k = min(k, room)
+            if k > 0:
+                req.spec_token_ids = propose_ngram(req.all_token_ids, k, spec.prompt_lookup_max,
+                                                   spec.prompt_lookup_min)
 
     def _fail(self, sched: SchedulerOutput, message: str) -> list[RequestOutput]:
         parents = {self._owner[r.request_id].request_id: self._owner[r.request_id] for r in sched.reqs}

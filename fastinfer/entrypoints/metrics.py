@@ -34,6 +34,10 @@ class _EngineCollector:
             ("fastinfer_prefix_cache_blocks", "KV blocks currently held by the prefix cache", s.num_cached_blocks),
             ("fastinfer_prefix_cache_evictions_total", "Cached KV blocks evicted", s.num_evictions),
             ("fastinfer_requests_in_flight", "Requests admitted and not finished", a.num_in_flight),
+            ("fastinfer_spec_decode_draft_tokens_total", "Draft tokens verified", a.engine.spec_stats["draft_tokens"]),
+            ("fastinfer_spec_decode_accepted_tokens_total", "Draft tokens accepted",
+             a.engine.spec_stats["accepted_tokens"]),
+            ("fastinfer_spec_decode_steps_total", "Request-steps that verified drafts", a.engine.spec_stats["steps"]),
         ):
             g = GaugeMetricFamily(name, doc, labels=["model_name"])
             g.add_metric([self.model], float(value))

@@ -8,10 +8,12 @@ import logging
 import torch
 
 from fastinfer.config import ModelConfig
+from fastinfer.core.request import Request
 from fastinfer.core.scheduler import ModelRunnerOutput, SchedulerOutput
 from fastinfer.models.llama import LlamaForCausalLM
 from fastinfer.ops import AttentionMetadata, OpSet
 from fastinfer.worker.sampler import sample
+from fastinfer.worker.spec_decode import verify
 
 logger = logging.getLogger("fastinfer")
 
@@ -45,15 +47,19 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         query_lens, seq_lens, block_ids, sample_rows, sample_reqs = [], [], [], [], []
+        spec_rows: list[tuple[Request, list[int], list[int]]] = []  # (request, drafts, logits rows)
         for i in order:
             req, n = sched.reqs[i], sched.num_scheduled_tokens[i]
             start = req.num_computed_tokens
-            input_ids.extend(req.all_token_ids[start:start + n])
+            draft = sched.spec_token_ids.get(req.request_id, [])
+            input_ids.extend((req.all_token_ids + draft)[start:start + n])
             positions.extend(range(start, start + n))
             query_lens.append(n)
             seq_lens.append(start + n)
             block_ids.append(sched.block_ids[i])
-            if start + n == req.num_tokens:  # caught up: the last position's logits give the next token
+            if draft:  # verify: logits at the last real token and at every draft
+                spec_rows.append((req, draft, list(range(len(input_ids) - len(draft) - 1, len(input_ids)))))
+            elif start + n == req.num_tokens:  # caught up: the last position's logits give the next token
                 sample_rows.append(len(input_ids) - 1)
                 sample_reqs.append(req)
         meta = AttentionMetadata.build(query_lens, seq_lens, block_ids, self.block_size, self.device)
@@ -67,6 +73,10 @@ class ModelRunner:
             for j, i in enumerate(order):
                 if any(flags[offsets[j]:offsets[j + 1]]):
                     out.nonfinite_req_ids.add(sched.reqs[i].request_id)
+        for req, draft, rows in spec_rows:
+            tokens = verify(self.model.compute_logits(hidden[rows]), draft, req, self.generator)  # [k+1, V]
+            out.sampled_token_ids[req.request_id] = tokens
+            out.num_rejected[req.request_id] = len(draft) - (len(tokens) - 1)
         if not sample_reqs:
             return out
         logits = self.model.compute_logits(hidden[sample_rows])  # [S, vocab] fp32

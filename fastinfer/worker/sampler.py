@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from fastinfer.core.request import Request
+from fastinfer.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
 
@@ -79,6 +80,15 @@ def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_
     return logits
 
 
+def filtered_probs(logits: torch.Tensor, sps: Sequence[SamplingParams]) -> torch.Tensor:
+    """Probabilities after temperature, top-k, top-p and min-p, one row per params (non-greedy rows)."""
+    vocab = logits.shape[1]
+    sub = logits / torch.tensor([sp.temperature for sp in sps])[:, None]
+    top_k = torch.tensor([sp.top_k if sp.top_k > 0 else vocab for sp in sps])
+    sub = _filter(sub, top_k, torch.tensor([sp.top_p for sp in sps]), torch.tensor([sp.min_p for sp in sps]))
+    return sub.softmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, reqs: Sequence[Request], generator: torch.Generator | None = None,
            ) -> SamplerOutput:
     """Sample one token per row of ``logits`` [S, V] (fp32) for ``reqs[i]``."""
@@ -92,10 +102,7 @@ def sample(logits: torch.Tensor, reqs: Sequence[Request], generator: torch.Gener
     rand_rows = [i for i, g in enumerate(greedy) if not g]
     if rand_rows:
         sps = [reqs[i].sampling_params for i in rand_rows]
-        sub = logits[rand_rows] / torch.tensor([sp.temperature for sp in sps])[:, None]
-        top_k = torch.tensor([sp.top_k if sp.top_k > 0 else vocab for sp in sps])
-        sub = _filter(sub, top_k, torch.tensor([sp.top_p for sp in sps]), torch.tensor([sp.min_p for sp in sps]))
-        probs = sub.softmax(dim=-1)
+        probs = filtered_probs(logits[rand_rows], sps)
         noise = torch.empty_like(probs)
         unseeded = [j for j, sp in enumerate(sps) if sp.seed is None]
         if unseeded:
