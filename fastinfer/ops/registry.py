@@ -1,8 +1,9 @@
-"""Which implementation of each op runs: cuda -> triton -> torch, per tensor device, overridable.
+"""Which implementation of each op runs: cuda -> triton -> cpp -> torch, per tensor device, overridable.
 
 Backends register their functions here at import. ``OpSet`` resolves every op once for a device (and an
 optional preferred backend) and says what it picked, so a missing fast path is visible, never silent.
-Override with ``FASTINFER_BACKEND=torch|triton|cuda`` or the engine argument ``attention_backend``.
+Override with ``FASTINFER_BACKEND=torch|cpp|triton|cuda`` or the engine argument ``attention_backend``.
+``cpp`` is the compiled CPU extension ``fastinfer._C`` (csrc/); it runs on CPU tensors only.
 """
 from __future__ import annotations
 
@@ -17,21 +18,25 @@ logger = logging.getLogger("fastinfer.ops")
 
 OPS = ("store_kv", "paged_attention", "rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul",
        "copy_blocks")
-BACKENDS = ("cuda", "triton", "torch")
+BACKENDS = ("cuda", "triton", "cpp", "torch")
 # Modules that provide each backend, imported lazily (a missing compiler or GPU must not break import).
 _BACKEND_MODULES = {
     "torch": "fastinfer.ops.torch_backend",
     "triton": "fastinfer.ops.triton_backend",
     "cuda": "fastinfer.ops.cuda_backend",
+    "cpp": "fastinfer.ops.cpp_backend",
 }
 
 
-def backend_status(backend: str, device_type: str) -> tuple[Any | None, str]:
-    """(module, "") when ``backend`` can run on ``device_type``, else (None, why not)."""
+def backend_status(backend: str, device_type: str, requested: bool = False) -> tuple[Any | None, str]:
+    """(module, "") when ``backend`` can run on ``device_type``, else (None, why not). On CPU tensors Triton
+    runs only through its interpreter, and only when asked for by name (it is a correctness path there)."""
     if backend == "cuda" and device_type != "cuda":
         return None, "needs a CUDA device"
-    if backend == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return None, "needs a CUDA device or TRITON_INTERPRET=1"
+    if backend == "triton" and device_type != "cuda" and not (requested and os.environ.get("TRITON_INTERPRET") == "1"):
+        return None, "needs a CUDA device (on CPU: TRITON_INTERPRET=1 and the backend asked for by name)"
+    if backend == "cpp" and device_type != "cpu":
+        return None, "runs on CPU tensors only"
     try:
         return importlib.import_module(_BACKEND_MODULES[backend]), ""
     except ImportError as e:
@@ -54,7 +59,7 @@ class OpSet:
         order = BACKENDS if prefer is None else (prefer,) + tuple(b for b in BACKENDS if b != prefer)
         modules = {}
         for b in order:
-            mod, why = backend_status(b, self.device_type)
+            mod, why = backend_status(b, self.device_type, requested=b == prefer)
             if mod is None:
                 self.skipped[b] = why
                 if b == prefer:
