@@ -1,5 +1,6 @@
 """Serving benchmark: a live ``fastinfer serve`` process on localhost driven by bounded numbers of concurrent
-streaming clients; throughput, TTFT and inter-token latency percentiles, and the same workload through the
+streaming clients (prefix caching off, so repeated prompts across levels do not flatter later levels);
+throughput, TTFT and inter-token latency percentiles, and the same workload through the
 offline ``LLM.generate`` (after the server stops, so they never share the cores) for the overhead ratio.
 
     python benchmarks/bench_serving.py --concurrency 1,8,32,64 --requests 64
@@ -96,7 +97,7 @@ def main() -> None:
     srv = subprocess.Popen([sys.executable, "-m", "fastinfer", "serve", args.model, "--port", str(args.port),
                             "--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
                             "--max-num-seqs", str(max(args.concurrency)), "--served-model-name", "m",
-                            "--max-pending", str(n)])
+                            "--max-pending", str(n), "--no-enable-prefix-caching"])
     url = f"http://127.0.0.1:{args.port}"
     rows: list[dict] = []
     try:
@@ -119,7 +120,7 @@ def main() -> None:
     from fastinfer import LLM, SamplingParams
 
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=max(args.concurrency),
-              load_progress=False)
+              enable_prefix_caching=False, load_progress=False)
     full = items[:n]
     llm.generate([{"prompt_token_ids": it["prompt_token_ids"]} for it in full[:2]],
                  SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)

@@ -16,6 +16,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("-v", "--verbose", action="store_true", help="log engine details to stderr")
 
 
@@ -42,7 +43,7 @@ def _llm(a: argparse.Namespace):
     from fastinfer.entrypoints.llm import LLM
 
     return LLM(a.model, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs, seed=a.seed,
-               load_progress=sys.stderr.isatty())
+               enable_prefix_caching=a.enable_prefix_caching, load_progress=sys.stderr.isatty())
 
 
 def cmd_generate(a: argparse.Namespace) -> int:

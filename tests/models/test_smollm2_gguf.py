@@ -92,3 +92,21 @@ def test_dequantize_synthetic_blocks_bit_exact(qtype):
     T.data = data
     ours = dequantize(T).numpy()
     assert ours.tobytes() == gguf.dequantize(data, kind).astype(np.float32).reshape(6, 96).tobytes()
+
+
+def test_ngram_speculation_is_token_identical_on_smollm2(smollm2_path, smollm2_llm):
+    """The hard gate for speculative decoding on the real model (fp32): greedy output unchanged."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from common import make_workload
+
+    spec = LLM(smollm2_path, dtype="float32", max_model_len=1024, load_progress=False,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    prompts = [smollm2_llm.chat_prompt(w["messages"]) for w in make_workload("grounded", 3, 0)]
+    sp = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in smollm2_llm.generate(prompts, sp, use_tqdm=False)]
+    got = [o.outputs[0].token_ids for o in spec.generate(prompts, sp, use_tqdm=False)]
+    assert got == want
+    assert spec.engine.spec_stats["accepted_tokens"] > 0
