@@ -22,8 +22,8 @@ install-dev: prereqs
 	$(INSTALL) ".[dev,server]"
 
 demo: install
-	$(PY) -m fastinfer generate smollm2-135m --chat --max-tokens 160 \
-		"In three sentences, explain what a KV cache is in a transformer."
+	$(PY) -m fastinfer generate smollm2-135m "In three sentences, explain what a KV cache is in a transformer." \
+		--chat --max-tokens 160
 
 lint:
 	$(PY) -m ruff check fastinfer tests benchmarks kernels

@@ -13,7 +13,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit, make_workload, table  # noqa: E402
+from common import emit, make_workload, table, throughput  # noqa: E402
 
 from fastinfer import LLM, SamplingParams  # noqa: E402
 
@@ -28,13 +28,6 @@ def decode_speed(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[f
         speeds.append(len(o.outputs[0].token_ids) / (time.perf_counter() - t))
         outs.append(o.outputs[0].token_ids)
     return statistics.median(speeds), outs
-
-
-def batch_speed(llm: LLM, items: list[dict]) -> float:
-    sps = [SamplingParams(temperature=0, max_tokens=it["max_tokens"], ignore_eos=True) for it in items]
-    t = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": it["ids"]} for it in items], sps, use_tqdm=False)
-    return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -65,8 +58,8 @@ def main() -> None:
           "mean_accepted_per_step": st["accepted_tokens"] / max(1, st["steps"])}, rows)
     items = [{"ids": tok.encode(w["prompt"]), "max_tokens": w["max_tokens"]}
              for w in make_workload("mixed", args.concurrent, 3)]
-    b0 = batch_speed(plain, items)
-    b1 = batch_speed(ngram, items)
+    b0 = throughput(plain, items)
+    b1 = throughput(ngram, items)
     emit({"case": f"throughput_{args.concurrent}_concurrent", "proposer": "ngram (adaptive)", "plain_tok_s": b0,
           "spec_tok_s": b1, "ratio": b1 / b0}, rows)
     print()

@@ -24,6 +24,16 @@ def make_workload(kind: str, n: int, seed: int = 0) -> list[dict]:
     return mod.make_workload(kind, n, seed)
 
 
+def throughput(llm: Any, items: list[dict]) -> float:
+    """Output tok/s of one ``LLM.generate`` over ``items`` ({"ids", "max_tokens"}), greedy, exact lengths."""
+    from fastinfer import SamplingParams
+
+    sps = [SamplingParams(temperature=0, max_tokens=it["max_tokens"], ignore_eos=True) for it in items]
+    t = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": it["ids"]} for it in items], sps, use_tqdm=False)
+    return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
+
+
 def median_time(fn: Callable[[], Any], repeats: int) -> float:
     times = []
     for _ in range(repeats):
