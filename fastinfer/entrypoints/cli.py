@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -17,6 +18,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--speculative-config", type=json.loads, default=None,
+                   help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     p.add_argument("-v", "--verbose", action="store_true", help="log engine details to stderr")
 
 
@@ -43,7 +46,8 @@ def _llm(a: argparse.Namespace):
     from fastinfer.entrypoints.llm import LLM
 
     return LLM(a.model, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs, seed=a.seed,
-               enable_prefix_caching=a.enable_prefix_caching, load_progress=sys.stderr.isatty())
+               enable_prefix_caching=a.enable_prefix_caching, speculative_config=a.speculative_config,
+               load_progress=sys.stderr.isatty())
 
 
 def cmd_generate(a: argparse.Namespace) -> int:

@@ -30,3 +30,14 @@ def test_bad_arguments_exit_cleanly(tiny_model_dir):
     assert r.returncode == 2 and "temperature" in r.stderr and "Traceback" not in r.stderr
     r = _cli("generate", "/no/such/model", "hi")
     assert r.returncode == 2 and "not a known short name" in r.stderr
+
+
+def test_speculative_config_flag_gives_identical_greedy_output(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    args = ["generate", path, "1 2 3 1 2 3 1 2", "--max-tokens", "12", "--dtype", "float32", "--max-model-len", "512"]
+    plain = _cli(*args)
+    spec = _cli(*args, "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}')
+    assert plain.returncode == spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout
+    bad = _cli(*args, "--speculative-config", '{"method": "medusa"}')
+    assert bad.returncode == 2 and "not supported" in bad.stderr
