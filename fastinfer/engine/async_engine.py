@@ -36,6 +36,11 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, out in items:
+        q.put_nowait(out)
+
+
 class AsyncLLMEngine:
     """Thread-owned engine. ``max_pending`` bounds requests in flight beyond ``max_num_seqs``."""
 
@@ -146,13 +151,16 @@ class AsyncLLMEngine:
                 with self._lock:
                     self._streams.clear()
             self.last_step_time = time.monotonic()
-            for out in outputs:
-                with self._lock:
+            deliveries: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+            with self._lock:
+                for out in outputs:
                     target = self._streams.get(out.request_id)
                     if out.finished:
                         self._streams.pop(out.request_id, None)
-                if target is not None:
-                    target.put(out)
+                    if target is not None:
+                        deliveries.setdefault(target.loop, []).append((target.queue, out))
+            for loop, items in deliveries.items():  # one wake-up of each event loop per step, not one per request
+                loop.call_soon_threadsafe(_deliver, items)
         # shutting down: abort whatever is left
         with self._lock:
             left = list(self._streams.items())
