@@ -5,7 +5,6 @@ shuffled (non-contiguous), and every instruction-set variant the CPU supports is
 from __future__ import annotations
 
 import dataclasses
-import random
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ pytest.importorskip("fastinfer._C", reason="compiled extension not built (pip in
 from fastinfer.ops import AttentionMetadata, reference  # noqa: E402
 from fastinfer.ops import cpp_backend as cpp  # noqa: E402
 from fastinfer.ops.registry import OpSet, backend_status  # noqa: E402
+from tests.ops.paged_cases import paged_case  # noqa: E402
 
 ISAS = ("generic", "avx2", "avx512", "avx512_bf16")
 
@@ -43,26 +43,6 @@ def threads(request):
     torch.set_num_threads(request.param)
     yield request.param
     torch.set_num_threads(old)
-
-
-def paged_case(query_lens, seq_lens, num_heads, num_kv, head_dim, block_size, dtype, seed=0):
-    """Random q and a paged cache with shuffled block ids, spare blocks, NaN in every unwritten slot."""
-    gen = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
-    need = [-(-s // block_size) for s in seq_lens]
-    ids = list(range(sum(need) + 3))
-    rng.shuffle(ids)
-    block_ids = [ids[sum(need[:i]):sum(need[:i + 1])] for i in range(len(need))]
-    shape = (len(ids), block_size, num_kv, head_dim)
-    k_cache = torch.full(shape, float("nan"), dtype=dtype)
-    v_cache = torch.full(shape, float("nan"), dtype=dtype)
-    written = AttentionMetadata.build(seq_lens, seq_lens, block_ids, block_size).slot_mapping
-    n = sum(seq_lens)
-    k_cache.view(-1, num_kv, head_dim)[written] = torch.randn(n, num_kv, head_dim, generator=gen).to(dtype)
-    v_cache.view(-1, num_kv, head_dim)[written] = torch.randn(n, num_kv, head_dim, generator=gen).to(dtype)
-    q = torch.randn(sum(query_lens), num_heads, head_dim, generator=gen).to(dtype)
-    meta = AttentionMetadata.build(query_lens, seq_lens, block_ids, block_size)
-    return q, k_cache, v_cache, meta
 
 
 def check(q, k_cache, v_cache, meta, window, kernel_meta=None):

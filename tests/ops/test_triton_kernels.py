@@ -19,6 +19,7 @@ from fastinfer.kernels.attention import attention_flops, paged_decode_triton, pa
 
 from fastinfer.ops import AttentionMetadata, reference  # noqa: E402
 from fastinfer.ops import triton_backend as tb  # noqa: E402
+from tests.ops.paged_cases import paged_case as _paged_case  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -29,27 +30,8 @@ def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
     torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
-def paged_case(query_lens: list[int], seq_lens: list[int], num_heads: int, num_kv: int, head_dim: int,
-               block_size: int, dtype: torch.dtype, seed: int = 0):
-    """Random q and a paged cache: shuffled (non-contiguous) block ids, spare blocks, every slot that no
-    sequence has written yet (positions >= seq_len) filled with NaN."""
-    gen = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
-    need = [-(-s // block_size) for s in seq_lens]
-    ids = list(range(sum(need) + 3))
-    rng.shuffle(ids)
-    block_ids = [ids[sum(need[:i]):sum(need[:i + 1])] for i in range(len(need))]
-    shape = (len(ids), block_size, num_kv, head_dim)  # [num_blocks, block_size, Hkv, D]
-    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-    v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-    full = AttentionMetadata.build(seq_lens, seq_lens, block_ids, block_size, DEVICE)  # every written slot
-    n = sum(seq_lens)
-    keys = torch.randn(n, num_kv, head_dim, generator=gen).to(DEVICE, dtype)  # [sum L, Hkv, D]
-    values = torch.randn(n, num_kv, head_dim, generator=gen).to(DEVICE, dtype)
-    reference.store_kv(keys, values, k_cache, v_cache, full.slot_mapping)
-    q = torch.randn(sum(query_lens), num_heads, head_dim, generator=gen).to(DEVICE, dtype)  # [T, H, D]
-    meta = AttentionMetadata.build(query_lens, seq_lens, block_ids, block_size, DEVICE)
-    return q, k_cache, v_cache, meta
+def paged_case(*args, **kw):
+    return _paged_case(*args, device=DEVICE, **kw)
 
 
 # (query_lens, seq_lens, H, Hkv, D, block_size, dtype, window): decode rows first
