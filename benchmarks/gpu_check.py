@@ -25,11 +25,15 @@ import random
 import statistics
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from common import table as common_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS: list[tuple[str, Callable[[Ctx], None]]] = []
@@ -403,14 +407,7 @@ def table(rows: list[dict]) -> str:
     cols: list[str] = []
     for r in rows:
         cols += [c for c in r if c not in cols and c != "dry"]
-
-    def fmt(v: Any) -> str:
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-    body = [[fmt(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
-    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
-    return "\n".join([line(cols), line(["-" * w for w in widths]), *(line(b) for b in body)])
+    return common_table(rows, cols)
 
 
 def run(ctx: Ctx, only: str | None, skip_bench: bool) -> int:
