@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import emit, make_workload, median_time, table  # noqa: E402
 
 from fastinfer import LLM, SamplingParams  # noqa: E402
-from fastinfer.models.loader import resolve_model_path  # noqa: E402
+from fastinfer.models.loader import load_tokenizer, resolve_model_path  # noqa: E402
 
 _DT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -147,11 +147,8 @@ def main() -> None:
     torch.manual_seed(0)
 
     wl = make_workload("mixed", args.n, args.seed)
-    from fastinfer.models.gguf_loader import GGUFFile
-    from fastinfer.tokenizer import load_hf_tokenizer, tokenizer_from_gguf
 
-    path = resolve_model_path(args.model)
-    tokenizer = tokenizer_from_gguf(GGUFFile(path)) if path.endswith(".gguf") else load_hf_tokenizer(path)
+    tokenizer = load_tokenizer(args.model)
     prompts = [tokenizer.encode(w["prompt"]) for w in wl]
     max_tokens = [w["max_tokens"] for w in wl]
     single_ids = prompts[0][:32]

@@ -84,12 +84,9 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=2048)
     args = ap.parse_args()
 
-    from fastinfer.models.gguf_loader import GGUFFile
-    from fastinfer.models.loader import resolve_model_path
-    from fastinfer.tokenizer import load_hf_tokenizer, tokenizer_from_gguf
+    from fastinfer.models.loader import load_tokenizer
 
-    path = resolve_model_path(args.model)
-    tok = tokenizer_from_gguf(GGUFFile(path)) if path.endswith(".gguf") else load_hf_tokenizer(path)
+    tok = load_tokenizer(args.model)
     n = max(args.requests, max(args.concurrency))
     wl = make_workload("mixed", n, 0)
     items = [{"prompt_token_ids": tok.encode(w["prompt"]), "max_tokens": w["max_tokens"]} for w in wl]

@@ -50,6 +50,12 @@ def resolve_model_path(model: str) -> str:
                      "HF directory or a .gguf file (nothing is downloaded from model hubs)")
 
 
+def load_tokenizer(model: str) -> Any:
+    """Just the tokenizer of a model (short name, HF directory or GGUF file), without its weights."""
+    path = resolve_model_path(model)
+    return tokenizer_from_gguf(GGUFFile(path)) if path.endswith(".gguf") else load_hf_tokenizer(path)
+
+
 @dataclass
 class LoadedModel:
     model: LlamaForCausalLM

@@ -52,7 +52,9 @@ class ModelRunner:
             req, n = sched.reqs[i], sched.num_scheduled_tokens[i]
             start = req.num_computed_tokens
             draft = sched.spec_token_ids.get(req.request_id, [])
-            input_ids.extend((req.all_token_ids + draft)[start:start + n])
+            known = req.all_token_ids[start:start + n]  # slice only this step's tokens (no full-list copy)
+            input_ids.extend(known)
+            input_ids.extend(draft[:n - len(known)])
             positions.extend(range(start, start + n))
             query_lens.append(n)
             seq_lens.append(start + n)
