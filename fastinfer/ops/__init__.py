@@ -10,6 +10,8 @@ Ops (shapes: T tokens, H query heads, Hkv KV heads, D head dim):
 - ``rotary_embedding(positions, q, k, cos_sin_cache) -> (q, k)``: NeoX-style RoPE.
 - ``silu_and_mul(x) -> silu(x[..., :d]) * x[..., d:]``.
 - ``copy_blocks(k_cache, v_cache, src_to_dst)``: copy whole KV blocks (copy-on-write forks), pairs [N, 2].
+- ``quant_linear(x, qweight, scales, mins, bits, group_size, bias=None) -> [..., N]``: weight-only int8/int4
+  matmul over the format of :mod:`fastinfer.quantization` (W = q * scale + min per group, fp32).
 """
 from fastinfer.ops.metadata import AttentionMetadata
 from fastinfer.ops.registry import BACKENDS, OPS, OpSet

@@ -92,3 +92,14 @@ def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, src_to_dst: torch.
     for src, dst in src_to_dst.tolist():
         k_cache[dst].copy_(k_cache[src])
         v_cache[dst].copy_(v_cache[src])
+
+
+def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                 bits: int, group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Weight-only quantized ``x @ W.T + bias`` for x [..., K]: W [N, K] is the fp32 dequantization of the
+    format in :mod:`fastinfer.quantization`; the matmul runs in fp32 and the result is cast to x's dtype."""
+    from fastinfer.quantization import dequantize
+
+    w = dequantize(qweight, scales, mins, bits, group_size)  # [N, K] fp32
+    y = torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
+    return y.to(x.dtype)

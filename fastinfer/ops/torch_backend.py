@@ -86,3 +86,12 @@ def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, src_to_dst: torch.
 
 rotary_embedding = reference.rotary_embedding
 silu_and_mul = reference.silu_and_mul
+
+
+def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                 bits: int, group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantize to x's dtype, then one dense matmul (correct everywhere, no faster than the float model)."""
+    from fastinfer.quantization import dequantize
+
+    w = dequantize(qweight, scales, mins, bits, group_size).to(x.dtype)  # [N, K]
+    return F.linear(x, w, bias)

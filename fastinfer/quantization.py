@@ -1,0 +1,139 @@
+"""Weight-only quantization formats: W8A16 (int8) and W4A16 (int4), both group-wise.
+
+One format for every backend (the kernels read it as is), described by :class:`QuantizedWeight`:
+
+- ``bits=8``: ``qweight`` int8 [N, K], values -127..127 (GGUF Q8_0 may also hold -128), ``mins`` is None.
+  ``group_size == K`` is per-output-channel (our ``quantization="int8"``); 32 is GGUF Q8_0.
+- ``bits=4``: ``qweight`` uint8 [N, K // 2]; byte ``(n, j)`` holds ``q[n, 2j]`` in its low nibble and
+  ``q[n, 2j + 1]`` in its high nibble, values 0..15.
+- ``scales`` and ``mins`` are [N, K // group_size], float32 or float16 (GGUF's own f16 ``d``/``m`` are kept
+  as they are, so the import is lossless). The weight is
+
+      w[n, k] = q[n, k] * scales[n, g] + mins[n, g]      (g = k // group_size; + 0 when mins is None)
+
+  computed in fp32. An asymmetric zero point ``z`` is ``mins = -z * scales``; GGUF Q4_0 (``d * (q - 8)``) is
+  ``mins = -8 * d`` and Q4_1 (``d * q + m``) is ``mins = m``. Both products ``q * d`` are exact in fp32, so
+  this equals the ``gguf`` package's dequantization bit for bit.
+
+Quantizers here are round-to-nearest (RTN): int8 symmetric per output channel, int4 asymmetric per group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+QUANT_METHODS = ("int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized [N, K] weight (see the module docstring for the layout)."""
+
+    bits: int
+    group_size: int
+    qweight: torch.Tensor  # bits 8: int8 [N, K]; bits 4: uint8 [N, K // 2]
+    scales: torch.Tensor  # [N, K // group_size] fp32 or fp16
+    mins: torch.Tensor | None  # like scales, or None (symmetric)
+
+    def __post_init__(self) -> None:
+        n, k = self.shape
+        if self.bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {self.bits}")
+        want = torch.int8 if self.bits == 8 else torch.uint8
+        if self.qweight.dtype != want or self.qweight.dim() != 2:
+            raise ValueError(f"{self.bits}-bit qweight must be 2-D {want}, got {self.qweight.dtype} "
+                             f"{tuple(self.qweight.shape)}")
+        if self.group_size <= 0 or k % self.group_size or (self.bits == 4 and self.group_size % 2):
+            raise ValueError(f"group_size {self.group_size} does not divide K={k}")
+        groups = (n, k // self.group_size)
+        for name, t in (("scales", self.scales), ("mins", self.mins)):
+            if t is None:
+                continue
+            if t.dtype not in (torch.float32, torch.float16) or tuple(t.shape) != groups:
+                raise ValueError(f"{name} must be float32/float16 {groups}, got {t.dtype} {tuple(t.shape)}")
+        if self.bits == 4 and self.mins is None:
+            raise ValueError("4-bit weights need mins (asymmetric)")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(N, K) of the float weight."""
+        n, kq = self.qweight.shape
+        return int(n), int(kq) * (2 if self.bits == 4 else 1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.mins) if t is not None)
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 [N, K] weight."""
+        return dequantize(self.qweight, self.scales, self.mins, self.bits, self.group_size)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors under the names used in saved checkpoints (``qweight``, ``scales``, ``mins``)."""
+        out = {"qweight": self.qweight, "scales": self.scales}
+        if self.mins is not None:
+            out["mins"] = self.mins
+        return out
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K // 2] -> uint8 [N, K] (low nibble first)."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8/int values 0..15 [N, K] (K even) -> uint8 [N, K // 2] (even k in the low nibble)."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int,
+               group_size: int) -> torch.Tensor:
+    """fp32 [N, K]: ``q * scale + min`` per group, in fp32 (bit-exact with GGUF's Q8_0/Q4_0/Q4_1)."""
+    q = unpack_int4(qweight) if bits == 4 else qweight
+    n, k = q.shape
+    qf = q.float().view(n, k // group_size, group_size)  # [N, G, g]
+    w = qf * scales.float().unsqueeze(-1)
+    if mins is not None:
+        w = w + mins.float().unsqueeze(-1)
+    return w.view(n, k)
+
+
+def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> QuantizedWeight:
+    """Symmetric RTN int8 of a float [N, K] weight: per output channel (``group_size`` None) or per group."""
+    n, k = w.shape
+    g = k if group_size is None else group_size
+    if k % g:
+        raise ValueError(f"group_size {g} does not divide K={k}")
+    wf = w.float().view(n, k // g, g)  # [N, G, g]
+    amax = wf.abs().amax(-1)  # [N, G]
+    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(wf / scales.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return QuantizedWeight(8, g, q.view(n, k), scales, None)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 128) -> QuantizedWeight:
+    """Asymmetric RTN int4 of a float [N, K] weight, one (scale, zero point) per ``group_size`` inputs.
+    The zero point is an integer 0..15, so 0.0 stays exactly representable."""
+    n, k = w.shape
+    if k % group_size or group_size % 2:
+        raise ValueError(f"group_size {group_size} does not divide K={k} (or is odd)")
+    wf = w.float().view(n, k // group_size, group_size)  # [N, G, g]
+    lo = wf.amin(-1).clamp(max=0.0)
+    hi = wf.amax(-1).clamp(min=0.0)
+    scales = (hi - lo) / 15.0
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # [N, G]
+    zero = torch.round(-lo / scales).clamp_(0, 15)  # [N, G]
+    q = torch.round(wf / scales.unsqueeze(-1) + zero.unsqueeze(-1)).clamp_(0, 15)
+    return QuantizedWeight(4, group_size, pack_int4(q.view(n, k)), scales, -zero * scales)
+
+
+def quantize(w: torch.Tensor, method: str, group_size: int | None = None) -> QuantizedWeight:
+    """``method`` "int8" (per channel unless ``group_size``) or "int4" (group 128 unless ``group_size``)."""
+    if method == "int8":
+        return quantize_int8(w, group_size)
+    if method == "int4":
+        return quantize_int4(w, group_size or 128)
+    raise ValueError(f"unknown quantization {method!r}; choose from {QUANT_METHODS}")
