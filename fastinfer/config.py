@@ -85,6 +85,23 @@ class ModelConfig:
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
         )
 
+    def to_hf_dict(self) -> dict[str, Any]:
+        """An HF ``config.json`` dict that :meth:`from_hf_dict` reads back to an equal config."""
+        model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+        eos = list(self.eos_token_ids)
+        return {
+            "architectures": [self.architecture], "model_type": model_type[self.architecture],
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling, "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
+            "sliding_window": self.sliding_window, "use_sliding_window": self.sliding_window is not None,
+            "bos_token_id": self.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+            "torch_dtype": self.torch_dtype,
+        }
+
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
@@ -165,8 +182,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
         if self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet (one device per engine)")
-        if self.quantization is not None:
-            raise ValueError(f"quantization={self.quantization!r} is not supported yet")
+        from fastinfer.quantization import parse_method
+
+        parse_method(self.quantization)
         if self.speculative_config is not None:
             SpeculativeConfig.from_dict(dict(self.speculative_config))
         if self.extra:

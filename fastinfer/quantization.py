@@ -137,3 +137,18 @@ def quantize(w: torch.Tensor, method: str, group_size: int | None = None) -> Qua
     if method == "int4":
         return quantize_int4(w, group_size or 128)
     raise ValueError(f"unknown quantization {method!r}; choose from {QUANT_METHODS}")
+
+
+def parse_method(spec: str | None) -> tuple[str | None, int | None]:
+    """``None``/"int8"/"int4"/"int4-g32"/"int4-g64"/"int4-g128"/"gguf" -> (method, group_size). "gguf" keeps a GGUF
+    file's Q8_0/Q4_0/Q4_1 tensors as they are (lossless) and leaves its float tensors float."""
+    if spec is None:
+        return None, None
+    if spec == "gguf" or spec == "int8":
+        return spec, None
+    if spec == "int4":
+        return "int4", 128
+    if spec.startswith("int4-g") and spec[6:].isdigit() and int(spec[6:]) in INT4_GROUP_SIZES:
+        return "int4", int(spec[6:])
+    raise ValueError(f"quantization={spec!r} is not supported; choose int8, int4 (group 128), int4-g32, int4-g64, "
+                     "int4-g128 or gguf")

@@ -62,7 +62,7 @@ class LLMEngine:
         device = torch.device(config.device)
         self.ops = OpSet(device.type, config.attention_backend)
         loaded = load_model(config.model, config.dtype, self.ops, config.max_model_len, config.tokenizer,
-                            config.load_progress)
+                            config.load_progress, quantization=config.quantization)
         self.model_config = cfg = loaded.config
         self.tokenizer = loaded.tokenizer
         self.load_seconds = loaded.load_seconds

@@ -1,4 +1,5 @@
-"""The ``fastinfer`` command: ``generate`` one completion, ``chat`` interactively in the terminal."""
+"""The ``fastinfer`` command: ``generate`` one completion, ``chat`` interactively in the terminal, ``serve`` an
+OpenAI-compatible API, ``quantize`` a model to int8/int4 safetensors."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +19,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--quantization", "-q", default=None,
+                   help="int8 | int4 | int4-g32 | int4-g64 | int4-g128 | gguf (weight-only; default: float weights)")
     p.add_argument("--speculative-config", type=json.loads, default=None,
                    help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     p.add_argument("-v", "--verbose", action="store_true", help="log engine details to stderr")
@@ -47,7 +50,7 @@ def _llm(a: argparse.Namespace):
 
     return LLM(a.model, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs, seed=a.seed,
                enable_prefix_caching=a.enable_prefix_caching, speculative_config=a.speculative_config,
-               load_progress=sys.stderr.isatty())
+               quantization=a.quantization, load_progress=sys.stderr.isatty())
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -113,6 +116,21 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(a: argparse.Namespace) -> int:
+    from fastinfer.models.loader import load_model, save_quantized
+    from fastinfer.ops import OpSet
+    from fastinfer.quantization import parse_method
+
+    method, _ = parse_method(a.quantization)
+    if method is None:
+        raise ValueError("quantize needs --quantization (int8, int4, int4-g32/64/128 or gguf)")
+    loaded = load_model(a.model, a.dtype, OpSet("cpu", "torch"), progress=sys.stderr.isatty(),
+                        quantization=a.quantization)
+    save_quantized(loaded, a.output, a.quantization)
+    print(f"saved {a.model} ({a.quantization}) to {a.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fastinfer", description="Fast LLM inference: generate, chat, serve.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -138,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-pending", type=int, default=256, help="requests queued beyond max-num-seqs; then 429")
     s.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM")
     s.set_defaults(func=cmd_serve, max_num_seqs=64)
+    q = sub.add_parser("quantize", help="quantize a model's weights and save them (safetensors) for fast reloads")
+    q.add_argument("model", help="HF directory, .gguf file or short name")
+    q.add_argument("--quantization", "-q", required=True, help="int8 | int4 | int4-g32 | int4-g64 | int4-g128 | gguf")
+    q.add_argument("--output", "-o", required=True, help="directory to write (config.json, model.safetensors, "
+                   "tokenizer)")
+    q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the float tensors kept (embeddings, norms) and of the activations")
+    q.add_argument("-v", "--verbose", action="store_true")
+    q.set_defaults(func=cmd_quantize)
     return ap
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fastinfer.config import ModelConfig
+from fastinfer.quantization import QuantizedWeight, pack_int4
 
 _ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _LAYER_NAMES = {
@@ -83,11 +84,30 @@ class GGUFFile:
             torch_dtype="float32",
         )
 
-    def tensors(self, cfg: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(self, cfg: ModelConfig, dtype: torch.dtype, keep_quantized: bool = False,
+                ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
         """(HF name, tensor [out, in] in ``dtype``) for every tensor; Q/K rows un-permuted back to HF's
-        rotate-half order for llama-arch files (llama.cpp's converter interleaves them)."""
+        rotate-half order for llama-arch files (llama.cpp's converter interleaves them).
+
+        ``keep_quantized``: Q8_0 / Q4_0 / Q4_1 projection weights come as :class:`QuantizedWeight` (int8 / int4,
+        group 32, the file's own f16 scales: lossless); a quantized tied embedding also yields a quantized
+        ``lm_head.weight`` beside its dense copy (the embedding lookup needs float rows)."""
         for t in self.reader.tensors:
             name = hf_name(t.name)
+            qw = to_quantized(t) if keep_quantized and (name.endswith("proj.weight") or name == "lm_head.weight"
+                                                        or name == "model.embed_tokens.weight") else None
+            if qw is not None and name == "model.embed_tokens.weight":
+                if cfg.tie_word_embeddings:
+                    yield "lm_head.weight", qw
+                qw = None
+            if qw is not None:
+                if self.arch in ("llama", "mistral") and (".q_proj." in name or ".k_proj." in name):
+                    n_head = cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads
+                    qw = QuantizedWeight(qw.bits, qw.group_size, unpermute_qk(qw.qweight, n_head),
+                                         unpermute_qk(qw.scales, n_head),
+                                         None if qw.mins is None else unpermute_qk(qw.mins, n_head))
+                yield name, qw
+                continue
             w = dequantize(t).to(dtype)
             if self.arch in ("llama", "mistral") and (".q_proj." in name or ".k_proj." in name):
                 n_head = cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads
@@ -139,6 +159,30 @@ def _blocks(t: Any, block_bytes: int) -> torch.Tensor:
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).float()  # [n, 1]
+
+
+def to_quantized(t: Any) -> QuantizedWeight | None:
+    """A Q8_0 / Q4_0 / Q4_1 tensor in our int8 / int4 group-32 format without loss (None for other types):
+    the int values and the f16 scales are kept as they are; Q4_0's ``d * (q - 8)`` becomes min ``-8 * d``
+    (exact in f16). Dequantizing the result in fp32 equals ``gguf.dequantize`` bit for bit."""
+    import gguf
+
+    qt = gguf.GGMLQuantizationType
+    kind = t.tensor_type
+    if kind not in (qt.Q8_0, qt.Q4_0, qt.Q4_1) or len(t.shape) != 2:
+        return None
+    k, n = (int(x) for x in t.shape)
+    if kind == qt.Q8_0:
+        b = _blocks(t, 34)  # [n * k / 32, 34]: f16 d, 32 x int8
+        q8 = b[:, 2:].contiguous().view(torch.int8).reshape(n, k)
+        return QuantizedWeight(8, 32, q8, b[:, :2].contiguous().view(torch.float16).reshape(n, k // 32), None)
+    off = 2 if kind == qt.Q4_0 else 4
+    b = _blocks(t, off + 16)
+    qs = b[:, off:]  # [nb, 16]: low nibbles are weights 0-15 of the block, high nibbles 16-31
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=1).reshape(n, k)  # [N, K] values 0..15
+    d = b[:, :2].contiguous().view(torch.float16).reshape(n, k // 32)
+    m = (d * -8.0) if kind == qt.Q4_0 else b[:, 2:4].contiguous().view(torch.float16).reshape(n, k // 32)
+    return QuantizedWeight(4, 32, pack_int4(q), d, m)
 
 
 def dequantize(t: Any) -> torch.Tensor:

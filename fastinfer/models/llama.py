@@ -16,6 +16,7 @@ from fastinfer.layers.linear import Linear
 from fastinfer.layers.norm import RMSNorm
 from fastinfer.layers.rotary import RotaryEmbedding
 from fastinfer.ops import AttentionMetadata, OpSet
+from fastinfer.quantization import QuantizedWeight
 
 
 class LlamaAttention(nn.Module):
@@ -26,8 +27,8 @@ class LlamaAttention(nn.Module):
                                                             cfg.head_dim)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.attention_bias, dtype=dtype,
-                               shard_sizes=(q_size, kv_size, kv_size))
-        self.o_proj = Linear(q_size, cfg.hidden_size, dtype=dtype)
+                               shard_sizes=(q_size, kv_size, kv_size), ops=ops)
+        self.o_proj = Linear(q_size, cfg.hidden_size, dtype=dtype, ops=ops)
         self.rotary = rotary  # shared by all layers
         self.scale = self.head_dim ** -0.5
         self.sliding_window = cfg.sliding_window
@@ -51,8 +52,8 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.ops = ops
         n = cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * n, dtype=dtype, shard_sizes=(n, n))
-        self.down_proj = Linear(n, cfg.hidden_size, dtype=dtype)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * n, dtype=dtype, shard_sizes=(n, n), ops=ops)
+        self.down_proj = Linear(n, cfg.hidden_size, dtype=dtype, ops=ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
@@ -98,7 +99,10 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, ops, dtype, self.rotary)
                                     for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops, dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
+        self.ops, self.dtype = ops, dtype
+        # Tied models have no lm_head until quantization gives them a quantized copy of the embedding.
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype,
+                                                                   ops=ops)
 
     def bind_kv_cache(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         for layer, (k, v) in zip(self.layers, caches, strict=True):
@@ -114,8 +118,34 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed_tokens.weight).float()  # [S, vocab]
+        return self.lm_head(hidden).float()  # [S, vocab]
+
+    def linear_layers(self) -> dict[str, Linear]:
+        return {name: m for name, m in self.named_modules() if isinstance(m, Linear)}
+
+    def quantize(self, method: str, group_size: int | None = None, lm_head: str | None = "int8") -> None:
+        """Quantize every still-dense projection with RTN ``method`` (int8 per channel / int4 group
+        ``group_size``, default 128); the lm_head (for tied models: a quantized copy of the embedding, which
+        itself stays dense for lookups) gets ``lm_head`` (int8 per channel by default, None keeps it float)."""
+        from fastinfer.quantization import quantize
+
+        for name, m in self.linear_layers().items():
+            if m.quantized or name == "lm_head":
+                continue
+            assert m.weight is not None
+            m.set_quantized(quantize(m.weight.data, method, group_size))
+        if lm_head is None or (self.lm_head is not None and self.lm_head.quantized):
+            return
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, w).float()  # [S, vocab]
+        assert w is not None
+        self._set_lm_head(quantize(w.data, lm_head))
+
+    def _set_lm_head(self, qw: QuantizedWeight) -> None:
+        if self.lm_head is None:
+            self.lm_head = Linear(self.config.hidden_size, self.config.vocab_size, dtype=self.dtype, ops=self.ops)
+        self.lm_head.set_quantized(qw)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named checkpoint tensors (``model.layers.0.self_attn.q_proj.weight``...) into the fused
@@ -128,6 +158,8 @@ class LlamaForCausalLM(nn.Module):
             if "rotary_emb.inv_freq" in name:
                 continue
             if name == "lm_head.weight" and self.lm_head is None:
+                if isinstance(tensor, QuantizedWeight):  # a quantized copy of a tied embedding
+                    self._set_lm_head(tensor)
                 continue  # tied: some checkpoints store the copy anyway
             for src, (dst, shard) in self.STACKED.items():
                 if f".{src}." in name:
@@ -139,6 +171,13 @@ class LlamaForCausalLM(nn.Module):
                     shards_seen.setdefault(target, set()).add(shard)
                     break
             else:
+                if isinstance(tensor, QuantizedWeight):
+                    module = self.get_submodule(name.rsplit(".", 1)[0]) if name.endswith(".weight") else None
+                    if not isinstance(module, Linear):
+                        raise ValueError(f"checkpoint tensor {name!r} is quantized but is not a linear weight")
+                    module.set_quantized(tensor)
+                    loaded.add(name)
+                    continue
                 if name not in params:
                     raise ValueError(f"checkpoint tensor {name!r} has no place in {self.config.architecture}")
                 p = params[name]
@@ -152,6 +191,7 @@ class LlamaForCausalLM(nn.Module):
             assert isinstance(module, Linear)
             if len(seen) == len(module.shard_sizes):
                 loaded.add(target)
+        params = dict(self.named_parameters())  # quantized layers have dropped their float weight
         missing = sorted(set(params) - loaded)
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:4]}")

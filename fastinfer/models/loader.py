@@ -19,6 +19,7 @@ from fastinfer.config import ModelConfig
 from fastinfer.models.gguf_loader import GGUFFile
 from fastinfer.models.llama import LlamaForCausalLM
 from fastinfer.ops import OpSet
+from fastinfer.quantization import QuantizedWeight, parse_method
 from fastinfer.tokenizer import load_hf_tokenizer, tokenizer_from_gguf
 
 logger = logging.getLogger("fastinfer")
@@ -66,21 +67,41 @@ class LoadedModel:
     source: str
 
 
-def _safetensors_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+_QUANT_PARTS = ("qweight", "scales", "mins")
+
+
+def _safetensors_weights(path: str) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    """Every tensor of a directory's safetensors files; the parts of a quantized layer (``X.qweight``,
+    ``X.scales``, ``X.mins`` as written by :func:`save_quantized`) come as one ``(X.weight, QuantizedWeight)``."""
     from safetensors import safe_open
 
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise ValueError(f"{path}: no *.safetensors files (pickled .bin checkpoints are not loaded, by design)")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
     for f in files:
         try:
             with safe_open(f, framework="pt") as st:
                 for name in st.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    yield name, st.get_tensor(name)
+                    prefix, _, kind = name.rpartition(".")
+                    if kind in _QUANT_PARTS:
+                        parts.setdefault(prefix, {})[kind] = st.get_tensor(name)
+                    else:
+                        yield name, st.get_tensor(name)
         except ValueError:
             raise
         except Exception as e:  # SafetensorError and friends
             raise ValueError(f"{f}: corrupt or truncated safetensors file ({e})") from e
+    for prefix, p in parts.items():
+        if "qweight" not in p or "scales" not in p:
+            lacks = "qweight" if "qweight" not in p else "scales"
+            raise ValueError(f"{path}: quantized layer {prefix!r} lacks {lacks}")
+        qweight, scales = p["qweight"], p["scales"]
+        bits = 8 if qweight.dtype == torch.int8 else 4
+        k = qweight.shape[-1] * (2 if bits == 4 else 1)
+        if scales.dim() != 2 or scales.shape[1] < 1 or k % scales.shape[1]:
+            raise ValueError(f"{path}: quantized layer {prefix!r} has scales of shape {tuple(scales.shape)}")
+        yield f"{prefix}.weight", QuantizedWeight(bits, k // scales.shape[1], qweight, scales, p.get("mins"))
 
 
 def cpu_has_native_bf16() -> bool:
@@ -106,8 +127,15 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str, device_type: str = "cpu") -
 
 
 def load_model(model: str, dtype: str = "auto", ops: OpSet | None = None, max_model_len: int | None = None,
-               tokenizer: str | None = None, progress: bool = True) -> LoadedModel:
-    """Load weights, config and tokenizer; ``max_model_len`` may not exceed the model's context length."""
+               tokenizer: str | None = None, progress: bool = True, quantization: str | None = None,
+               ) -> LoadedModel:
+    """Load weights, config and tokenizer; ``max_model_len`` may not exceed the model's context length.
+
+    ``quantization`` (see :func:`fastinfer.quantization.parse_method`): "int8" / "int4[-gN]" quantize the float
+    projections at load (RTN) and give the lm_head int8 per-channel weights; a GGUF file's Q8_0/Q4_0/Q4_1
+    tensors are then taken as they are (lossless int8/int4 group 32) instead of re-quantized. "gguf" keeps
+    only the file's own quantized tensors. A directory saved by ``fastinfer quantize`` loads quantized
+    whatever this argument says."""
     t0 = time.perf_counter()
     path = resolve_model_path(model)
     ops = ops or OpSet("cpu")
@@ -127,16 +155,52 @@ def load_model(model: str, dtype: str = "auto", ops: OpSet | None = None, max_mo
     tdtype = resolve_dtype(dtype, cfg.torch_dtype, ops.device_type)
     with torch.device("cpu"):
         net = LlamaForCausalLM(cfg, ops, tdtype, cfg.max_position_embeddings)
+    method, group_size = parse_method(quantization)
     n_tensors = (len(gguf_file.reader.tensors) if gguf_file else None)
-    weights = gguf_file.tensors(cfg, tdtype) if gguf_file else _safetensors_weights(path)
+    weights = (gguf_file.tensors(cfg, tdtype, keep_quantized=method is not None) if gguf_file
+               else _safetensors_weights(path))
     bar = tqdm(weights, total=n_tensors, desc="loading weights", unit="tensor", disable=not progress,
                leave=False)
     net.load_weights(bar)
+    if method in ("int8", "int4"):
+        net.quantize(method, group_size)
     net.eval()
     tok = tokenizer_from_gguf(gguf_file) if gguf_file and tokenizer is None else load_hf_tokenizer(
         tokenizer or path)
     secs = time.perf_counter() - t0
     n_params = sum(p.numel() for p in net.parameters())
-    logger.info("loaded %s (%s, %.1fM parameters, %s) in %.2f s", path, cfg.architecture, n_params / 1e6,
-                str(tdtype).removeprefix("torch."), secs)
+    quant = describe_quantization(net)
+    logger.info("loaded %s (%s, %.1fM float parameters, %s%s) in %.2f s", path, cfg.architecture, n_params / 1e6,
+                str(tdtype).removeprefix("torch."), f", {quant}" if quant else "", secs)
     return LoadedModel(net, cfg, tok, tdtype, secs, path)
+
+
+def describe_quantization(net: LlamaForCausalLM) -> str:
+    """e.g. "int4 g32 x210, int8 g32 x1" ("" for a float model)."""
+    kinds: dict[str, int] = {}
+    for m in net.linear_layers().values():
+        if m.quant is not None:
+            key = f"int{m.quant.bits} g{m.quant.group_size}"
+            kinds[key] = kinds.get(key, 0) + 1
+    return ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items()))
+
+
+def save_quantized(loaded: LoadedModel, out_dir: str, method: str) -> str:
+    """Write a loaded (quantized) model as a directory that :func:`load_model` reads back: ``config.json``
+    (HF keys + ``quantization_config``), ``model.safetensors`` (float tensors under our fused names, each
+    quantized layer as ``X.qweight`` / ``X.scales`` / ``X.mins``) and the tokenizer files."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in loaded.model.state_dict().items():
+        tensors[name] = t.contiguous()
+    cfg = loaded.config.to_hf_dict()
+    cfg["torch_dtype"] = str(loaded.dtype).removeprefix("torch.")
+    cfg["quantization_config"] = {"quant_method": "fastinfer", "method": method,
+                                  "layers": describe_quantization(loaded.model)}
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as fh:
+        json.dump(cfg, fh, indent=2)
+    loaded.tokenizer.save_pretrained(out_dir)
+    return out_dir
