@@ -13,7 +13,8 @@ from fastinfer.kernels.activation import silu_and_mul
 from fastinfer.kernels.attention import paged_attention
 from fastinfer.kernels.cache import copy_blocks, store_kv
 from fastinfer.kernels.norm import fused_add_rms_norm, rms_norm
+from fastinfer.kernels.quant import quant_linear
 from fastinfer.kernels.rotary import rotary_embedding
 
 __all__ = ["store_kv", "paged_attention", "rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul",
-           "copy_blocks"]
+           "copy_blocks", "quant_linear"]
