@@ -8,9 +8,9 @@ nibble. Paths, chosen by the number of rows M of x (the thresholds are arguments
   ``s * sum(x q) + m * sum(x)``, all in fp32 (x is never rounded).
 - otherwise ``_gemm_kernel``, the dequant-fused GEMM: [SUB_K, BLOCK_N] tiles of W are dequantized in registers
   (``q * s + m`` in fp32, rounded to x's dtype like the torch backend does) and fed to ``tl.dot`` with an fp32
-  accumulator. int4 bytes are not interleaved in registers: the low nibbles meet the even columns of x and the
-  high nibbles the odd ones (two dots of SUB_K / 2). With ``M <= splitk_max_m`` (decode batches, BLOCK_M 16)
-  it splits K when the (M, N) tiles are too few to fill the GPU.
+  accumulator. int4 nibbles are not interleaved in registers: a contiguous load of x is split into its even and
+  odd columns, which meet the low and the high nibbles (two dots of SUB_K / 2). With ``M <= splitk_max_m``
+  (decode batches, BLOCK_M 16) it splits K when the (M, N) tiles are too few to fill the GPU.
 - Split-K partial sums go to an fp32 [SPLIT_K, M, N] workspace; ``_splitk_reduce_kernel`` adds them in split
   order (no atomics: the same bits on every run), adds the bias and casts.
 - ``M >= fallback_min_m`` on a GPU (large prefill batches): ``_dequant_kernel`` writes W in x's dtype in one pass,
@@ -157,16 +157,16 @@ def _gemm_kernel(
                 shift = tl.load(mn_ptr + s_cols + g, mask=s_ok, other=0.0).to(tl.float32)[None, :]
             if BITS == 4:
                 offs_j = tl.arange(0, SUB_K // 2)
-                ke = kb + 2 * offs_j  # [SUB_K / 2] even k
-                byte = kb // 2 + offs_j
+                kk = kb + tl.arange(0, SUB_K)
+                byte = kb // 2 + offs_j  # [SUB_K / 2]
                 if EVEN_K:
                     x_ok = m_ok[:, None]
                     w_ok = n_ok[None, :]
                 else:
-                    x_ok = m_ok[:, None] & (ke < K)[None, :]
+                    x_ok = m_ok[:, None] & (kk < K)[None, :]
                     w_ok = (byte < K // 2)[:, None] & n_ok[None, :]
-                xe = tl.load(x_rows + ke[None, :], mask=x_ok, other=0.0)  # [BM, SUB_K / 2]
-                xo = tl.load(x_rows + ke[None, :] + 1, mask=x_ok, other=0.0)
+                xv = tl.load(x_rows + kk[None, :], mask=x_ok, other=0.0)  # [BM, SUB_K], vectorized
+                xe, xo = tl.split(tl.reshape(xv, [BLOCK_M, SUB_K // 2, 2]))  # even / odd columns [BM, SUB_K / 2]
                 p = tl.load(w_cols + byte[:, None], mask=w_ok, other=0)  # [SUB_K / 2, BN] uint8
                 w_lo = ((p & 0xF).to(tl.float32) * scale + shift).to(dt)
                 w_hi = ((p >> 4).to(tl.float32) * scale + shift).to(dt)
@@ -290,12 +290,15 @@ def _split(tiles: int, k: int, block_k: int, target: int, min_steps: int, max_sp
     return triton.cdiv(k, k_split), k_split
 
 
-def gemv_config(n: int, k: int, bits: int, group_size: int, device: torch.device, split_k: int | None = None
+def gemv_config(n: int, k: int, bits: int, group_size: int, device: torch.device, split_k: int | None = None,
+                block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None
                 ) -> QuantConfig | None:
     """Blocks of the no-dot GEMV kernel: 128 weight bytes per row per step on a GPU, split-K until about four
-    programs per SM. None when the group size is not supported."""
+    programs per SM (``block_n`` / ``block_k`` / ``num_warps`` override the choice, for sweeps). None when the
+    group size is not supported."""
     on_gpu = device.type == "cuda"
-    block_n, block_k, warps, stages = (32, (256 if bits == 4 else 128), 4, 2) if on_gpu else (16, 64, 1, 1)
+    bn, bk, warps, stages = (32, (256 if bits == 4 else 128), 4, 2) if on_gpu else (16, 64, 1, 1)
+    block_n, block_k, warps = block_n or bn, block_k or bk, num_warps or warps
     sub = sub_tile(bits, group_size, k, block_k)
     if sub is None:
         return None
