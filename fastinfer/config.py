@@ -105,36 +105,78 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """vLLM-shaped speculative decoding settings. ``method="ngram"``: prompt lookup (no extra model) proposes
-    up to ``num_speculative_tokens`` tokens that followed the latest earlier occurrence of the sequence's last
-    ``prompt_lookup_max``..``prompt_lookup_min`` tokens. Speculation switches off while more than
-    ``disable_by_batch_size`` requests run (verification then costs real compute) and, per request, while its
-    measured acceptance stays low."""
+    """vLLM-shaped speculative decoding settings (``LLM(..., speculative_config={...})``). Every method is
+    lossless: greedy output is token-identical to plain decoding, sampled output has exactly the target's
+    distribution (rejection sampling with the request's temperature / top-k / top-p / min-p).
+
+    Methods:
+
+    - ``"ngram"``: prompt lookup, no extra model. Proposes up to ``num_speculative_tokens`` tokens that followed
+      the latest earlier occurrence of the sequence's last ``prompt_lookup_max``..``prompt_lookup_min`` tokens.
+    - ``"draft_model"`` with ``"model": PATH``: a smaller model sharing the target's tokenizer (same vocabulary;
+      a clear ``ValueError`` otherwise) drafts ``num_speculative_tokens`` tokens autoregressively from its own
+      paged KV cache (same blocks and block tables as the target's). ``"quantization"`` (optional, any value of
+      ``LLM(quantization=...)``) quantizes the draft at load.
+    - ``"draft_model"`` with ``"model"`` omitted: the quantized self-draft. The target itself, loaded again with
+      ``"quantization"`` (default ``"int4"``, group 128; ``"int4-g32"`` for models whose widths 128 does not
+      divide; on a GGUF file the file's own Q4 tensors are kept), drafts for itself: a cheap draft with high
+      acceptance when no small sibling model exists. ``{"method": "draft_model", "quantization": "int4"}``.
+
+    Adaptive: speculation switches off while more than ``disable_by_batch_size`` requests run (verification
+    then costs real compute) and, per request, drafts shrink to one token while its measured acceptance stays
+    low. The draft model's KV cache takes KV memory next to the target's (the engine sizes both together)."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
     disable_by_batch_size: int = 4
+    model: str | None = None
+    quantization: str | None = None
 
-    METHODS = ("ngram",)
+    METHODS = ("ngram", "draft_model")
 
     def __post_init__(self) -> None:
         if self.method not in self.METHODS:
             raise ValueError(f"speculative_config.method {self.method!r} is not supported; supported: "
-                             f"{', '.join(self.METHODS)} (draft_model and the quantized self-draft are not built yet)")
+                             f"{', '.join(self.METHODS)}")
         for name, lo, hi in (("num_speculative_tokens", 1, 16), ("prompt_lookup_max", 1, 64),
                              ("prompt_lookup_min", 1, 64), ("disable_by_batch_size", 1, 1 << 20)):
             v = getattr(self, name)
-            if not isinstance(v, int) or not lo <= v <= hi:
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
                 raise ValueError(f"speculative_config.{name} must be an integer in [{lo}, {hi}], got {v!r}")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError("speculative_config.prompt_lookup_min must be <= prompt_lookup_max")
+        if self.method == "ngram":
+            if self.model is not None or self.quantization is not None:
+                raise ValueError("speculative_config: 'model' and 'quantization' belong to method 'draft_model'")
+            return
+        if self.model is not None and (not isinstance(self.model, str) or not self.model):
+            raise ValueError(f"speculative_config.model must be a model path or name, got {self.model!r}")
+        from fastinfer.quantization import parse_method
+
+        try:
+            parse_method(self.quantization)
+        except ValueError as e:
+            raise ValueError(f"speculative_config.quantization: {e}") from e
+
+    @property
+    def self_draft(self) -> bool:
+        """True for the quantized self-draft (``draft_model`` without ``model``)."""
+        return self.method == "draft_model" and self.model is None
+
+    @property
+    def draft_quantization(self) -> str | None:
+        """The quantization the draft model loads with (``int4`` for the self-draft unless given)."""
+        if self.self_draft and self.quantization is None:
+            return "int4"
+        return self.quantization
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SpeculativeConfig:
+        """Validate a vLLM-style dict (unknown keys raise)."""
         known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
-                 "disable_by_batch_size"}
+                 "disable_by_batch_size", "model", "quantization"}
         extra = set(d) - known
         if extra:
             raise ValueError(f"unknown speculative_config keys: {sorted(extra)}")

@@ -16,12 +16,13 @@ from fastinfer.core.kv_cache_manager import KVCacheManager, cdiv
 from fastinfer.core.request import Request, RequestStatus
 from fastinfer.core.scheduler import Scheduler, SchedulerOutput
 from fastinfer.engine.detokenizer import IncrementalDetokenizer
-from fastinfer.models.loader import load_model
+from fastinfer.models.loader import LoadedModel, load_model
 from fastinfer.ops import OpSet
 from fastinfer.outputs import CompletionOutput, Logprob, RequestOutput
 from fastinfer.sampling_params import SamplingParams
+from fastinfer.worker.draft_model import DraftModelProposer
 from fastinfer.worker.model_runner import ModelRunner, kv_bytes_per_token
-from fastinfer.worker.spec_decode import propose_ngram, speculation_allowed
+from fastinfer.worker.spec_decode import NgramProposer, Proposer, speculation_allowed
 
 logger = logging.getLogger("fastinfer")
 
@@ -68,8 +69,13 @@ class LLMEngine:
         self.load_seconds = loaded.load_seconds
         self.dtype = loaded.dtype
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
+        self.spec = (SpeculativeConfig.from_dict(dict(config.speculative_config))
+                     if config.speculative_config is not None else None)
+        draft = self._load_draft(self.spec, loaded) if self.spec is not None else None
         bs = config.block_size
-        block_bytes = kv_bytes_per_token(cfg, loaded.dtype) * bs
+        # the draft model's KV cache uses the same blocks: size the two together
+        block_bytes = (kv_bytes_per_token(cfg, loaded.dtype)
+                       + (kv_bytes_per_token(draft.config, draft.dtype) if draft is not None else 0)) * bs
         if config.num_kv_blocks is not None:
             num_blocks, why = config.num_kv_blocks, "num_kv_blocks"
         elif config.kv_cache_memory_bytes is not None:
@@ -82,22 +88,56 @@ class LLMEngine:
         if num_blocks * bs < self.max_model_len:
             raise ValueError(f"a KV cache of {num_blocks} blocks x {bs} tokens cannot hold one sequence of "
                              f"max_model_len={self.max_model_len}; give more KV memory or a smaller max_model_len")
-        logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB (%s); %.1f full-length sequences",
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB (%s%s); %.1f full-length sequences",
                     num_blocks, bs, num_blocks * bs, num_blocks * block_bytes / 2**30, why,
-                    num_blocks * bs / self.max_model_len)
+                    ", with the draft model's" if draft is not None else "", num_blocks * bs / self.max_model_len)
         self.num_kv_blocks = num_blocks
         self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching)
         budget = config.max_num_batched_tokens or max(2048, config.max_num_seqs)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, budget, self.max_model_len)
-        self.runner = ModelRunner(loaded.model, cfg, num_blocks, bs, loaded.dtype, self.ops, device, config.seed)
+        self.proposer: Proposer | None = None
+        if self.spec is not None and draft is None:
+            self.proposer = NgramProposer(self.spec.prompt_lookup_max, self.spec.prompt_lookup_min)
+        elif draft is not None:
+            self.proposer = DraftModelProposer(draft.model, draft.config, num_blocks, bs, draft.dtype, device,
+                                               config.seed, budget, config.enable_prefix_caching)
+        self.runner = ModelRunner(loaded.model, cfg, num_blocks, bs, loaded.dtype, self.ops, device, config.seed,
+                                  self.proposer)
         self.eos_token_ids = cfg.eos_token_ids or tuple(
             t for t in [getattr(self.tokenizer, "eos_token_id", None)] if t is not None)
-        self.spec = (SpeculativeConfig.from_dict(dict(config.speculative_config))
-                     if config.speculative_config is not None else None)
-        self.spec_stats = {"steps": 0, "draft_tokens": 0, "accepted_tokens": 0}
+        # counters; acceptance rate = accepted / draft tokens, mean acceptance length = 1 + accepted / steps
+        self.spec_stats: dict[str, float] = {"steps": 0, "draft_tokens": 0, "accepted_tokens": 0,
+                                             "draft_time_s": 0.0, "verify_time_s": 0.0}
         self._parents: dict[str, _Parent] = {}
         self._owner: dict[str, _Parent] = {}  # core request id -> parent
         self.num_steps = 0
+
+    def _load_draft(self, spec: SpeculativeConfig, target: LoadedModel) -> LoadedModel | None:
+        """The draft model of ``method="draft_model"`` (the target itself, quantized, when no model is given),
+        in the target's dtype; raises ValueError unless it shares the target's vocabulary and context."""
+        if spec.method != "draft_model":
+            return None
+        name = self.config.model if spec.self_draft else spec.model
+        assert name is not None
+        dtype = str(target.dtype).removeprefix("torch.")
+        try:
+            draft = load_model(name, dtype, self.ops, self.max_model_len, None, self.config.load_progress,
+                               quantization=spec.draft_quantization)
+        except ValueError as e:
+            raise ValueError(f"speculative_config: cannot load the draft model {name!r}: {e}") from e
+        tcfg, dcfg = target.config, draft.config
+        if dcfg.vocab_size != tcfg.vocab_size:
+            raise ValueError(f"speculative_config: the draft model {name!r} has a vocabulary of {dcfg.vocab_size} "
+                             f"tokens, the target {tcfg.vocab_size}: a draft model must share the target's "
+                             "tokenizer")
+        if not spec.self_draft:
+            tv, dv = _vocab(target.tokenizer), _vocab(draft.tokenizer)
+            if tv is not None and dv is not None and tv != dv:
+                raise ValueError(f"speculative_config: the draft model {name!r} has a different tokenizer "
+                                 "(token ids map to other strings): a draft model must share the target's tokenizer")
+        logger.info("speculative decoding: draft model %s%s, %d tokens per step", name,
+                    f" ({spec.draft_quantization})" if spec.draft_quantization else "", spec.num_speculative_tokens)
+        return draft
 
     # -- requests --------------------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -185,11 +225,14 @@ class LLMEngine:
         if sched.is_empty():
             return []
         self.num_steps += 1
+        t0 = time.perf_counter()
         try:
             result = self.runner.execute(sched)
         except Exception as e:  # keep serving: fail this batch's requests, loudly
             logger.exception("model step failed; failing the %d requests of this batch", len(sched.reqs))
             return self._fail(sched, f"internal error during the forward pass: {type(e).__name__}: {e}")
+        if sched.spec_token_ids:
+            self.spec_stats["verify_time_s"] += time.perf_counter() - t0
         touched = self.scheduler.update(sched, result)
         if sched.spec_token_ids:
             self._record_spec(sched, result)
@@ -223,14 +266,25 @@ class LLMEngine:
             if req is not None:
                 req.spec_acceptance = 0.7 * req.spec_acceptance + 0.3 * accepted / len(draft)
 
+    def spec_summary(self) -> dict[str, float]:
+        """``spec_stats`` (request-steps that verified drafts, draft and accepted tokens, seconds spent drafting
+        and in verifying steps) plus ``acceptance_rate`` (accepted / draft tokens) and ``mean_acceptance_length``
+        (tokens per verifying request-step, the bonus token included: 1 + accepted / steps, as vLLM defines it);
+        the rates are 0 before any speculation."""
+        st = dict(self.spec_stats)
+        st["acceptance_rate"] = st["accepted_tokens"] / st["draft_tokens"] if st["draft_tokens"] else 0.0
+        st["mean_acceptance_length"] = 1 + st["accepted_tokens"] / st["steps"] if st["steps"] else 0.0
+        return st
+
     def _propose(self) -> None:
-        """Give running requests drafts for the next step (n-gram lookup), adaptively: none while the batch is
-        large (verifying costs compute there), fewer for requests whose drafts keep failing."""
-        spec = self.spec
-        assert spec is not None
+        """Give running requests drafts for the next step, adaptively: none while the batch is large (verifying
+        costs compute there), a single token for requests whose drafts keep failing."""
+        spec, proposer = self.spec, self.proposer
+        assert spec is not None and proposer is not None
         running = self.scheduler.running
         if len(running) > spec.disable_by_batch_size:
             return
+        reqs, ks = [], []
         for req in running:
             if req.num_computed_tokens != req.num_tokens - 1 or not speculation_allowed(req):
                 continue  # still prefilling, or sampling that depends on history
@@ -239,9 +293,17 @@ class LLMEngine:
                        self.max_model_len - req.num_tokens) - 1
             k = spec.num_speculative_tokens if req.spec_acceptance >= 0.3 else 1
             k = min(k, room)
-            if k > 0:
-                req.spec_token_ids = propose_ngram(req.all_token_ids, k, spec.prompt_lookup_max,
-                                                   spec.prompt_lookup_min)
+            # a draft model writes its KV up to position num_tokens + k - 2: reserve the target's slots for it
+            if k > 0 and (not proposer.needs_kv_slots or self.kv.allocate_slots(req, k)):
+                reqs.append(req)
+                ks.append(k)
+        if not reqs:
+            return
+        t0 = time.perf_counter()
+        drafts = self.runner.propose(reqs, ks, [self.kv.req_blocks[r.request_id] for r in reqs])
+        self.spec_stats["draft_time_s"] += time.perf_counter() - t0
+        for req, d in zip(reqs, drafts):
+            req.spec_token_ids = d
 
     def _fail(self, sched: SchedulerOutput, message: str) -> list[RequestOutput]:
         parents = {self._owner[r.request_id].request_id: self._owner[r.request_id] for r in sched.reqs}
@@ -287,3 +349,8 @@ class LLMEngine:
             metrics["e2e_s"] = now - parent.arrival
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outs, finished,
                              parent.error, parent.samples[0].req.num_cached_tokens, metrics)
+
+
+def _vocab(tokenizer: Any) -> dict[str, int] | None:
+    get = getattr(tokenizer, "get_vocab", None)
+    return get() if callable(get) else None

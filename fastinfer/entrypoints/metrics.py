@@ -24,6 +24,7 @@ class _EngineCollector:
         if a is None:
             return
         s = a.engine.scheduler.stats()
+        spec = a.engine.spec_summary()
         for name, doc, value in (
             ("fastinfer_num_requests_running", "Requests in the running batch", s.num_running),
             ("fastinfer_num_requests_waiting", "Requests waiting to be scheduled (queue length)", s.num_waiting),
@@ -38,6 +39,13 @@ class _EngineCollector:
             ("fastinfer_spec_decode_accepted_tokens_total", "Draft tokens accepted",
              a.engine.spec_stats["accepted_tokens"]),
             ("fastinfer_spec_decode_steps_total", "Request-steps that verified drafts", a.engine.spec_stats["steps"]),
+            ("fastinfer_spec_decode_draft_time_seconds_total", "Time spent proposing drafts (draft model, n-gram)",
+             spec["draft_time_s"]),
+            ("fastinfer_spec_decode_verify_time_seconds_total", "Time of the target steps that verified drafts",
+             spec["verify_time_s"]),
+            ("fastinfer_spec_decode_acceptance_rate", "Fraction of draft tokens accepted", spec["acceptance_rate"]),
+            ("fastinfer_spec_decode_mean_acceptance_length", "Tokens emitted per verifying request-step "
+             "(1 + accepted drafts per step)", spec["mean_acceptance_length"]),
         ):
             g = GaugeMetricFamily(name, doc, labels=["model_name"])
             g.add_metric([self.model], float(value))

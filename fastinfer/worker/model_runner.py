@@ -1,5 +1,6 @@
 """Runs one scheduled step: builds the packed inputs and attention metadata once, runs the model,
-samples the requests whose computed tokens caught up with their total."""
+samples the requests whose computed tokens caught up with their total (or verifies their drafts). Also runs
+the speculative proposer between steps and keeps the draft distributions until verification."""
 from __future__ import annotations
 
 import itertools
@@ -13,7 +14,7 @@ from fastinfer.core.scheduler import ModelRunnerOutput, SchedulerOutput
 from fastinfer.models.llama import LlamaForCausalLM
 from fastinfer.ops import AttentionMetadata, OpSet
 from fastinfer.worker.sampler import sample
-from fastinfer.worker.spec_decode import verify
+from fastinfer.worker.spec_decode import Draft, Proposer, verify
 
 logger = logging.getLogger("fastinfer")
 
@@ -24,8 +25,11 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
 
 
 class ModelRunner:
+    """The target model, its KV cache and, with speculation, the proposer (see :meth:`propose`)."""
+
     def __init__(self, model: LlamaForCausalLM, cfg: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, ops: OpSet, device: torch.device | str = "cpu", seed: int = 0) -> None:
+                 dtype: torch.dtype, ops: OpSet, device: torch.device | str = "cpu", seed: int = 0,
+                 proposer: Proposer | None = None) -> None:
         self.ops = ops
         self.model, self.cfg, self.block_size, self.device = model, cfg, block_size, torch.device(device)
         shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
@@ -36,6 +40,29 @@ class ModelRunner:
                           for _ in range(cfg.num_hidden_layers)]  # per layer: [num_blocks, block, Hkv, D] x 2
         model.bind_kv_cache(self.kv_caches)
         self.generator = torch.Generator().manual_seed(seed)
+        self.proposer = proposer
+        self._drafts: dict[str, tuple[Request, Draft]] = {}  # proposed, not yet verified (or re-proposed)
+
+    def propose(self, reqs: list[Request], ks: list[int], block_ids: list[list[int]]) -> list[list[int]]:
+        """Draft tokens for ``reqs`` (see :class:`~fastinfer.worker.spec_decode.Proposer`); their draft
+        distributions are kept for the step that verifies them."""
+        assert self.proposer is not None
+        for rid in [rid for rid, (r, _) in self._drafts.items() if r.is_finished]:
+            del self._drafts[rid]
+        drafts = self.proposer.propose(reqs, ks, block_ids)
+        for req, d in zip(reqs, drafts):
+            self._drafts[req.request_id] = (req, d)
+        return [d.token_ids for d in drafts]
+
+    def _draft_probs(self, req: Request, draft: list[int]) -> torch.Tensor | None:
+        """q rows [len(draft), V] of the drafts being verified (None: deterministic drafts or greedy)."""
+        entry = self._drafts.pop(req.request_id, None)
+        if entry is None or entry[0] is not req or entry[1].token_ids[:len(draft)] != draft:
+            if req.sampling_params.greedy:
+                return None  # exact match needs no q
+            raise RuntimeError(f"request {req.request_id}: the drafts to verify are not the proposed ones")
+        probs = entry[1].probs
+        return None if probs is None else probs[:len(draft)]
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -76,7 +103,8 @@ class ModelRunner:
                 if any(flags[offsets[j]:offsets[j + 1]]):
                     out.nonfinite_req_ids.add(sched.reqs[i].request_id)
         for req, draft, rows in spec_rows:
-            tokens = verify(self.model.compute_logits(hidden[rows]), draft, req, self.generator)  # [k+1, V]
+            tokens = verify(self.model.compute_logits(hidden[rows]), draft, req, self.generator,  # [k+1, V]
+                            self._draft_probs(req, draft))
             out.sampled_token_ids[req.request_id] = tokens
             out.num_rejected[req.request_id] = len(draft) - (len(tokens) - 1)
         if not sample_reqs:

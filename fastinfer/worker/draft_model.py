@@ -1,0 +1,225 @@
+"""Draft-model speculation: a smaller model sharing the target's tokenizer (or a quantized copy of the target)
+proposes k tokens per request, batched over all speculating requests (one packed varlen forward per draft step).
+
+KV cache: the draft has its own tensors, [num_blocks, block_size, Hkv, D] per draft layer, with the SAME number
+of blocks and block size as the target's, indexed by the SAME block tables and slot mappings: no allocator of
+its own. The engine reserves the target's slots for the draft positions before proposing.
+
+Per request the proposer keeps ``num_computed`` (the leading positions whose draft KV holds the request's real
+tokens) and ``pending`` (the draft tokens whose KV it wrote after them). A proposal first catches up (prefill of
+the prompt and accepted tokens the draft has not seen; the pending tokens that the target accepted count as
+seen), which gives draft token 1, then runs k-1 single-token steps. Rejected positions are simply overwritten
+later: rollback is lowering the counter, no copies. A preempted request (its blocks were freed) restarts.
+
+Prefix caching: ``valid_blocks`` maps a block id to the hash of the full block whose draft KV it holds. Any draft
+write into a block drops its entry; a catch-up that covers a full block records it. A request that starts from
+cached target blocks (a prefix hit, a fork, a recompute after preemption) keeps the leading blocks whose entry
+matches its own block hash and recomputes the rest with the draft. Lossless verification never depends on the
+draft's KV (only acceptance does); this bookkeeping keeps the draft from reading stale or unwritten slots.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from fastinfer.config import ModelConfig
+from fastinfer.core.request import Request
+from fastinfer.models.llama import LlamaForCausalLM
+from fastinfer.ops import AttentionMetadata
+from fastinfer.worker.sampler import filtered_probs, mix_seed
+from fastinfer.worker.spec_decode import DRAFT_STREAM, Draft
+
+
+@dataclass
+class _DraftState:
+    req: Request
+    num_preemptions: int
+    num_computed: int = 0  # leading positions whose draft KV holds the request's own tokens
+    pending: list[int] = field(default_factory=list)  # draft tokens written at positions num_computed...
+
+
+class DraftModelProposer:
+    """Proposes with ``model`` (its own KV cache over the target's block layout). ``max_num_batched_tokens``
+    bounds one catch-up forward; longer catch-ups are chunked."""
+
+    needs_kv_slots = True
+
+    def __init__(self, model: LlamaForCausalLM, cfg: ModelConfig, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu", seed: int = 0,
+                 max_num_batched_tokens: int = 2048, enable_caching: bool = True) -> None:
+        self.model, self.cfg, self.block_size, self.device = model, cfg, block_size, torch.device(device)
+        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        # Uninitialised like the target's: the draft reads only positions it wrote (see the module docstring).
+        self.kv_caches = [(torch.empty(shape, dtype=dtype, device=device),
+                           torch.empty(shape, dtype=dtype, device=device))
+                          for _ in range(cfg.num_hidden_layers)]  # per layer: [num_blocks, block, Hkv, D] x 2
+        model.bind_kv_cache(self.kv_caches)
+        self.generator = torch.Generator().manual_seed(seed ^ 0x5EED)
+        self.max_num_batched_tokens = max(1, max_num_batched_tokens)
+        self.enable_caching = enable_caching
+        self.valid_blocks: dict[int, bytes] = {}  # block id -> hash of the full block whose draft KV it holds
+        self._states: dict[str, _DraftState] = {}
+        self.num_forwards = 0  # draft forwards run (catch-up chunks + single-token steps)
+        self.num_tokens_computed = 0  # tokens the draft has run (catch-up and drafts)
+        self.num_nonfinite = 0  # draft rows with NaN/inf logits (their proposal stops there)
+        self.num_reused_tokens = 0  # tokens of (re)starting requests whose draft KV came from valid_blocks
+
+    # -- bookkeeping -------------------------------------------------------------------------------------
+    def _state(self, req: Request, blocks: list[int]) -> _DraftState:
+        st = self._states.get(req.request_id)
+        if st is None or st.req is not req or st.num_preemptions != req.num_preemptions:
+            st = _DraftState(req, req.num_preemptions, self._valid_prefix(req, blocks))
+            self._states[req.request_id] = st
+            self.num_reused_tokens += st.num_computed
+        return st
+
+    def _valid_prefix(self, req: Request, blocks: list[int]) -> int:
+        """Tokens at the start of a (re)starting request whose draft KV its blocks already hold."""
+        if not self.enable_caching:
+            return 0
+        req.update_block_hashes(self.block_size)
+        n = 0
+        for b, h in zip(blocks, req.block_hashes):
+            if self.valid_blocks.get(b) != h:
+                break
+            n += 1
+        return n * self.block_size
+
+    def _record_blocks(self, req: Request, blocks: list[int], num_computed: int) -> None:
+        if not self.enable_caching:
+            return
+        req.update_block_hashes(self.block_size)
+        for i in range(min(num_computed // self.block_size, len(req.block_hashes), len(blocks))):
+            self.valid_blocks[blocks[i]] = req.block_hashes[i]
+
+    def _prune(self) -> None:
+        for rid in [rid for rid, st in self._states.items() if st.req.is_finished]:
+            del self._states[rid]
+
+    # -- proposing ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def propose(self, reqs: list[Request], ks: list[int], block_ids: list[list[int]]) -> list[Draft]:
+        """``ks[i]`` draft tokens for ``reqs[i]`` (fewer only if the draft produced non-finite logits)."""
+        self._prune()
+        states = [self._state(r, b) for r, b in zip(reqs, block_ids)]
+        ends = [r.num_tokens for r in reqs]  # T: draft 1 comes from the logits at position T - 1
+        items: list[tuple[int, list[int], int]] = []  # (request index, tokens, first position)
+        for i, (req, st) in enumerate(zip(reqs, states)):
+            if st.pending:  # drafts the target accepted: their KV is the draft's KV of real tokens now
+                known = req.all_token_ids[st.num_computed:st.num_computed + len(st.pending)]
+                m = 0
+                while m < len(known) and known[m] == st.pending[m]:
+                    m += 1
+                st.num_computed += m
+                st.pending = []
+            start = min(st.num_computed, ends[i] - 1)  # at least the last token: its logits give draft 1
+            items.append((i, req.all_token_ids[start:ends[i]], start))
+        hidden = self._catch_up(items, block_ids, ends)  # [B, hidden]
+        for i, (req, st) in enumerate(zip(reqs, states)):
+            st.num_computed = ends[i]
+            self._record_blocks(req, block_ids[i], ends[i])
+        tokens: list[list[int]] = [[] for _ in reqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in reqs]
+        alive = list(range(len(reqs)))
+        for step in range(max(ks)):
+            logits = self.model.compute_logits(hidden)  # [len(alive), V] fp32
+            finite = torch.isfinite(logits).all(dim=-1).tolist()
+            new, q = self._sample(logits, [reqs[i] for i in alive], step)
+            nxt = []
+            for j, i in enumerate(alive):
+                if not finite[j]:
+                    self.num_nonfinite += 1
+                    continue  # a broken draft proposes nothing more (verification stays exact regardless)
+                tokens[i].append(new[j])
+                qj = q[j]
+                if qj is not None:
+                    probs[i].append(qj)
+                if len(tokens[i]) < ks[i]:
+                    nxt.append(i)
+            alive = nxt
+            if not alive:
+                break
+            for i in alive:
+                states[i].pending.append(tokens[i][-1])
+            hidden = self._forward([(i, [tokens[i][-1]], ends[i] + step) for i in alive], block_ids)[1]
+        return [Draft(t, torch.stack(p) if p and len(p) == len(t) else None)  # [k, V]
+                for t, p in zip(tokens, probs)]
+
+    def _catch_up(self, items: list[tuple[int, list[int], int]], block_ids: list[list[int]], ends: list[int],
+                  ) -> torch.Tensor:
+        """Run every item's tokens (chunked to the token budget); the hidden state at each one's last token."""
+        last: list[torch.Tensor | None] = [None] * len(items)
+        queue = deque(items)
+        while queue:
+            batch: list[tuple[int, list[int], int]] = []
+            room = self.max_num_batched_tokens
+            while queue and room > 0:
+                i, toks, pos = queue[0]
+                take = min(len(toks), room)
+                batch.append((i, toks[:take], pos))
+                room -= take
+                if take == len(toks):
+                    queue.popleft()
+                else:
+                    queue[0] = (i, toks[take:], pos + take)
+            rows, hidden = self._forward(batch, block_ids, last_only=False)
+            for (i, toks, pos), row in zip(batch, rows):
+                if pos + len(toks) == ends[i]:
+                    last[i] = hidden[row]
+        return torch.stack([h for h in last if h is not None])  # [B, hidden]
+
+    def _forward(self, batch: list[tuple[int, list[int], int]], block_ids: list[list[int]],
+                 last_only: bool = True) -> tuple[list[int], torch.Tensor]:
+        """One packed forward of ``(request index, tokens, first position)`` chunks. Returns the row of each
+        chunk's last token in the output and either all hidden states [T, hidden] or (``last_only``) just those
+        rows [len(batch), hidden], in ``batch`` order."""
+        order = sorted(range(len(batch)), key=lambda j: len(batch[j][1]) != 1)  # decodes first
+        input_ids: list[int] = []
+        positions: list[int] = []
+        query_lens, seq_lens, tables = [], [], []
+        rows = [0] * len(batch)
+        for j in order:
+            i, toks, pos = batch[j]
+            input_ids.extend(toks)
+            positions.extend(range(pos, pos + len(toks)))
+            query_lens.append(len(toks))
+            seq_lens.append(pos + len(toks))
+            tables.append(block_ids[i])
+            rows[j] = len(input_ids) - 1
+            self._drop_blocks(block_ids[i], pos, pos + len(toks))
+        meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, self.device)
+        hidden = self.model(torch.tensor(input_ids, device=self.device),
+                            torch.tensor(positions, device=self.device), meta)  # [T, hidden]
+        self.num_forwards += 1
+        self.num_tokens_computed += len(input_ids)
+        if last_only:
+            return list(range(len(batch))), hidden[rows]  # [len(batch), hidden]
+        return rows, hidden
+
+    def _drop_blocks(self, blocks: list[int], start: int, end: int) -> None:
+        """Writes at positions ``start..end-1`` change those blocks' draft KV: forget what they held."""
+        if self.valid_blocks:
+            for b in blocks[start // self.block_size:(end - 1) // self.block_size + 1]:
+                self.valid_blocks.pop(b, None)
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request], step: int,
+                ) -> tuple[list[int], list[torch.Tensor | None]]:
+        """Draft token ``step`` of each row: greedy argmax, or a sample from the filtered distribution q (same
+        temperature / top-k / top-p / min-p as the target's), returned with q [V] for verification."""
+        tokens = logits.argmax(dim=-1)  # [B]
+        q: list[torch.Tensor | None] = [None] * len(reqs)
+        rand_rows = [j for j, r in enumerate(reqs) if not r.sampling_params.greedy]
+        if rand_rows:
+            sps = [reqs[j].sampling_params for j in rand_rows]
+            probs = filtered_probs(logits[rand_rows], sps)  # [R, V]
+            noise = torch.empty_like(probs)
+            for n, (j, sp) in enumerate(zip(rand_rows, sps)):
+                req = reqs[j]
+                g = self.generator if sp.seed is None else torch.Generator().manual_seed(
+                    mix_seed(sp.seed, req.sample_index, req.num_output_tokens + step, DRAFT_STREAM))
+                noise[n].exponential_(generator=g)
+                q[j] = probs[n]
+            tokens[rand_rows] = (probs / noise).argmax(dim=-1)  # exponential race == categorical sample
+        return tokens.tolist(), q
