@@ -3,14 +3,18 @@
 #include <Python.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/Functions.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <initializer_list>
+#include <optional>
 #include <string>
 
 #include "fastinfer/cpu_attention.h"
+#include "fastinfer/cpu_quant.h"
 
 namespace {
 
@@ -131,6 +135,106 @@ void store_kv_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_
   TORCH_CHECK(rc == 0, "fastinfer::store_kv: ", fc::error_string(rc));
 }
 
+fc::DType scale_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return fc::DType::kFloat32;
+    case at::kHalf: return fc::DType::kFloat16;
+    default: TORCH_CHECK(false, "fastinfer::quant_linear: ", name, " must be float32 or float16, got ", t.scalar_type());
+  }
+}
+
+// Rows of x up to which the in-register kernels run; above, a GEMM on the weight dequantized to x's dtype
+// (in chunks of about kDequantChunkBytes, still in cache when the GEMM reads them) is faster.
+constexpr int64_t kGemvMaxRows = 8;
+constexpr int64_t kDequantChunkBytes = int64_t(4) << 20;
+
+// y [M, N] = x [M, K] @ W.T + bias with W in the weight-only format of fastinfer/quantization.py.
+at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                            const std::optional<at::Tensor>& mins, int64_t bits, int64_t group_size,
+                            const std::optional<at::Tensor>& bias) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &qweight, &scales})
+    TORCH_CHECK(t->device().is_cpu(), "fastinfer::quant_linear: all tensors must be on the CPU");
+  const fc::DType xdt = cpu_dtype(x, "x");
+  TORCH_CHECK(x.dim() == 2 && (x.size(1) <= 1 || x.stride(1) == 1) && (x.size(0) <= 1 || x.stride(0) >= x.size(1)),
+              "fastinfer::quant_linear: x must be [M, K] with unit column stride and non-overlapping rows, got ", x.sizes(), " strides ",
+              x.strides());
+  TORCH_CHECK(bits == 4 || bits == 8, "fastinfer::quant_linear: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() &&
+                  qweight.scalar_type() == (bits == 8 ? at::kChar : at::kByte),
+              "fastinfer::quant_linear: qweight must be contiguous ", bits == 8 ? "int8 [N, K]" : "uint8 [N, K / 2]");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK(qweight.size(1) * (bits == 4 ? 2 : 1) == K, "fastinfer::quant_linear: qweight ", qweight.sizes(),
+              " does not match K=", K);
+  TORCH_CHECK(group_size > 0 && K % group_size == 0, "fastinfer::quant_linear: group_size ", group_size,
+              " does not divide K=", K);
+  const fc::DType sdt = scale_dtype(scales, "scales");
+  TORCH_CHECK(scales.is_contiguous() && scales.dim() == 2 && scales.size(0) == N && scales.size(1) == K / group_size,
+              "fastinfer::quant_linear: scales must be contiguous [N, K / group_size]");
+  const bool has_mins = mins.has_value() && mins->defined();
+  if (has_mins) {
+    TORCH_CHECK(mins->device().is_cpu() && mins->scalar_type() == scales.scalar_type() && mins->is_contiguous() &&
+                    mins->sizes() == scales.sizes(),
+                "fastinfer::quant_linear: mins must be contiguous, with the dtype and shape of scales");
+  }
+  TORCH_CHECK(bits == 8 || has_mins, "fastinfer::quant_linear: 4-bit weights need mins");
+  TORCH_CHECK(fc::quant_linear_supported(int(bits), K, group_size), "fastinfer::quant_linear: ",
+              fc::quant_error_string(-2));
+  at::Tensor bias_f;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == N,
+                "fastinfer::quant_linear: bias must be a CPU tensor [N]");
+    bias_f = bias->to(at::kFloat).contiguous();
+  }
+  const int nthreads = at::get_num_threads();  // follow torch.set_num_threads
+
+  if (M > kGemvMaxRows) {  // dequantize chunks of W, GEMM them (fp16 in fp32: CPU fp16 GEMMs are slow)
+    const at::Tensor xw = x.scalar_type() == at::kHalf ? x.to(at::kFloat) : x;  // [M, K]
+    const int64_t rows =
+        std::max<int64_t>(16, std::min<int64_t>(N, kDequantChunkBytes / (K * int64_t(xw.element_size()))));
+    at::Tensor w = at::empty({std::min(rows, N), K}, xw.options());  // [rows, K]
+    at::Tensor out = at::empty({M, N}, xw.options());                 // [M, N]
+    fc::QuantDequantParams d;
+    d.qweight = qweight.data_ptr();
+    d.scales = scales.data_ptr();
+    d.mins = has_mins ? mins->data_ptr() : nullptr;
+    d.scale_dtype = sdt;
+    d.dst = w.data_ptr();
+    d.dst_dtype = cpu_dtype(w, "x");
+    d.N = N, d.K = K, d.bits = int(bits), d.group_size = group_size, d.num_threads = nthreads;
+    for (int64_t n0 = 0; n0 < N; n0 += rows) {
+      d.n0 = n0;
+      d.n1 = std::min(N, n0 + rows);
+      const int rc = fc::quant_dequantize(d);
+      TORCH_CHECK(rc == 0, "fastinfer::quant_linear: ", fc::quant_error_string(rc));
+      const at::Tensor wv = w.narrow(0, 0, d.n1 - n0);
+      if (d.n1 - n0 == N) at::mm_out(out, xw, wv.t());
+      else out.narrow(1, n0, d.n1 - n0).copy_(at::mm(xw, wv.t()));
+    }
+    if (bias_f.defined()) out.add_(bias_f);
+    return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
+  }
+
+  at::Tensor out = at::empty({M, N}, x.options());  // [M, N]
+  fc::QuantLinearParams p;
+  p.x_dtype = xdt;
+  p.x = x.data_ptr();
+  p.out = out.data_ptr();
+  p.qweight = qweight.data_ptr();
+  p.scales = scales.data_ptr();
+  p.mins = has_mins ? mins->data_ptr() : nullptr;
+  p.scale_dtype = sdt;
+  p.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  p.M = M, p.N = N, p.K = K;
+  p.x_stride = M > 1 ? x.stride(0) : K;
+  p.out_stride = N;
+  p.bits = int(bits);
+  p.group_size = group_size;
+  p.num_threads = nthreads;
+  const int rc = fc::quant_linear(p);
+  TORCH_CHECK(rc == 0, "fastinfer::quant_linear: ", fc::quant_error_string(rc));
+  return out;
+}
+
 // "" -> report; "auto" | "generic" | "avx2" | "avx512" | "avx512_bf16" -> select (falls back to what the CPU supports).
 std::string cpu_isa(std::string force) {
   if (force == "auto") fc::set_isa(fc::Isa::kAuto);
@@ -149,11 +253,14 @@ TORCH_LIBRARY(fastinfer, m) {
         "Tensor query_start_loc, float scale, int window, Tensor(a!) out) -> ()");
   m.def("store_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
   m.def("cpu_isa(str force='') -> str", &cpu_isa);
+  m.def("quant_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int bits, int group_size, "
+        "Tensor? bias=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
   m.impl("paged_attention", &paged_attention_cpu);
   m.impl("store_kv", &store_kv_cpu);
+  m.impl("quant_linear", &quant_linear_cpu);
 }
 
 // A plain Python module: importing it loads this library, whose static initialisers register the ops.

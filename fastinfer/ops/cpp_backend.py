@@ -1,9 +1,11 @@
-"""The compiled CPU backend: ``paged_attention`` and ``store_kv`` from the C++ extension ``fastinfer._C``
-(csrc/cpu/paged_attention.cpp, registered as ``torch.ops.fastinfer.*`` by csrc/bindings.cpp).
+"""The compiled CPU backend: ``paged_attention`` and ``store_kv`` (csrc/cpu/paged_attention.cpp) and
+``quant_linear`` (csrc/cpu/quant_linear.cpp) from the C++ extension ``fastinfer._C``, registered as
+``torch.ops.fastinfer.*`` by csrc/bindings.cpp.
 
 Importing this module fails with ImportError when the extension is not built, so the registry skips the
 backend and says why. Cases the kernel does not cover (head_dim not a multiple of 16 or above 256, dtypes
-other than fp32/bf16/fp16, mixed dtypes) fall back to the torch backend with a one-time warning.
+other than fp32/bf16/fp16, mixed dtypes; quant_linear group sizes the kernel lacks) fall back to the torch
+backend with a one-time warning.
 """
 from __future__ import annotations
 
@@ -34,6 +36,11 @@ def _paged_attention_fake(q, k_cache, v_cache, block_table, seq_lens, query_star
 @torch.library.register_fake("fastinfer::store_kv")
 def _store_kv_fake(key, value, k_cache, v_cache, slot_mapping) -> None:
     return None
+
+
+@torch.library.register_fake("fastinfer::quant_linear")
+def _quant_linear_fake(x, qweight, scales, mins, bits, group_size, bias=None) -> torch.Tensor:
+    return x.new_empty((x.shape[0], qweight.shape[0]))  # [M, N]
 
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -104,3 +111,44 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     torch.ops.fastinfer.paged_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens,
                                         meta.query_start_loc, float(scale), window, out)
     return out
+
+
+_SCALE_DTYPES = (torch.float32, torch.float16)
+
+
+def _quant_unsupported(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                       bits: int, group_size: int) -> str | None:
+    k = x.shape[-1]
+    if not (x.is_cpu and qweight.is_cpu and scales.is_cpu):
+        return f"quant_linear on {x.device.type}"
+    if x.dtype not in _KERNEL_DTYPES:
+        return f"quant_linear x dtype {x.dtype}"
+    if scales.dtype not in _SCALE_DTYPES or (mins is not None and mins.dtype not in _SCALE_DTYPES):
+        return f"quant_linear scales dtype {scales.dtype}"
+    if bits == 8 and not (group_size == k or group_size % 32 == 0):
+        return f"quant_linear int8 group_size {group_size} (needs K or a multiple of 32)"
+    if bits == 4 and group_size % 32:
+        return f"quant_linear int4 group_size {group_size} (needs a multiple of 32)"
+    return None
+
+
+def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                 bits: int, group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Weight-only int8/int4 ``x @ W.T + bias`` for x [..., K] (format of :mod:`fastinfer.quantization`); same
+    contract as :func:`fastinfer.ops.reference.quant_linear`. Few rows (decode) dequantize the weight in
+    registers in fp32; many rows dequantize it in chunks to x's dtype and run a GEMM (csrc/bindings.cpp)."""
+    why = _quant_unsupported(x, qweight, scales, mins, bits, group_size)
+    if why is not None:
+        _fallback(why)
+        return torch_backend.quant_linear(x, qweight, scales, mins, bits, group_size, bias)
+    k = x.shape[-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)  # [M, K] (a view when it can be)
+    if (k > 1 and x2.stride(1) != 1) or (x2.shape[0] > 1 and x2.stride(0) < k):
+        x2 = x2.contiguous()
+    if mins is not None and mins.dtype != scales.dtype:  # fp16 -> fp32 is exact
+        scales, mins = scales.float(), mins.float()
+    if not (qweight.is_contiguous() and scales.is_contiguous() and (mins is None or mins.is_contiguous())):
+        qweight, scales = qweight.contiguous(), scales.contiguous()
+        mins = None if mins is None else mins.contiguous()
+    out = torch.ops.fastinfer.quant_linear(x2, qweight, scales, mins, bits, group_size, bias)  # [M, N]
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])  # [..., N]
