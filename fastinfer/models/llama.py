@@ -5,7 +5,8 @@ cache through the op set.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +109,23 @@ class LlamaForCausalLM(nn.Module):
         for layer, (k, v) in zip(self.layers, caches, strict=True):
             assert isinstance(layer, LlamaDecoderLayer)
             layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
+
+    @contextlib.contextmanager
+    def scratch_kv_cache(self, num_tokens: int, block_size: int = 16) -> Iterator[None]:
+        """Run with a private KV cache for ``num_tokens`` positions (blocks 0..n-1), then rebind the caches the
+        model had (so an engine that owns the model keeps working): for evaluation and calibration passes."""
+        saved = []
+        for layer in self.layers:
+            assert isinstance(layer, LlamaDecoderLayer)
+            saved.append((layer.self_attn.k_cache, layer.self_attn.v_cache))
+        cfg = self.config
+        shape = (-(-num_tokens // block_size), block_size, cfg.num_key_value_heads, cfg.head_dim)  # [B, bs, Hkv, D]
+        dtype = self.embed_tokens.weight.dtype
+        self.bind_kv_cache([(torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)) for _ in saved])
+        try:
+            yield
+        finally:
+            self.bind_kv_cache(saved)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, hidden]

@@ -1,0 +1,41 @@
+"""Model quality measurements on a loaded model: perplexity over a long text (the quantization gate)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fastinfer.models.llama import LlamaForCausalLM
+from fastinfer.ops import AttentionMetadata
+
+
+@dataclass
+class Perplexity:
+    perplexity: float
+    nll_sum: float
+    num_predicted: int
+
+
+def perplexity(model: LlamaForCausalLM, token_ids: list[int], window: int = 1024, block_size: int = 16,
+               ) -> Perplexity:
+    """Perplexity of ``token_ids`` in non-overlapping windows of ``window`` tokens (each window starts with an
+    empty context and scores its tokens 2..window, as the usual chunked evaluation does). Runs the model
+    through its own paged-attention path with a temporary KV cache of one window, then rebinds the caches
+    the model had (so an engine that owns the model keeps working)."""
+    if window < 2:
+        raise ValueError("window must be at least 2 tokens")
+    nll, count = 0.0, 0
+    with model.scratch_kv_cache(window, block_size), torch.inference_mode():
+        for start in range(0, len(token_ids) - 1, window):
+            ids = token_ids[start:start + window]
+            if len(ids) < 2:
+                break
+            n = len(ids)
+            meta = AttentionMetadata.build([n], [n], [list(range(-(-n // block_size)))], block_size)
+            hidden = model(torch.tensor(ids), torch.arange(n), meta)  # [n, hidden]
+            logits = model.compute_logits(hidden[:-1])  # [n - 1, vocab] fp32
+            targets = torch.tensor(ids[1:])
+            nll += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            count += n - 1
+    return Perplexity(math.exp(nll / count), nll, count)

@@ -1,0 +1,147 @@
+"""GPTQ (Frantar et al., 2022): calibrated int4 / int8 weight quantization into the format of
+:mod:`fastinfer.quantization`.
+
+Each linear layer's weight is quantized one input column at a time; the rounding error of a column is
+spread over the columns not yet quantized through the inverse Hessian ``H = X^T X`` of the layer's inputs
+(collected on calibration text), which keeps ``X W^T`` close where plain rounding (RTN) does not. Group
+scales and mins are fitted (min/max) on the error-updated weights when a group starts. Hessians are collected
+in one pass over the float model (inputs of every layer from the float model, a common simplification).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from fastinfer.layers.linear import Linear
+from fastinfer.models.llama import LlamaForCausalLM
+from fastinfer.ops import AttentionMetadata
+from fastinfer.quantization import QuantizedWeight, fit_group_size, pack_int4, quantize_int4
+
+logger = logging.getLogger("fastinfer")
+
+
+def collect_hessians(model: LlamaForCausalLM, sequences: Sequence[list[int]], block_size: int = 16,
+                     ) -> dict[str, tuple[torch.Tensor, int]]:
+    """Sum of ``x^T x`` (fp32 [K, K]) and the token count over the inputs of every dense projection."""
+    layers = {name: m for name, m in model.linear_layers().items() if not m.quantized and name != "lm_head"}
+    sums: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def hook(name: str):
+        def fn(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).float()  # [T, K]
+            h, n = sums.get(name, (torch.zeros(x.shape[1], x.shape[1]), 0))
+            sums[name] = (h.addmm_(x.T, x), n + x.shape[0])
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
+    try:
+        with model.scratch_kv_cache(max(len(s) for s in sequences), block_size), torch.inference_mode():
+            for ids in sequences:
+                n = len(ids)
+                meta = AttentionMetadata.build([n], [n], [list(range(-(-n // block_size)))], block_size)
+                model(torch.tensor(ids), torch.arange(n), meta)
+    finally:
+        for h in handles:
+            h.remove()
+    return sums
+
+
+def _fit_group(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scale, min) per row for the columns ``w`` [N, g]: int4 asymmetric (min/max with the clipping search of
+    :func:`fastinfer.quantization.quantize_int4`), int8 symmetric absmax."""
+    if bits == 8:
+        amax = w.abs().amax(-1)
+        return torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)), None
+    qw = quantize_int4(w, w.shape[1])
+    return qw.scales[:, 0], qw.mins[:, 0] if qw.mins is not None else None
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, damp: float = 0.01,
+                  block: int = 128, act_order: bool = True) -> QuantizedWeight:
+    """Quantize ``w`` [N, K] given ``hessian`` [K, K] (mean of x^T x); ``group_size`` K means per channel.
+
+    ``act_order`` quantizes columns by decreasing Hessian diagonal (the inputs with most energy first); the
+    group (scale, min) pairs are then fitted up front on the original weights ("static groups"), so the
+    stored layout stays plain group-wise."""
+    n, k = w.shape
+    if k % group_size:
+        raise ValueError(f"group_size {group_size} does not divide K={k}")
+    W = w.float().clone()  # [N, K]
+    H = hessian.float().clone()  # [K, K]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    groups = k // group_size
+    scales = torch.empty(n, groups)
+    mins = torch.zeros(n, groups)
+    for g in range(groups):  # static groups: fitted on the original weights
+        s, m = _fit_group(W[:, g * group_size:(g + 1) * group_size], bits)
+        scales[:, g] = s
+        if m is not None:
+            mins[:, g] = m
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
+    W, H = W[:, perm], H[perm][:, perm]
+    col_group = perm // group_size  # group of each permuted column
+    H += damp * torch.diag(H).mean() * torch.eye(k)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # [K, K]
+    Q = torch.empty(n, k)  # integer values, permuted order
+    qmin, qmax = (0, 15) if bits == 4 else (-127, 127)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        Hb = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            g = int(col_group[i1 + i])
+            s, m = scales[:, g], mins[:, g]
+            x = W1[:, i]
+            q = torch.round((x - m) / s).clamp_(qmin, qmax)  # [N]
+            Q[:, i1 + i] = q
+            err = (x - (q * s + m)) / Hb[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hb[i, i:].unsqueeze(0)
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
+    Q = Q[:, torch.argsort(perm)]  # back to the original column order
+    qweight = pack_int4(Q) if bits == 4 else Q.to(torch.int8)
+    return QuantizedWeight(bits, group_size, qweight, scales, mins if bits == 4 else None)
+
+
+def gptq_quantize_model(model: LlamaForCausalLM, sequences: Sequence[list[int]], method: str,
+                        group_size: int | None = None, lm_head: str | None = "int8") -> None:
+    """Quantize every dense projection of ``model`` with GPTQ on the calibration ``sequences`` (token ids);
+    the lm_head takes RTN ``lm_head`` as in :meth:`LlamaForCausalLM.quantize`."""
+    if method not in ("int4", "int8"):
+        raise ValueError(f"GPTQ method must be int4 or int8, got {method!r}")
+    hessians = collect_hessians(model, sequences)
+    for name, (h, count) in hessians.items():
+        module = model.get_submodule(name)
+        assert isinstance(module, Linear) and module.weight is not None
+        k = module.in_features
+        bits = 4 if method == "int4" else 8
+        g = fit_group_size(k, group_size or 128) if bits == 4 else (group_size or k)
+        module.set_quantized(gptq_quantize(module.weight.data, h / count, bits, g))
+    logger.info("GPTQ: %d layers quantized to %s on %d calibration tokens", len(hessians), method,
+                sum(len(s) for s in sequences))
+    model.quantize(method, group_size, lm_head=lm_head)  # only the lm_head is still dense
+
+
+# pydoc topics that the perplexity test text (tests/data/python_docs_prose.txt) is NOT taken from.
+_CALIBRATION_TOPICS = ("typesseq", "typesseq-mutable", "typesmapping", "typesmethods", "typesmodules", "string-methods",
+                       "formatstrings", "bltin-type-objects", "bltin-code-objects", "bltin-ellipsis-object",
+                       "operator-summary", "comparisons", "lambda", "calls", "slicings", "sequence-types")
+
+
+def default_calibration_text() -> str:
+    """Real English text that every Python install ships (CPython's library reference in ``pydoc_data``)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in _CALIBRATION_TOPICS if k in topics)
+
+
+def calibration_sequences(tokenizer, text: str | None = None, num_tokens: int = 8192, seq_len: int = 512,
+                          ) -> list[list[int]]:
+    """Cut ``text`` (default :func:`default_calibration_text`) into sequences of ``seq_len`` tokens."""
+    ids = tokenizer.encode(text if text is not None else default_calibration_text())[:num_tokens]
+    return [ids[i:i + seq_len] for i in range(0, len(ids) - 1, seq_len) if len(ids[i:i + seq_len]) > 1]

@@ -1,0 +1,83 @@
+"""Quantized models end to end: lossless GGUF import gives the float model's greedy tokens, quantize -> save ->
+reload round trips, and the perplexity gate on real English text (tests/data/python_docs_prose.txt)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastinfer import LLM, SamplingParams
+from fastinfer.models.loader import describe_quantization
+
+PROMPTS = [
+    "The capital of France is",
+    "Here is a Python function that reverses a string:\n",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+]
+TEXT = Path(__file__).resolve().parents[1] / "data" / "python_docs_prose.txt"
+
+
+def _greedy(llm: LLM, n: int = 32) -> list[list[int]]:
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def float_smollm2(smollm2_path):
+    return LLM(smollm2_path, dtype="float32", max_model_len=1024, load_progress=False)
+
+
+@pytest.mark.parametrize("method", ["gguf", "int4"])
+def test_lossless_gguf_import_gives_the_float_models_greedy_tokens(smollm2_path, float_smollm2, method):
+    q = LLM(smollm2_path, dtype="float32", max_model_len=1024, load_progress=False, quantization=method)
+    model = q.engine.runner.model
+    assert describe_quantization(model) == "int4 g32 x120, int8 g32 x1"  # Q4_1 layers + the Q8_0 (tied) lm_head
+    assert model.embed_tokens.weight.dtype == torch.float32  # lookups stay dense
+    assert _greedy(q) == _greedy(float_smollm2)
+
+
+def test_quantize_cli_saves_and_reloads(tiny_model_dir, tmp_path):
+    src = tiny_model_dir("llama")
+    out = tmp_path / "int4"
+    r = subprocess.run([sys.executable, "-m", "fastinfer", "quantize", src, "-q", "int4-g32", "-o", str(out),
+                        "--dtype", "float32"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    in_memory = LLM(src, dtype="float32", max_model_len=512, load_progress=False, quantization="int4-g32")
+    reloaded = LLM(str(out), dtype="float32", max_model_len=512, load_progress=False)  # quantized by its files
+    assert describe_quantization(reloaded.engine.runner.model) == describe_quantization(
+        in_memory.engine.runner.model) == "int4 g32 x8, int8 g64 x1"
+    assert _greedy(reloaded, 16) == _greedy(in_memory, 16)
+    bad = subprocess.run([sys.executable, "-m", "fastinfer", "quantize", src, "-q", "int3", "-o", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "int3" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama3rope"])
+def test_int8_tiny_models_stay_close_to_float(tiny_llm, arch):
+    """Weight-only int8 (per channel) changes logits by about its rounding error, several times less than int4;
+    bias (qwen2) and tied embeddings (llama3rope) go through the quantized path too."""
+    from tests.models.test_hf_parity import _prefill_logits
+
+    ids = list(range(100, 160))
+    ref = _prefill_logits(tiny_llm(arch), ids)
+
+    def err(method: str) -> float:
+        q = _prefill_logits(tiny_llm(arch, quantization=method), ids)
+        return float((q - ref).norm() / ref.norm())
+
+    e8, e4 = err("int8"), err("int4-g32")
+    assert 0 < e8 < 0.02 and e8 < e4 / 4, (e8, e4)
+
+
+@pytest.fixture(scope="module")
+def text_ids(smollm2_path):
+    from fastinfer.models.loader import load_tokenizer
+
+    ids = load_tokenizer(smollm2_path).encode(TEXT.read_text())
+    assert len(ids) >= 5000
+    return ids
