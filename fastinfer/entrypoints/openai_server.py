@@ -414,24 +414,42 @@ def _start(aeng: AsyncLLMEngine, rid: str, prompt: dict, sp: SamplingParams,
 
 async def _sse(streams: list[_Started], chunk: Callable[[int, CompletionOutput, str, int], dict], base: dict,
                include_usage: bool, metrics: ServerMetrics) -> AsyncIterator[str]:
-    """Merge the request streams into SSE events (text deltas); aborts all requests if the client leaves."""
-    merged: asyncio.Queue = asyncio.Queue()
+    """Merge the request streams into SSE events (text deltas); aborts all requests if the client leaves.
 
-    async def pump(i: int, s: _Started) -> None:
-        while True:
-            item = await s.queue.get()
-            await merged.put((i, item))
-            if isinstance(item, BaseException) or item.finished:
-                return
+    Snapshots are cumulative, so when several of a single-request stream are already waiting (the client or the
+    event loop fell behind the engine) only the newest becomes an event: fewer, larger deltas, no backlog."""
+    if len(streams) == 1:  # the common case: read the request's own queue, no merging task
+        merged = streams[0].queue
+        tasks: list[asyncio.Future] = []
+        single = True
+    else:
+        merged = asyncio.Queue()
+        single = False
 
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+        async def pump(i: int, s: _Started) -> None:
+            while True:
+                item = await s.queue.get()
+                await merged.put((i, item))
+                if isinstance(item, BaseException) or item.finished:
+                    return
+
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+
+    async def next_item() -> tuple[int, Any]:
+        got = await merged.get()
+        if not single:
+            return got
+        while not merged.empty() and not isinstance(got, BaseException) and not got.finished:
+            got = merged.get_nowait()  # a newer cumulative snapshot of the same request supersedes this one
+        return 0, got
+
     sent_text: dict[tuple[int, int], int] = {}
     sent_tokens: dict[tuple[int, int], int] = {}
     finals: list[RequestOutput] = []
     done = 0
     try:
         while done < len(streams):
-            i, item = await merged.get()
+            i, item = await next_item()
             if isinstance(item, BaseException):
                 err = {"error": {"message": str(item), "type": "server_error", "param": None, "code": None}}
                 yield f"data: {json.dumps(err)}\n\n"
