@@ -17,7 +17,7 @@ import torch
 from fastinfer.layers.linear import Linear
 from fastinfer.models.llama import LlamaForCausalLM
 from fastinfer.ops import AttentionMetadata
-from fastinfer.quantization import QuantizedWeight, fit_group_size, pack_int4, quantize_int4
+from fastinfer.quantization import QuantizedWeight, fit_group_size, pack_int4
 
 logger = logging.getLogger("fastinfer")
 
@@ -49,13 +49,14 @@ def collect_hessians(model: LlamaForCausalLM, sequences: Sequence[list[int]], bl
 
 
 def _fit_group(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(scale, min) per row for the columns ``w`` [N, g]: int4 asymmetric (min/max with the clipping search of
-    :func:`fastinfer.quantization.quantize_int4`), int8 symmetric absmax."""
+    """(scale, min) per row for the columns ``w`` [N, g]: int4 asymmetric min/max, int8 symmetric absmax. (A
+    clipping search here measured slightly worse after GPTQ on SmolLM2: +10.7% vs +9.4% perplexity.)"""
     if bits == 8:
         amax = w.abs().amax(-1)
         return torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)), None
-    qw = quantize_int4(w, w.shape[1])
-    return qw.scales[:, 0], qw.mins[:, 0] if qw.mins is not None else None
+    lo, hi = w.amin(-1), w.amax(-1)
+    s = (hi - lo) / 15.0
+    return torch.where(s > 0, s, torch.ones_like(s)), lo
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, damp: float = 0.01,

@@ -81,3 +81,38 @@ def text_ids(smollm2_path):
     ids = load_tokenizer(smollm2_path).encode(TEXT.read_text())
     assert len(ids) >= 5000
     return ids
+
+
+@pytest.fixture(scope="module")
+def float_ppl(smollm2_path, text_ids):
+    from fastinfer.evaluate import perplexity
+
+    llm = LLM(smollm2_path, dtype="bfloat16", max_model_len=1024, load_progress=False)
+    return perplexity(llm.engine.runner.model, text_ids, window=1024)
+
+
+def _quantized_ppl(smollm2_path, text_ids, method: str, group_size: int | None = None) -> float:
+    from fastinfer.evaluate import perplexity
+
+    llm = LLM(smollm2_path, dtype="bfloat16", max_model_len=1024, load_progress=False)
+    model = llm.engine.runner.model
+    model.quantize(method, group_size)  # RTN from the float (dequantized) weights, lm_head int8 per channel
+    return perplexity(model, text_ids, window=1024).perplexity
+
+
+def test_perplexity_gate_int8(smollm2_path, text_ids, float_ppl):
+    """Acceptance gate: int8 per-channel within 1% of the float model on >= 5,000 tokens of English."""
+    assert float_ppl.num_predicted >= 5000
+    ratio = _quantized_ppl(smollm2_path, text_ids, "int8") / float_ppl.perplexity
+    assert abs(ratio - 1) < 0.01, ratio
+
+
+def test_perplexity_int4_lossless_and_rtn(smollm2_path, text_ids, float_ppl):
+    """int4 group 32 RTN reproduces the file's Q4_1 grid exactly (perplexity unchanged up to bf16 sums), while
+    int4 g128 RTN (g64 where 128 does not divide K=576) costs a measured +33% on this 135M model, whose float
+    weights are themselves 4-bit: the 5% target is not met (GPTQ gets +9.4%, see benchmarks/RESULTS.md). This
+    bounds that loss so a quantizer regression fails."""
+    g32 = _quantized_ppl(smollm2_path, text_ids, "int4", 32) / float_ppl.perplexity
+    assert abs(g32 - 1) < 0.002, g32
+    g128 = _quantized_ppl(smollm2_path, text_ids, "int4", 128) / float_ppl.perplexity
+    assert 1.0 < g128 < 1.4, g128

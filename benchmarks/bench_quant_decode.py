@@ -1,0 +1,113 @@
+"""End-to-end single-stream decode with quantized weights: fastinfer float (bf16 / fp32) vs fastinfer int4 (the
+GGUF's own Q4_1 tensors, lossless) vs llama.cpp (``llama-cpp-python``) on the same Q4_1 file, same prompt
+(token ids), greedy, fixed length, 2 threads, in one run.
+
+    python benchmarks/bench_quant_decode.py                     # SmolLM2-135M Q4_1
+    python benchmarks/bench_quant_decode.py --tokens 128 --repeats 5
+
+Decode rate excludes prefill for every engine: (N - 1) / (time for N tokens - time for 1 token), medians.
+llama.cpp's prompt cache is reset between calls (``llm.reset()``) so every call pays the same prefill.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import emit, make_workload, median_time, table  # noqa: E402
+
+from fastinfer import LLM, SamplingParams  # noqa: E402
+from fastinfer.models.loader import load_tokenizer, resolve_model_path  # noqa: E402
+
+
+def decode_rate(gen_n, gen_1, n: int, repeats: int) -> tuple[float, float, float]:
+    """(tok/s, seconds for n tokens, seconds for 1 token) from median timings."""
+    t_n = median_time(gen_n, repeats)
+    t_1 = median_time(gen_1, repeats)
+    return (n - 1) / (t_n - t_1), t_n, t_1
+
+
+def fastinfer_rate(model: str, dtype: str, quantization: str | None, ids: list[int], n: int, repeats: int,
+                   ) -> tuple[float, str]:
+    llm = LLM(model, dtype=dtype, quantization=quantization, max_model_len=2048, max_num_seqs=1,
+              enable_prefix_caching=False, load_progress=False)
+
+    def gen(k: int):
+        sp = SamplingParams(temperature=0, max_tokens=k, ignore_eos=True)
+        return lambda: llm.generate({"prompt_token_ids": ids}, sp, use_tqdm=False)
+
+    gen(n)()  # warm-up
+    rate, _, _ = decode_rate(gen(n), gen(1), n, repeats)
+    return rate, llm.engine.ops.chosen.get("quant_linear", "-")
+
+
+def llama_cpp_rate(path: str, ids: list[int], n: int, repeats: int, threads: int) -> float | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama-cpp-python is not installed: no llama.cpp row (see ../shared/ENVIRONMENT.md)", file=sys.stderr)
+        return None
+    llm = Llama(model_path=path, n_ctx=2048, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                verbose=False)
+    from llama_cpp import LogitsProcessorList
+
+    eos = llm.token_eos()
+
+    def no_eos(_ids, scores):  # fixed-length generations, like ignore_eos on our side
+        scores[eos] = -float("inf")
+        return scores
+
+    def gen(k: int):
+        def run():
+            llm.reset()
+            out = []
+            for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True,
+                                    logits_processor=LogitsProcessorList([no_eos])):
+                out.append(tok)
+                if len(out) == k:
+                    break
+            return out
+        return run
+
+    gen(n)()  # warm-up
+    rate, _, _ = decode_rate(gen(n), gen(1), n, repeats)
+    return rate
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-llama-cpp", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    path = resolve_model_path(args.model)
+    tok = load_tokenizer(args.model)
+    ids = tok.encode(make_workload("mixed", 1, 3)[0]["prompt"])[:256]
+    rows: list[dict] = []
+    runs = [("bfloat16", None), ("bfloat16", "gguf"), ("float32", None), ("float32", "gguf")]
+    rates = {}
+    for dtype, q in runs:
+        rate, backend = fastinfer_rate(path, dtype, q, ids, args.tokens, args.repeats)
+        rates[(dtype, q)] = rate
+        emit({"case": "decode", "engine": "fastinfer", "dtype": dtype, "weights": "int4 Q4_1 (lossless)" if q else
+              "float (dequantized)", "quant_backend": backend if q else "-", "tok_s": rate}, rows)
+    lc = None if args.no_llama_cpp else llama_cpp_rate(path, ids, args.tokens, args.repeats, args.threads)
+    if lc is not None:
+        emit({"case": "decode", "engine": "llama.cpp", "dtype": "-", "weights": "Q4_1", "quant_backend": "ggml",
+              "tok_s": lc}, rows)
+    for r in rows:
+        r["vs_float_bf16"] = r["tok_s"] / rates[("bfloat16", None)]
+        r["vs_llama_cpp"] = r["tok_s"] / lc if lc else float("nan")
+    print()
+    print(f"prompt {len(ids)} tokens, {args.tokens} new tokens, {args.threads} threads, medians of {args.repeats}")
+    print(table(rows, ["engine", "dtype", "weights", "quant_backend", "tok_s", "vs_float_bf16", "vs_llama_cpp"]))
+
+
+if __name__ == "__main__":
+    main()
