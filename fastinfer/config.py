@@ -124,7 +124,11 @@ class SpeculativeConfig:
 
     Adaptive: speculation switches off while more than ``disable_by_batch_size`` requests run (verification
     then costs real compute) and, per request, drafts shrink to one token while its measured acceptance stays
-    low. The draft model's KV cache takes KV memory next to the target's (the engine sizes both together)."""
+    low. With a draft model and ``cost_aware`` (default), each request instead gets the draft length that
+    maximises expected tokens per unit of time given its acceptance and the measured cost of a draft step
+    relative to a target step: none while drafting would not pay (a draft every 16 tokens re-measures).
+    ``cost_aware=False`` always drafts (the n-gram rule). The draft model's KV cache takes KV memory next to
+    the target's (the engine sizes both together)."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
@@ -133,6 +137,7 @@ class SpeculativeConfig:
     disable_by_batch_size: int = 4
     model: str | None = None
     quantization: str | None = None
+    cost_aware: bool = True
 
     METHODS = ("ngram", "draft_model")
 
@@ -147,6 +152,8 @@ class SpeculativeConfig:
                 raise ValueError(f"speculative_config.{name} must be an integer in [{lo}, {hi}], got {v!r}")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError("speculative_config.prompt_lookup_min must be <= prompt_lookup_max")
+        if not isinstance(self.cost_aware, bool):
+            raise ValueError(f"speculative_config.cost_aware must be true or false, got {self.cost_aware!r}")
         if self.method == "ngram":
             if self.model is not None or self.quantization is not None:
                 raise ValueError("speculative_config: 'model' and 'quantization' belong to method 'draft_model'")
@@ -176,7 +183,7 @@ class SpeculativeConfig:
     def from_dict(cls, d: dict[str, Any]) -> SpeculativeConfig:
         """Validate a vLLM-style dict (unknown keys raise)."""
         known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
-                 "disable_by_batch_size", "model", "quantization"}
+                 "disable_by_batch_size", "model", "quantization", "cost_aware"}
         extra = set(d) - known
         if extra:
             raise ValueError(f"unknown speculative_config keys: {sorted(extra)}")

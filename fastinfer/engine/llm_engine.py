@@ -111,6 +111,8 @@ class LLMEngine:
         self._parents: dict[str, _Parent] = {}
         self._owner: dict[str, _Parent] = {}  # core request id -> parent
         self.num_steps = 0
+        self._step_s: float | None = None  # moving average of a decode / verify step of the target
+        self._draft_step_s: float | None = None  # ... and of one draft-model step (its catch-up included)
 
     def _load_draft(self, spec: SpeculativeConfig, target: LoadedModel) -> LoadedModel | None:
         """The draft model of ``method="draft_model"`` (the target itself, quantized, when no model is given),
@@ -231,8 +233,12 @@ class LLMEngine:
         except Exception as e:  # keep serving: fail this batch's requests, loudly
             logger.exception("model step failed; failing the %d requests of this batch", len(sched.reqs))
             return self._fail(sched, f"internal error during the forward pass: {type(e).__name__}: {e}")
+        elapsed = time.perf_counter() - t0
         if sched.spec_token_ids:
-            self.spec_stats["verify_time_s"] += time.perf_counter() - t0
+            self.spec_stats["verify_time_s"] += elapsed
+        if all(n == 1 + len(sched.spec_token_ids.get(r.request_id, ()))
+               for r, n in zip(sched.reqs, sched.num_scheduled_tokens)):  # decode / verify only: no prefill
+            self._step_s = elapsed if self._step_s is None else 0.8 * self._step_s + 0.2 * elapsed
         touched = self.scheduler.update(sched, result)
         if sched.spec_token_ids:
             self._record_spec(sched, result)
@@ -278,7 +284,7 @@ class LLMEngine:
 
     def _propose(self) -> None:
         """Give running requests drafts for the next step, adaptively: none while the batch is large (verifying
-        costs compute there), a single token for requests whose drafts keep failing."""
+        costs compute there), fewer (or, for a draft model, none) for requests whose drafts keep failing."""
         spec, proposer = self.spec, self.proposer
         assert spec is not None and proposer is not None
         running = self.scheduler.running
@@ -291,8 +297,7 @@ class LLMEngine:
             sp = req.sampling_params
             room = min((sp.max_tokens or self.max_model_len) - req.num_output_tokens,
                        self.max_model_len - req.num_tokens) - 1
-            k = spec.num_speculative_tokens if req.spec_acceptance >= 0.3 else 1
-            k = min(k, room)
+            k = min(self._draft_length(req, spec.num_speculative_tokens), room)
             # a draft model writes its KV up to position num_tokens + k - 2: reserve the target's slots for it
             if k > 0 and (not proposer.needs_kv_slots or self.kv.allocate_slots(req, k)):
                 reqs.append(req)
@@ -301,9 +306,38 @@ class LLMEngine:
             return
         t0 = time.perf_counter()
         drafts = self.runner.propose(reqs, ks, [self.kv.req_blocks[r.request_id] for r in reqs])
-        self.spec_stats["draft_time_s"] += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        self.spec_stats["draft_time_s"] += elapsed
+        if proposer.needs_kv_slots:
+            per_step = elapsed / max(ks)
+            self._draft_step_s = per_step if self._draft_step_s is None else 0.8 * self._draft_step_s + 0.2 * per_step
         for req, d in zip(reqs, drafts):
             req.spec_token_ids = d
+
+    PROBE_EVERY = 16
+
+    def _draft_length(self, req: Request, k_max: int) -> int:
+        """Drafts to propose for ``req``. N-gram lookup is free: ``k_max``, or 1 while the request's acceptance
+        (moving average ``a``) stays low. A draft model (``cost_aware``) costs ``c`` target steps per draft step
+        (measured): the k in 0..k_max with the most expected tokens per unit of time,
+        (1 - a^(k+1)) / (1 - a) / (1 + k c); when that is 0 (no drafts), one draft every PROBE_EVERY tokens
+        keeps ``a`` up to date."""
+        a = req.spec_acceptance
+        assert self.spec is not None and self.proposer is not None
+        if not (self.proposer.needs_kv_slots and self.spec.cost_aware):
+            return k_max if a >= 0.3 else 1
+        if self._step_s is None or self._draft_step_s is None:
+            return k_max  # nothing measured yet
+        c = self._draft_step_s / max(self._step_s, 1e-9)
+        best_k, best = 0, 1.0
+        for k in range(1, k_max + 1):
+            tokens = k + 1 if a >= 0.999 else (1 - a ** (k + 1)) / (1 - a)
+            rate = tokens / (1 + k * c)
+            if rate > best:
+                best_k, best = k, rate
+        if best_k == 0 and req.num_output_tokens % self.PROBE_EVERY == 0:
+            return 1
+        return best_k
 
     def _fail(self, sched: SchedulerOutput, message: str) -> list[RequestOutput]:
         parents = {self._owner[r.request_id].request_id: self._owner[r.request_id] for r in sched.reqs}

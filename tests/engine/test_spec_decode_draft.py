@@ -1,7 +1,10 @@
 """Speculative decoding with a draft model (a perturbed copy of the tiny target) and with the quantized self-draft
 (the target at int4): greedy output identical to plain decoding (batches, preemption, chunking, prefix hits);
 the draft never reads KV it did not write; sampled output has exactly the target distribution with a real draft
-model whose q differs from p (a wrong rule fails the same test)."""
+model whose q differs from p (a wrong rule fails the same test); the cost-aware draft length.
+
+The mechanism tests turn ``cost_aware`` off: on tiny models a draft costs as much as the target, so the
+cost-aware rule would (rightly) stop drafting."""
 from __future__ import annotations
 
 import dataclasses
@@ -43,7 +46,7 @@ def draft_dir(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["draft_model", "int4_self_draft"])
 def spec_config(request, draft_dir):
-    base = {"num_speculative_tokens": 4, "disable_by_batch_size": 8}
+    base = {"num_speculative_tokens": 4, "disable_by_batch_size": 8, "cost_aware": False}
     if request.param == "draft_model":
         return {"method": "draft_model", "model": draft_dir, **base}
     return {"method": "draft_model", "quantization": "int4-g32", **base}  # the tiny widths: group 32
@@ -111,7 +114,7 @@ def _poison(prop: DraftModelProposer, keep: set[int]) -> None:
 @pytest.mark.parametrize("kw_name", ["plain", "preempt"])
 def test_draft_reads_only_its_own_kv_and_reuses_it_on_prefix_hits(tiny_llm, draft_dir, plain_outputs, kw_name):
     spec = tiny_llm("llama", speculative_config={"method": "draft_model", "model": draft_dir,
-                                                 "disable_by_batch_size": 8}, **KWS[kw_name])
+                                                 "disable_by_batch_size": 8, "cost_aware": False}, **KWS[kw_name])
     prop = spec.engine.proposer
     assert isinstance(prop, DraftModelProposer)
     _poison(prop, set())  # never-written slots are NaN
@@ -129,7 +132,8 @@ def test_draft_reads_only_its_own_kv_and_reuses_it_on_prefix_hits(tiny_llm, draf
 
 def test_requests_with_different_k_share_one_draft_batch_and_metrics(tiny_llm, draft_dir, monkeypatch):
     spec = tiny_llm("llama", speculative_config={"method": "draft_model", "model": draft_dir,
-                                                 "num_speculative_tokens": 4, "disable_by_batch_size": 8})
+                                                 "num_speculative_tokens": 4, "disable_by_batch_size": 8,
+                                                 "cost_aware": False})
     calls: list[list[int]] = []
     inner = spec.engine.runner.propose
 
@@ -155,9 +159,30 @@ def test_requests_with_different_k_share_one_draft_batch_and_metrics(tiny_llm, d
     assert values["fastinfer_spec_decode_verify_time_seconds_total"] > 0
 
 
+def test_cost_aware_draft_length(tiny_llm, tiny_model_dir, tmp_path):
+    bad = perturbed_copy(tiny_model_dir("llama"), str(tmp_path / "bad"), noise=1.0)  # almost never right
+    spec = tiny_llm("llama", speculative_config={"method": "draft_model", "model": bad, "disable_by_batch_size": 8})
+    outs = spec.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert _tokens(outs) == _tokens(tiny_llm("llama").generate(PROMPTS, GREEDY, use_tqdm=False))
+    st = spec.engine.spec_stats
+    assert 0 < st["draft_tokens"] < 0.25 * sum(len(t) for t in _tokens(outs))  # first tries and probes only
+    eng, req = spec.engine, Request("r", [1, 2, 3], GREEDY)
+    req.output_token_ids = [5]  # not a probe position
+    eng._step_s, eng._draft_step_s = 1.0, 0.1  # a draft step costs a tenth of a target step
+    req.spec_acceptance = 0.9
+    assert eng._draft_length(req, 4) == 4
+    req.spec_acceptance = 0.3
+    assert 1 <= eng._draft_length(req, 4) < 4
+    eng._draft_step_s = 2.0  # dearer than the target: never pays
+    req.spec_acceptance = 1.0
+    assert eng._draft_length(req, 4) == 0
+    req.output_token_ids = [5] * eng.PROBE_EVERY
+    assert eng._draft_length(req, 4) == 1  # but a probe keeps the acceptance measured
+
+
 def test_seeded_sampling_with_draft_is_reproducible(tiny_llm, draft_dir):
     spec = tiny_llm("llama", speculative_config={"method": "draft_model", "model": draft_dir,
-                                                 "disable_by_batch_size": 8})
+                                                 "disable_by_batch_size": 8, "cost_aware": False})
     sps = [SamplingParams(temperature=0.8, top_p=0.9, seed=s, max_tokens=20, ignore_eos=True) for s in (1, 2, 3)]
     a = _tokens(spec.generate(PROMPTS, sps, use_tqdm=False))
     b = _tokens(spec.generate(PROMPTS, sps, use_tqdm=False))
@@ -179,7 +204,7 @@ def small_pair(tmp_path_factory):
     target = small_vocab_model(str(tmp_path_factory.mktemp("sv-target")), seed=0)
     draft = small_vocab_model(str(tmp_path_factory.mktemp("sv-draft")), seed=1, num_layers=1)
     llm = LLM(target, speculative_config={"method": "draft_model", "model": draft, "num_speculative_tokens": 2,
-                                          "disable_by_batch_size": 1 << 20},
+                                          "disable_by_batch_size": 1 << 20, "cost_aware": False},
               load_progress=False, dtype="float32", max_num_seqs=512, max_model_len=64)
     return target, llm
 

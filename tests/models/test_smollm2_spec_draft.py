@@ -55,6 +55,7 @@ def test_draft_model_speculation_is_token_identical_on_smollm2(smollm2_path, smo
     prompts, want = prompts_and_reference
     cfg = ({"method": "draft_model", "model": smollm2_sibling} if proposer == "sibling_draft_model"
            else {"method": "draft_model", "quantization": "int4"})
+    cfg["cost_aware"] = False  # always draft (a poor draft would rightly be switched off)
     spec = LLM(smollm2_path, dtype="float32", load_progress=False, speculative_config=cfg, **TIGHT)
     for _ in range(2):  # the second pass starts from prefix-cache hits
         assert [o.outputs[0].token_ids for o in spec.generate(prompts, SP, use_tqdm=False)] == want
