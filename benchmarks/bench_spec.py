@@ -1,21 +1,38 @@
-"""Speculative decoding: single-stream decode speed-up of each proposer on input-grounded prompts
-("repeat this passage"), acceptance rates, and throughput at 32 concurrent requests with adaptive
-speculation vs none, in one run.
+"""Speculative decoding: for each proposer (n-gram prompt lookup, a draft model, the int4 self-draft), the
+single-stream decode speed-up over plain decoding on input-grounded prompts ("repeat this passage"), the
+acceptance rate, mean acceptance length and draft / verify time, and throughput at 32 concurrent requests with
+adaptive speculation vs none, in one run.
 
-    python benchmarks/bench_spec.py [--model smollm2-135m] [--k 4]
+    python benchmarks/bench_spec.py [--model smollm2-135m] [--k 4] [--proposers ngram,draft,int4-self]
+                                    [--draft-model DIR_OR_GGUF | --draft-layers 20] [--always-draft] [--quick]
+
+The draft model is ``--draft-model`` (any model sharing the target's tokenizer) or, by default, a sibling made
+from the target's first ``--draft-layers`` layers (written to a temporary directory): SmolLM2-135M has no
+smaller released sibling. Draft models are cost-aware (they draft only for requests whose measured acceptance
+pays for the measured draft cost); ``--always-draft`` makes them draft every step. ``--quick`` runs tiny
+settings (one prompt, a few tokens, 4 concurrent requests) to check that the script works; its figures mean
+nothing.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
+import glob
+import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import emit, make_workload, table, throughput  # noqa: E402
 
 from fastinfer import LLM, SamplingParams  # noqa: E402
+
+PROPOSERS = ("ngram", "draft", "int4-self")
 
 
 def decode_speed(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
@@ -30,40 +47,142 @@ def decode_speed(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[f
     return statistics.median(speeds), outs
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def make_sibling(model: str, num_layers: int, out_dir: str) -> str:
+    """A draft model made of ``model``'s first ``num_layers`` layers (same embeddings, final norm, lm_head and
+    tokenizer), written as an HF directory. ``model`` is a GGUF file / short name or an HF directory."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from fastinfer.config import ModelConfig
+    from fastinfer.models.gguf_loader import GGUFFile
+    from fastinfer.models.loader import resolve_model_path
+    from fastinfer.tokenizer import tokenizer_from_gguf
+
+    def keep(name: str) -> bool:
+        return ".layers." not in name or int(name.split(".layers.")[1].split(".")[0]) < num_layers
+
+    path = resolve_model_path(model)
+    os.makedirs(out_dir, exist_ok=True)
+    if path.endswith(".gguf"):
+        gguf = GGUFFile(path)
+        cfg = gguf.model_config()
+        tensors = {n: w.contiguous() for n, w in gguf.tensors(cfg, torch.float32) if keep(n)}
+        tokenizer_from_gguf(gguf).save_pretrained(out_dir)
+    else:
+        with open(os.path.join(path, "config.json")) as fh:
+            cfg = ModelConfig.from_hf_dict(json.load(fh))
+        tensors = {}
+        for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+            tensors.update({n: t for n, t in load_file(f).items() if keep(n)})
+        for f in os.listdir(path):
+            if f.startswith("tokenizer") or f in ("special_tokens_map.json", "chat_template.jinja"):
+                shutil.copy(os.path.join(path, f), out_dir)
+    if not 1 <= num_layers < cfg.num_hidden_layers:
+        raise SystemExit(f"--draft-layers must be in [1, {cfg.num_hidden_layers - 1}]")
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as fh:
+        json.dump(dataclasses.replace(cfg, num_hidden_layers=num_layers).to_hf_dict(), fh)
+    return out_dir
+
+
+def num_layers_of(model: str) -> int:
+    from fastinfer.config import ModelConfig
+    from fastinfer.models.gguf_loader import GGUFFile
+    from fastinfer.models.loader import resolve_model_path
+
+    path = resolve_model_path(model)
+    if path.endswith(".gguf"):
+        return GGUFFile(path).model_config().num_hidden_layers
+    with open(os.path.join(path, "config.json")) as fh:
+        return ModelConfig.from_hf_dict(json.load(fh)).num_hidden_layers
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--prompts", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--concurrent", type=int, default=32)
-    args = ap.parse_args()
-    spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
-    common = dict(dtype=args.dtype, max_model_len=4096, max_num_seqs=args.concurrent, load_progress=False)
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--proposers", default=",".join(PROPOSERS), help=f"comma-separated subset of {PROPOSERS}")
+    ap.add_argument("--draft-model", default=None, help="draft for 'draft' (default: a sibling of --draft-layers)")
+    ap.add_argument("--draft-layers", type=int, default=None,
+                    help="layers of the default sibling draft (default: two thirds of the target's)")
+    ap.add_argument("--self-quantization", default="int4", help="quantization of the self-draft")
+    ap.add_argument("--always-draft", action="store_true",
+                    help="draft models draft every step (cost_aware=False) instead of only when it pays off")
+    ap.add_argument("--quick", action="store_true", help="tiny settings, to check that the script runs")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.prompts, args.max_tokens, args.concurrent = 1, 12, 4
+        args.max_model_len = min(args.max_model_len, 512)
+    proposers = [p for p in args.proposers.split(",") if p]
+    unknown = set(proposers) - set(PROPOSERS)
+    if unknown:
+        raise SystemExit(f"unknown proposers {sorted(unknown)}; choose from {PROPOSERS}")
+    tmp = tempfile.mkdtemp(prefix="bench-spec-")
+    try:
+        return run(args, proposers, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, proposers: list[str], tmp: str) -> list[dict]:
+    common = dict(dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.concurrent,
+                  load_progress=False)
     plain = LLM(args.model, **common)
-    ngram = LLM(args.model, speculative_config=spec, **common)
     tok = plain.get_tokenizer()
-    grounded = [plain.chat_prompt(w["messages"])["prompt_token_ids"]
+    limit = args.max_model_len - args.max_tokens - args.k - 2
+    grounded = [plain.chat_prompt(w["messages"])["prompt_token_ids"][-limit:]
                 for w in make_workload("grounded", args.prompts, 0)]
-    rows: list[dict] = []
-    decode_speed(plain, grounded[:1], 8)
-    decode_speed(ngram, grounded[:1], 8)
-    base, base_out = decode_speed(plain, grounded, args.max_tokens)
-    fast, fast_out = decode_speed(ngram, grounded, args.max_tokens)
-    st = ngram.engine.spec_stats
-    emit({"case": "single_stream_grounded", "proposer": "ngram", "k": args.k, "plain_tok_s": base,
-          "spec_tok_s": fast, "ratio": fast / base, "identical": base_out == fast_out,
-          "acceptance_rate": st["accepted_tokens"] / max(1, st["draft_tokens"]),
-          "mean_accepted_per_step": st["accepted_tokens"] / max(1, st["steps"])}, rows)
-    items = [{"ids": tok.encode(w["prompt"]), "max_tokens": w["max_tokens"]}
+    items = [{"ids": tok.encode(w["prompt"])[-limit:],
+              "max_tokens": min(w["max_tokens"], 2 * args.max_tokens) if args.quick else w["max_tokens"]}
              for w in make_workload("mixed", args.concurrent, 3)]
-    b0 = throughput(plain, items)
-    b1 = throughput(ngram, items)
-    emit({"case": f"throughput_{args.concurrent}_concurrent", "proposer": "ngram (adaptive)", "plain_tok_s": b0,
-          "spec_tok_s": b1, "ratio": b1 / b0}, rows)
+    decode_speed(plain, grounded[:1], 8)  # warm-up
+    base, base_out = decode_speed(plain, grounded, args.max_tokens)
+    base_tp = throughput(plain, items)
+    configs = {"ngram": {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": 4,
+                         "prompt_lookup_min": 2},
+               "int4-self": {"method": "draft_model", "quantization": args.self_quantization,
+                             "num_speculative_tokens": args.k, "cost_aware": not args.always_draft}}
+    labels = {"ngram": "ngram", "int4-self": f"{args.self_quantization} self-draft"}
+    if "draft" in proposers:
+        draft = args.draft_model
+        if draft is None:
+            layers = args.draft_layers or max(1, num_layers_of(args.model) * 2 // 3)
+            draft = make_sibling(args.model, layers, os.path.join(tmp, "sibling"))
+            labels["draft"] = f"draft: first {layers} layers"
+        else:
+            labels["draft"] = f"draft: {os.path.basename(draft.rstrip('/'))}"
+        configs["draft"] = {"method": "draft_model", "model": draft, "num_speculative_tokens": args.k,
+                            "cost_aware": not args.always_draft}
+    rows: list[dict] = []
+    for name in proposers:
+        llm = LLM(args.model, speculative_config=configs[name], **common)
+        eng = llm.engine
+        decode_speed(llm, grounded[:1], 8)  # warm-up
+        before = eng.spec_summary()
+        fast, fast_out = decode_speed(llm, grounded, args.max_tokens)
+        st = eng.spec_summary()
+        steps = st["steps"] - before["steps"]
+        drafts = st["draft_tokens"] - before["draft_tokens"]
+        accepted = st["accepted_tokens"] - before["accepted_tokens"]
+        emit({"case": "single_stream_grounded", "proposer": labels[name], "k": args.k, "plain_tok_s": base,
+              "spec_tok_s": fast, "ratio": fast / base, "identical": base_out == fast_out,
+              "acceptance_rate": accepted / max(1, drafts), "mean_acceptance_length": 1 + accepted / max(1, steps),
+              "draft_time_s": st["draft_time_s"] - before["draft_time_s"],
+              "verify_time_s": st["verify_time_s"] - before["verify_time_s"]}, rows)
+        tp = throughput(llm, items)
+        emit({"case": f"throughput_{args.concurrent}_concurrent", "proposer": f"{labels[name]} (adaptive)",
+              "plain_tok_s": base_tp, "spec_tok_s": tp, "ratio": tp / base_tp}, rows)
+        del llm, eng
+        gc.collect()
     print()
-    print(table(rows, ["case", "proposer", "plain_tok_s", "spec_tok_s", "ratio", "acceptance_rate"]))
+    print(table(rows, ["case", "proposer", "plain_tok_s", "spec_tok_s", "ratio", "acceptance_rate",
+                       "mean_acceptance_length", "draft_time_s", "verify_time_s"]))
+    return rows
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ class DraftModelProposer:
         alive = list(range(len(reqs)))
         for step in range(max(ks)):
             logits = self.model.compute_logits(hidden)  # [len(alive), V] fp32
-            finite = torch.isfinite(logits).all(dim=-1).tolist()
+            finite = torch.isfinite(logits.sum(dim=-1)).tolist()  # a NaN/inf anywhere in a row makes its sum one
             new, q = self._sample(logits, [reqs[i] for i in alive], step)
             nxt = []
             for j, i in enumerate(alive):
