@@ -38,6 +38,7 @@ class _DraftState:
     num_preemptions: int
     num_computed: int = 0  # leading positions whose draft KV holds the request's own tokens
     pending: list[int] = field(default_factory=list)  # draft tokens written at positions num_computed...
+    num_recorded: int = 0  # leading blocks entered in valid_blocks (or found there) for this request
 
 
 class DraftModelProposer:
@@ -70,7 +71,8 @@ class DraftModelProposer:
     def _state(self, req: Request, blocks: list[int]) -> _DraftState:
         st = self._states.get(req.request_id)
         if st is None or st.req is not req or st.num_preemptions != req.num_preemptions:
-            st = _DraftState(req, req.num_preemptions, self._valid_prefix(req, blocks))
+            valid = self._valid_prefix(req, blocks)
+            st = _DraftState(req, req.num_preemptions, valid, num_recorded=valid // self.block_size)
             self._states[req.request_id] = st
             self.num_reused_tokens += st.num_computed
         return st
@@ -87,12 +89,16 @@ class DraftModelProposer:
             n += 1
         return n * self.block_size
 
-    def _record_blocks(self, req: Request, blocks: list[int], num_computed: int) -> None:
+    def _record_blocks(self, req: Request, st: _DraftState, blocks: list[int], first_written: int) -> None:
+        """Enter the request's full blocks below ``st.num_computed`` in ``valid_blocks``: those completed since
+        the last call and any this call wrote into (from position ``first_written``)."""
         if not self.enable_caching:
             return
         req.update_block_hashes(self.block_size)
-        for i in range(min(num_computed // self.block_size, len(req.block_hashes), len(blocks))):
+        n_full = min(st.num_computed // self.block_size, len(req.block_hashes), len(blocks))
+        for i in range(min(st.num_recorded, first_written // self.block_size), n_full):
             self.valid_blocks[blocks[i]] = req.block_hashes[i]
+        st.num_recorded = max(st.num_recorded, n_full)
 
     def _prune(self) -> None:
         for rid in [rid for rid, st in self._states.items() if st.req.is_finished]:
@@ -117,9 +123,9 @@ class DraftModelProposer:
             start = min(st.num_computed, ends[i] - 1)  # at least the last token: its logits give draft 1
             items.append((i, req.all_token_ids[start:ends[i]], start))
         hidden = self._catch_up(items, block_ids, ends)  # [B, hidden]
-        for i, (req, st) in enumerate(zip(reqs, states)):
+        for (i, _, start), req, st in zip(items, reqs, states):
             st.num_computed = ends[i]
-            self._record_blocks(req, block_ids[i], ends[i])
+            self._record_blocks(req, st, block_ids[i], start)
         tokens: list[list[int]] = [[] for _ in reqs]
         probs: list[list[torch.Tensor]] = [[] for _ in reqs]
         alive = list(range(len(reqs)))

@@ -128,6 +128,12 @@ def test_draft_reads_only_its_own_kv_and_reuses_it_on_prefix_hits(tiny_llm, draf
     if kw_name == "plain":  # nothing evicted: the second pass starts from the draft KV of the first
         assert spec.engine.kv.prefix_hits > 0
         assert prop.num_reused_tokens - reused >= 32  # the passage's two full prompt blocks
+    _poison(prop, set(prop.valid_blocks))
+    drafted = spec.engine.spec_stats["draft_tokens"]
+    sp = SamplingParams(n=3, temperature=0.8, seed=7, max_tokens=24, ignore_eos=True)  # forks share blocks
+    outs = spec.generate(PROMPTS[:2], sp, use_tqdm=False)
+    assert all(len({tuple(c.token_ids) for c in o.outputs}) == 3 for o in outs)
+    assert prop.num_nonfinite == 0 and spec.engine.spec_stats["draft_tokens"] > drafted
 
 
 def test_requests_with_different_k_share_one_draft_batch_and_metrics(tiny_llm, draft_dir, monkeypatch):
