@@ -22,7 +22,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", "-q", default=None,
                    help="int8 | int4 | int4-g32 | int4-g64 | int4-g128 | gguf (weight-only; default: float weights)")
     p.add_argument("--speculative-config", type=json.loads, default=None,
-                   help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
+                   help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\', '
+                        '\'{"method": "draft_model", "model": DRAFT}\' or \'{"method": "draft_model", '
+                        '"quantization": "int4"}\' (int4 self-draft)')
     p.add_argument("-v", "--verbose", action="store_true", help="log engine details to stderr")
 
 
