@@ -143,9 +143,8 @@ fc::DType scale_dtype(const at::Tensor& t, const char* name) {
   }
 }
 
-// Rows of x up to which the in-register kernels run; above, a GEMM on the weight dequantized to x's dtype
-// (in chunks of about kDequantChunkBytes, still in cache when the GEMM reads them) is faster.
-constexpr int64_t kGemvMaxRows = 8;
+// Where the kernels would be slower (many rows of x, fp32 or fp16 x), a GEMM on the weight dequantized to
+// x's dtype, in chunks of about kDequantChunkBytes (still in cache when the GEMM reads them).
 constexpr int64_t kDequantChunkBytes = int64_t(4) << 20;
 
 // y [M, N] = x [M, K] @ W.T + bias with W in the weight-only format of fastinfer/quantization.py.
@@ -187,10 +186,11 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   }
   const int nthreads = at::get_num_threads();  // follow torch.set_num_threads
 
-  if (M > kGemvMaxRows) {  // dequantize chunks of W, GEMM them (fp16 in fp32: CPU fp16 GEMMs are slow)
+  if (!fc::quant_linear_prefers(M, xdt, int(bits), group_size)) {  // dequantize chunks of W, GEMM them (fp16 in fp32: CPU fp16 GEMMs are slow)
     const at::Tensor xw = x.scalar_type() == at::kHalf ? x.to(at::kFloat) : x;  // [M, K]
-    const int64_t rows =
-        std::max<int64_t>(16, std::min<int64_t>(N, kDequantChunkBytes / (K * int64_t(xw.element_size()))));
+    // Chunks of whole multiples of 256 rows: oneDNN's bf16 GEMM runs some other widths (e.g. 3640) 2x slower.
+    const int64_t fit = kDequantChunkBytes / (K * int64_t(xw.element_size()));
+    const int64_t rows = std::min<int64_t>(N, std::max<int64_t>(256, fit / 256 * 256));
     at::Tensor w = at::empty({std::min(rows, N), K}, xw.options());  // [rows, K]
     at::Tensor out = at::empty({M, N}, xw.options());                 // [M, N]
     fc::QuantDequantParams d;

@@ -76,6 +76,7 @@ def check(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None
 # (bits, group_size or None = per channel, K, N): K an odd multiple of the group, odd N.
 CASES = [
     (8, None, 200, 17),
+    (8, None, 2049, 17),  # long odd rows: the bf16 kernel's masked tail
     (8, None, 64, 1),
     (8, 32, 224, 101),
     (4, 32, 160, 101),
@@ -106,7 +107,7 @@ def test_matches_reference(isa, case, xdtype, scale_dtype, bias):
 def test_bf16_within_one_rounding(isa, bits, group):
     """Few rows (the in-register kernels): bf16 outputs are the fp32 reference rounded once, give or take one
     bf16 step (fp32 summation order decides ties; outputs near zero get fp32 noise of the output scale)."""
-    k = 1024
+    k = 2048
     qw = make_weight(bits, group, 64, k, torch.float16, seed=13)
     gen = torch.Generator().manual_seed(14)
     for m in (1, 2, 4):
@@ -128,12 +129,13 @@ def test_many_rows_match_torch_backend_bitwise(isa, bits, group):
     assert torch.equal(cpp.quant_linear(x, *args), torch_backend.quant_linear(x, *args))
 
 
+@pytest.mark.parametrize("k", [200, 2049])
 @pytest.mark.parametrize("xdtype", list(XDTYPES.values()), ids=list(XDTYPES))
-def test_int8_per_channel_with_mins(isa, xdtype):
-    qw = make_weight(8, None, 33, 200, torch.float32, seed=2, mins=True)
+def test_int8_per_channel_with_mins(isa, xdtype, k):
+    qw = make_weight(8, None, 33, k, torch.float32, seed=2, mins=True)
     gen = torch.Generator().manual_seed(3)
     for m in ROWS:
-        check((torch.randn(m, 200, generator=gen) + 0.5).to(xdtype), qw)  # [M, K], nonzero mean
+        check((torch.randn(m, k, generator=gen) + 0.5).to(xdtype), qw)  # [M, K], nonzero mean
 
 
 def test_gguf_blocks_exact(isa):

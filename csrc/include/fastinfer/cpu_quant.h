@@ -20,9 +20,9 @@ namespace cpu {
 // out[m, n] = sum_k x[m, k] * w[n, k] + bias[n], with w dequantized in registers in fp32 (activations stay
 // in their dtype's precision: nothing is quantized), accumulated in fp32, rounded once to out's dtype.
 //
-// Covered: bits 8 with group_size == K (any K, "per channel") or group_size % 16 == 0; bits 4 with
-// group_size % 32 == 0 (quant_linear_supported says whether a case is). Meant for few rows (decode);
-// the caller handles large M as dequantize + GEMM.
+// Covered: bits 8 with group_size == K (any K, "per channel") or group_size % 32 == 0; bits 4 with
+// group_size % 32 == 0 (quant_linear_supported says whether a case is). Any M is computed, but the kernels
+// are meant for few rows (decode); quant_linear_prefers says up to which M they beat dequantize + GEMM.
 struct QuantLinearParams {
   DType x_dtype = DType::kFloat32;  // of x and out alike
   const void* x = nullptr;          // [M, K], row stride x_stride (elements), unit column stride
@@ -44,6 +44,10 @@ int quant_linear(const QuantLinearParams& p);
 
 // True when quant_linear handles this (bits, K, group_size).
 bool quant_linear_supported(int bits, int64_t K, int64_t group_size);
+
+// True when quant_linear is expected to be faster than quant_dequantize + a GEMM for M rows of x (on the
+// active instruction set).
+bool quant_linear_prefers(int64_t M, DType x_dtype, int bits, int64_t group_size);
 
 // Dequantize weight rows [n0, n1) into dst ([n1 - n0, K], row stride K) of dtype dst_dtype (fp32 exact;
 // bf16 / fp16 rounded to nearest even from the fp32 value). Same weight fields as QuantLinearParams.
