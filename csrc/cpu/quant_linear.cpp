@@ -299,6 +299,17 @@ void rows(const Ctx& c, int64_t n0, int64_t n1) {
 namespace avx2 {
 
 constexpr int kRmax = 2;
+
+template <int R>
+struct RowPtrs {
+  const uint8_t* p[R];
+};
+template <int R>
+FQ_INLINE RowPtrs<R> qrow_ptrs(const Ctx& c, int64_t n0) {
+  RowPtrs<R> rp;
+  for (int r = 0; r < R; ++r) rp.p[r] = c.q + (n0 + r) * c.qrow;
+  return rp;
+}
 constexpr int kMTmax = 4;
 
 FQ_INLINE float hsum(__m256 v) {
@@ -329,6 +340,7 @@ FQ_INLINE void int4_tile(const Ctx& c, int64_t n0, int64_t m0, const RowScales& 
       m[r] = _mm256_set1_ps(rs.m[r][gi]);
     }
     for (int64_t k = gi * c.g; k < (gi + 1) * c.g; k += 32) {
+      if ((k & 127) == 0) prefetch_rows<R>(qrow_ptrs<R>(c, n0).p, k / 2);
       for (int h = 0; h < 2; ++h) {  // bytes 8h .. 8h + 7: evens 8h.., odds 8h..
         __m256 xe[MT], xo[MT];
         for (int mt = 0; mt < MT; ++mt) {
@@ -368,6 +380,7 @@ FQ_INLINE void int8g_tile(const Ctx& c, int64_t n0, int64_t m0, const RowScales&
       m[r] = _mm256_set1_ps(rs.m[r][gi]);
     }
     for (int64_t k = gi * c.g; k < (gi + 1) * c.g; k += 8) {
+      if ((k & 63) == 0) prefetch_rows<R>(qrow_ptrs<R>(c, n0).p, k);
       __m256 xv[MT];
       for (int mt = 0; mt < MT; ++mt) xv[mt] = _mm256_loadu_ps(c.xf + (m0 + mt) * c.xs + k);
       for (int r = 0; r < R; ++r) {
@@ -392,6 +405,7 @@ FQ_INLINE void int8c_tile(const Ctx& c, int64_t n0, int64_t m0, const RowScales&
     for (int mt = 0; mt < MT; ++mt) acc[r][mt] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= c.K; k += 8) {
+    if ((k & 63) == 0) prefetch_rows<R>(qrow_ptrs<R>(c, n0).p, k);
     __m256 xv[MT];
     for (int mt = 0; mt < MT; ++mt) xv[mt] = _mm256_loadu_ps(c.xf + (m0 + mt) * c.xs + k);
     for (int r = 0; r < R; ++r) {
