@@ -135,8 +135,9 @@ def _quant_unsupported(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                  bits: int, group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Weight-only int8/int4 ``x @ W.T + bias`` for x [..., K] (format of :mod:`fastinfer.quantization`); same
-    contract as :func:`fastinfer.ops.reference.quant_linear`. Few rows (decode) dequantize the weight in
-    registers in fp32; many rows dequantize it in chunks to x's dtype and run a GEMM (csrc/bindings.cpp)."""
+    contract as :func:`fastinfer.ops.reference.quant_linear`. Few rows (decode) expand the weight in registers
+    (its exact fp32 values, fp32 sums; csrc/cpu/quant_linear.cpp); many rows dequantize it in chunks to x's
+    dtype (fp32 for fp16 x) and run a GEMM (csrc/bindings.cpp, ``quant_linear_prefers`` decides)."""
     why = _quant_unsupported(x, qweight, scales, mins, bits, group_size)
     if why is not None:
         _fallback(why)
