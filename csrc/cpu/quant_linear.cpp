@@ -38,6 +38,12 @@
 
 #define FQ_INLINE inline __attribute__((always_inline))
 
+// No FMA contraction: the weights must be the reference's q * s, then + m (two roundings; GCC would fuse
+// the mul + add intrinsics otherwise). Explicit FMA intrinsics stay FMAs.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif

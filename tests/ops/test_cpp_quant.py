@@ -119,12 +119,14 @@ def test_bf16_within_one_rounding(isa, bits, group):
 
 
 @pytest.mark.parametrize("bits,group", [(8, None), (8, 32), (4, 32), (4, 64)], ids=["i8c", "i8g32", "i4g32", "i4g64"])
-def test_many_rows_match_torch_backend_bitwise(isa, bits, group):
-    """Many rows dequantize chunks of W to bf16 (one rounding of the exact fp32 weight) and run the same GEMM
-    as the torch backend: identical results, across chunk boundaries (N over one chunk)."""
-    qw = make_weight(bits, group, 1100, 2048, torch.float16, seed=15)
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_many_rows_match_torch_backend_bitwise(isa, bits, group, xdtype):
+    """Many rows dequantize chunks of W to x's dtype (bf16: one rounding of the exact fp32 weight q * s + m,
+    fp32 scales included) and run the same GEMM as the torch backend: identical results, across chunk
+    boundaries (N over one chunk)."""
+    qw = make_weight(bits, group, 1100, 2048, torch.float32, seed=15)
     gen = torch.Generator().manual_seed(16)
-    x = torch.randn(40, 2048, generator=gen).bfloat16()  # [M, K]
+    x = torch.randn(40, 2048, generator=gen).to(xdtype)  # [M, K]
     args = (qw.qweight, qw.scales, qw.mins, bits, qw.group_size)
     assert torch.equal(cpp.quant_linear(x, *args), torch_backend.quant_linear(x, *args))
 
