@@ -304,16 +304,13 @@ class LLMEngine:
                 ks.append(k)
         if not reqs:
             return
-        ran_before = getattr(proposer, "num_tokens_computed", 0)
         t0 = time.perf_counter()
         drafts = self.runner.propose(reqs, ks, [self.kv.req_blocks[r.request_id] for r in reqs])
-        elapsed = time.perf_counter() - t0
-        self.spec_stats["draft_time_s"] += elapsed
-        ran = getattr(proposer, "num_tokens_computed", 0) - ran_before
-        # the cost of a draft step is learnt in steady state only: a long catch-up (a new prompt, or tokens
-        # decoded while drafting was off) is a one-off that would make drafting look too dear to ever resume
-        if proposer.needs_kv_slots and ran <= sum(ks) + 2 * len(reqs):
-            per_step = elapsed / max(ks)
+        self.spec_stats["draft_time_s"] += time.perf_counter() - t0
+        # the draft step cost is learnt without catch-ups: a long one (a new prompt, or tokens decoded while
+        # drafting was off) is a one-off that would make drafting look too dear to ever resume
+        per_step = getattr(proposer, "last_step_s", None)
+        if proposer.needs_kv_slots and per_step is not None:
             self._draft_step_s = per_step if self._draft_step_s is None else 0.8 * self._draft_step_s + 0.2 * per_step
         for req, d in zip(reqs, drafts):
             req.spec_token_ids = d

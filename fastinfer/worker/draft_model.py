@@ -19,6 +19,7 @@ draft's KV (only acceptance does); this bookkeeping keeps the draft from reading
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -62,6 +63,7 @@ class DraftModelProposer:
         self.enable_caching = enable_caching
         self.valid_blocks: dict[int, bytes] = {}  # block id -> hash of the full block whose draft KV it holds
         self._states: dict[str, _DraftState] = {}
+        self.last_step_s: float | None = None  # seconds per draft step of the last proposal, catch-up excluded
         self.num_forwards = 0  # draft forwards run (catch-up chunks + single-token steps)
         self.num_tokens_computed = 0  # tokens the draft has run (catch-up and drafts)
         self.num_nonfinite = 0  # draft rows with NaN/inf logits (their proposal stops there)
@@ -123,6 +125,7 @@ class DraftModelProposer:
             start = min(st.num_computed, ends[i] - 1)  # at least the last token: its logits give draft 1
             items.append((i, req.all_token_ids[start:ends[i]], start))
         hidden = self._catch_up(items, block_ids, ends)  # [B, hidden]
+        t0 = time.perf_counter()
         for (i, _, start), req, st in zip(items, reqs, states):
             st.num_computed = ends[i]
             self._record_blocks(req, st, block_ids[i], start)
@@ -150,6 +153,9 @@ class DraftModelProposer:
             for i in alive:
                 states[i].pending.append(tokens[i][-1])
             hidden = self._forward([(i, [tokens[i][-1]], ends[i] + step) for i in alive], block_ids)[1]
+        # cost of one draft step without the catch-up (a new prompt or tokens decoded while drafting was off
+        # would make drafting look dearer than it is); a single-step proposal has no forward to time
+        self.last_step_s = (time.perf_counter() - t0) / max(ks) if max(ks) > 1 else None
         return [Draft(t, torch.stack(p) if p and len(p) == len(t) else None)  # [k, V]
                 for t, p in zip(tokens, probs)]
 
