@@ -126,7 +126,7 @@ class SpeculativeConfig:
     then costs real compute) and, per request, drafts shrink to one token while its measured acceptance stays
     low. With a draft model and ``cost_aware`` (default), each request instead gets the draft length that
     maximises expected tokens per unit of time given its acceptance and the measured cost of a draft step
-    relative to a target step: none while drafting would not pay (a draft every 16 tokens re-measures).
+    relative to a target step: none while drafting would not pay (a draft every 64 tokens re-measures).
     ``cost_aware=False`` always drafts (the n-gram rule). The draft model's KV cache takes KV memory next to
     the target's (the engine sizes both together)."""
 

@@ -315,18 +315,23 @@ class LLMEngine:
         for req, d in zip(reqs, drafts):
             req.spec_token_ids = d
 
-    PROBE_EVERY = 16
+    PROBE_EVERY = 64
 
     def _draft_length(self, req: Request, k_max: int) -> int:
         """Drafts to propose for ``req``. N-gram lookup is free: ``k_max``, or 1 while the request's acceptance
         (moving average ``a``) stays low. A draft model (``cost_aware``) costs ``c`` target steps per draft step
         (measured): the k in 0..k_max with the most expected tokens per unit of time,
         (1 - a^(k+1)) / (1 - a) / (1 + k c); when that is 0 (no drafts), one draft every PROBE_EVERY tokens
-        keeps ``a`` up to date."""
+        keeps ``a`` up to date. No drafts while the draft's catch-up exceeds 4x the tokens the request has left."""
         a = req.spec_acceptance
         assert self.spec is not None and self.proposer is not None
         if not (self.proposer.needs_kv_slots and self.spec.cost_aware):
             return k_max if a >= 0.3 else 1
+        lag = getattr(self.proposer, "lag", None)
+        sp = req.sampling_params
+        left = (sp.max_tokens or self.max_model_len) - req.num_output_tokens
+        if lag is not None and lag(req) > 4 * left:
+            return 0  # catching the draft up (e.g. when a large batch has shrunk) would cost more than it can save
         if self._step_s is None or self._draft_step_s is None:
             return k_max  # nothing measured yet
         c = self._draft_step_s / max(self._step_s, 1e-9)

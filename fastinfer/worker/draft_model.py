@@ -69,6 +69,13 @@ class DraftModelProposer:
         self.num_nonfinite = 0  # draft rows with NaN/inf logits (their proposal stops there)
         self.num_reused_tokens = 0  # tokens of (re)starting requests whose draft KV came from valid_blocks
 
+    def lag(self, req: Request) -> int:
+        """Tokens of ``req`` the draft has not run yet (its next catch-up), prefix-cache reuse not counted."""
+        st = self._states.get(req.request_id)
+        if st is None or st.req is not req or st.num_preemptions != req.num_preemptions:
+            return req.num_tokens
+        return req.num_tokens - st.num_computed
+
     # -- bookkeeping -------------------------------------------------------------------------------------
     def _state(self, req: Request, blocks: list[int]) -> _DraftState:
         st = self._states.get(req.request_id)

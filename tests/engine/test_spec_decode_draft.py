@@ -172,7 +172,7 @@ def test_cost_aware_draft_length(tiny_llm, tiny_model_dir, tmp_path):
     assert _tokens(outs) == _tokens(tiny_llm("llama").generate(PROMPTS, GREEDY, use_tqdm=False))
     st = spec.engine.spec_stats
     assert 0 < st["draft_tokens"] < 0.25 * sum(len(t) for t in _tokens(outs))  # first tries and probes only
-    eng, req = spec.engine, Request("r", [1, 2, 3], GREEDY)
+    eng, req = spec.engine, Request("r", [1, 2, 3], SamplingParams(temperature=0, max_tokens=1000))
     req.output_token_ids = [5]  # not a probe position
     eng._step_s, eng._draft_step_s = 1.0, 0.1  # a draft step costs a tenth of a target step
     req.spec_acceptance = 0.9
@@ -184,6 +184,10 @@ def test_cost_aware_draft_length(tiny_llm, tiny_model_dir, tmp_path):
     assert eng._draft_length(req, 4) == 0
     req.output_token_ids = [5] * eng.PROBE_EVERY
     assert eng._draft_length(req, 4) == 1  # but a probe keeps the acceptance measured
+    eng._draft_step_s = 0.1
+    short = Request("s", list(range(1, 200)), SamplingParams(temperature=0, max_tokens=20))
+    short.output_token_ids = [5] * 10  # 10 tokens left, the draft would first have to run all 209
+    assert eng._draft_length(short, 4) == 0
 
 
 def test_seeded_sampling_with_draft_is_reproducible(tiny_llm, draft_dir):
