@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 
 from fastinfer.models.llama import LlamaForCausalLM
-from fastinfer.ops import AttentionMetadata
 
 
 @dataclass
@@ -31,11 +30,8 @@ def perplexity(model: LlamaForCausalLM, token_ids: list[int], window: int = 1024
             ids = token_ids[start:start + window]
             if len(ids) < 2:
                 break
-            n = len(ids)
-            meta = AttentionMetadata.build([n], [n], [list(range(-(-n // block_size)))], block_size)
-            hidden = model(torch.tensor(ids), torch.arange(n), meta)  # [n, hidden]
+            hidden = model.forward_sequence(ids, block_size)  # [n, hidden]
             logits = model.compute_logits(hidden[:-1])  # [n - 1, vocab] fp32
-            targets = torch.tensor(ids[1:])
-            nll += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
-            count += n - 1
+            nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum"))
+            count += len(ids) - 1
     return Perplexity(math.exp(nll / count), nll, count)

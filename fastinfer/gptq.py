@@ -16,7 +16,6 @@ import torch
 
 from fastinfer.layers.linear import Linear
 from fastinfer.models.llama import LlamaForCausalLM
-from fastinfer.ops import AttentionMetadata
 from fastinfer.quantization import QuantizedWeight, fit_group_size, pack_int4
 
 logger = logging.getLogger("fastinfer")
@@ -39,9 +38,7 @@ def collect_hessians(model: LlamaForCausalLM, sequences: Sequence[list[int]], bl
     try:
         with model.scratch_kv_cache(max(len(s) for s in sequences), block_size), torch.inference_mode():
             for ids in sequences:
-                n = len(ids)
-                meta = AttentionMetadata.build([n], [n], [list(range(-(-n // block_size)))], block_size)
-                model(torch.tensor(ids), torch.arange(n), meta)
+                model.forward_sequence(ids, block_size)
     finally:
         for h in handles:
             h.remove()

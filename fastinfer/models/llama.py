@@ -20,6 +20,16 @@ from fastinfer.ops import AttentionMetadata, OpSet
 from fastinfer.quantization import QuantizedWeight
 
 
+def new_kv_caches(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                  device: torch.device | str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One (k, v) pair of paged caches per layer, each [num_blocks, block_size, Hkv, D]. Uninitialised (pages
+    are touched lazily): every attention backend reads only slots below seq_len, which store_kv has written,
+    and the kernel tests poison the rest with NaN to prove it."""
+    shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+    return [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+            for _ in range(cfg.num_hidden_layers)]
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: OpSet, dtype: torch.dtype, rotary: RotaryEmbedding) -> None:
         super().__init__()
@@ -118,14 +128,19 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers:
             assert isinstance(layer, LlamaDecoderLayer)
             saved.append((layer.self_attn.k_cache, layer.self_attn.v_cache))
-        cfg = self.config
-        shape = (-(-num_tokens // block_size), block_size, cfg.num_key_value_heads, cfg.head_dim)  # [B, bs, Hkv, D]
-        dtype = self.embed_tokens.weight.dtype
-        self.bind_kv_cache([(torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)) for _ in saved])
+        self.bind_kv_cache(new_kv_caches(self.config, -(-num_tokens // block_size), block_size,
+                                         self.embed_tokens.weight.dtype))
         try:
             yield
         finally:
             self.bind_kv_cache(saved)
+
+    def forward_sequence(self, ids: list[int], block_size: int = 16) -> torch.Tensor:
+        """Hidden states [n, hidden] of one whole sequence from position 0, cached in blocks 0, 1, ...: a
+        forward for use inside :meth:`scratch_kv_cache` (evaluation, calibration)."""
+        n = len(ids)
+        meta = AttentionMetadata.build([n], [n], [list(range(-(-n // block_size)))], block_size)
+        return self(torch.tensor(ids), torch.arange(n), meta)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, hidden]

@@ -27,7 +27,7 @@ import torch
 
 from fastinfer.config import ModelConfig
 from fastinfer.core.request import Request
-from fastinfer.models.llama import LlamaForCausalLM
+from fastinfer.models.llama import LlamaForCausalLM, new_kv_caches
 from fastinfer.ops import AttentionMetadata
 from fastinfer.worker.sampler import filtered_probs, mix_seed
 from fastinfer.worker.spec_decode import DRAFT_STREAM, Draft
@@ -52,11 +52,8 @@ class DraftModelProposer:
                  dtype: torch.dtype, device: torch.device | str = "cpu", seed: int = 0,
                  max_num_batched_tokens: int = 2048, enable_caching: bool = True) -> None:
         self.model, self.cfg, self.block_size, self.device = model, cfg, block_size, torch.device(device)
-        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
         # Uninitialised like the target's: the draft reads only positions it wrote (see the module docstring).
-        self.kv_caches = [(torch.empty(shape, dtype=dtype, device=device),
-                           torch.empty(shape, dtype=dtype, device=device))
-                          for _ in range(cfg.num_hidden_layers)]  # per layer: [num_blocks, block, Hkv, D] x 2
+        self.kv_caches = new_kv_caches(cfg, num_blocks, block_size, dtype, device)
         model.bind_kv_cache(self.kv_caches)
         self.generator = torch.Generator().manual_seed(seed ^ 0x5EED)
         self.max_num_batched_tokens = max(1, max_num_batched_tokens)

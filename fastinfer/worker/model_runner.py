@@ -11,7 +11,7 @@ import torch
 from fastinfer.config import ModelConfig
 from fastinfer.core.request import Request
 from fastinfer.core.scheduler import ModelRunnerOutput, SchedulerOutput
-from fastinfer.models.llama import LlamaForCausalLM
+from fastinfer.models.llama import LlamaForCausalLM, new_kv_caches
 from fastinfer.ops import AttentionMetadata, OpSet
 from fastinfer.worker.sampler import sample
 from fastinfer.worker.spec_decode import Draft, Proposer, verify
@@ -32,12 +32,7 @@ class ModelRunner:
                  proposer: Proposer | None = None) -> None:
         self.ops = ops
         self.model, self.cfg, self.block_size, self.device = model, cfg, block_size, torch.device(device)
-        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-        # Uninitialised (pages are touched lazily): every attention backend reads only slots < seq_len,
-        # which store_kv has written, and the kernel tests poison the rest with NaN to prove it.
-        self.kv_caches = [(torch.empty(shape, dtype=dtype, device=device),
-                           torch.empty(shape, dtype=dtype, device=device))
-                          for _ in range(cfg.num_hidden_layers)]  # per layer: [num_blocks, block, Hkv, D] x 2
+        self.kv_caches = new_kv_caches(cfg, num_blocks, block_size, dtype, device)
         model.bind_kv_cache(self.kv_caches)
         self.generator = torch.Generator().manual_seed(seed)
         self.proposer = proposer

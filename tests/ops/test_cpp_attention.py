@@ -16,34 +16,6 @@ from fastinfer.ops import cpp_backend as cpp  # noqa: E402
 from fastinfer.ops.registry import OpSet, backend_status  # noqa: E402
 from tests.ops.paged_cases import paged_case  # noqa: E402
 
-ISAS = ("generic", "avx2", "avx512", "avx512_bf16")
-
-
-def _supported_isas() -> list[str]:
-    try:
-        return [isa for isa in ISAS if cpp.cpu_isa(isa) == isa]
-    finally:
-        cpp.cpu_isa("auto")
-
-
-SUPPORTED_ISAS = _supported_isas()
-
-
-@pytest.fixture(params=SUPPORTED_ISAS)
-def isa(request):
-    assert cpp.cpu_isa(request.param) == request.param
-    yield request.param
-    cpp.cpu_isa("auto")
-
-
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    """1 thread runs items inline; 2 threads also splits long contexts into parts merged afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
-
 
 def check(q, k_cache, v_cache, meta, window, kernel_meta=None):
     """Kernel output vs the reference computed in fp32 from the same (possibly bf16/fp16) inputs: fp32 must

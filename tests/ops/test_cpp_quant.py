@@ -14,38 +14,12 @@ from fastinfer.ops import reference, torch_backend  # noqa: E402
 from fastinfer.ops.registry import OpSet  # noqa: E402
 from fastinfer.quantization import QuantizedWeight, pack_int4, quantize_int4, quantize_int8  # noqa: E402
 
-ISAS = ("generic", "avx2", "avx512", "avx512_bf16")
 ROWS = (1, 3, 7, 16, 33, 64)  # M: decode sizes through the GEMM path
 XDTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Output error allowed, as a fraction of the output's largest magnitude: fp32 must match the fp32 reference
 # to accumulation-order noise; bf16/fp16 to about one rounding of the output (or of the weight in the GEMM
 # path, which dequantizes to x's dtype).
 TOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
-
-
-def _supported_isas() -> list[str]:
-    try:
-        return [isa for isa in ISAS if cpp.cpu_isa(isa) == isa]
-    finally:
-        cpp.cpu_isa("auto")
-
-
-SUPPORTED_ISAS = _supported_isas()
-
-
-@pytest.fixture(params=SUPPORTED_ISAS)
-def isa(request):
-    assert cpp.cpu_isa(request.param) == request.param
-    yield request.param
-    cpp.cpu_isa("auto")
-
-
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
 
 
 def make_weight(bits: int, group: int | None, n: int, k: int, scale_dtype: torch.dtype, seed: int = 0,
