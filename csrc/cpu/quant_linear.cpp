@@ -19,6 +19,7 @@
 // Variants: generic (portable C++), AVX2, AVX-512, AVX-512 + BF16, compiled under `#pragma GCC target` and
 // chosen at run time by the ISA of cpu_attention.h (FASTINFER_CPU_ISA / set_isa).
 #include "fastinfer/cpu_quant.h"
+#include "fastinfer/cpu_common.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -29,23 +30,10 @@
 #include <omp.h>
 #endif
 
-#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
-#define FQ_X86 1
-#include <immintrin.h>
-#else
-#define FQ_X86 0
-#endif
-
-#define FQ_INLINE inline __attribute__((always_inline))
-
 // No FMA contraction: the weights must be the reference's q * s, then + m (two roundings; GCC would fuse
 // the mul + add intrinsics otherwise). Explicit FMA intrinsics stay FMAs.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("fp-contract=off")
-#endif
-
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
 namespace fastinfer {
@@ -72,18 +60,18 @@ enum QuantError : int {
 // ---------------------------------------------------------------------------------------------------------
 // Scalar conversions (bit-exact round to nearest even, as torch's casts).
 
-FQ_INLINE float bits_to_float(uint32_t u) {
+FI_INLINE float bits_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
 }
-FQ_INLINE uint32_t float_to_bits(float f) {
+FI_INLINE uint32_t float_to_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
   return u;
 }
-FQ_INLINE float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
-FQ_INLINE float fp16_to_float(uint16_t h16) {
+FI_INLINE float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
+FI_INLINE float fp16_to_float(uint16_t h16) {
   const uint32_t h = h16, sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
   if (exp == 0x1f) return bits_to_float(sign | 0x7f800000u | (man << 13));
   if (exp == 0) {
@@ -92,12 +80,12 @@ FQ_INLINE float fp16_to_float(uint16_t h16) {
   }
   return bits_to_float(sign | ((exp + 112u) << 23) | (man << 13));
 }
-FQ_INLINE uint16_t float_to_bf16(float f) {
+FI_INLINE uint16_t float_to_bf16(float f) {
   const uint32_t u = float_to_bits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
   return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
-FQ_INLINE uint16_t float_to_fp16(float f) {
+FI_INLINE uint16_t float_to_fp16(float f) {
   const uint32_t u = float_to_bits(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
   uint32_t h;
   if (a > 0x7f800000u) {
@@ -113,14 +101,14 @@ FQ_INLINE uint16_t float_to_fp16(float f) {
   return uint16_t(sign | h);
 }
 
-FQ_INLINE float load_elem(const void* p, DType dt, int64_t i) {
+FI_INLINE float load_elem(const void* p, DType dt, int64_t i) {
   switch (dt) {
     case DType::kFloat32: return static_cast<const float*>(p)[i];
     case DType::kBFloat16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
     default: return fp16_to_float(static_cast<const uint16_t*>(p)[i]);
   }
 }
-FQ_INLINE void store_elem(void* p, DType dt, int64_t i, float v) {
+FI_INLINE void store_elem(void* p, DType dt, int64_t i, float v) {
   switch (dt) {
     case DType::kFloat32: static_cast<float*>(p)[i] = v; break;
     case DType::kBFloat16: static_cast<uint16_t*>(p)[i] = float_to_bf16(v); break;
@@ -136,7 +124,7 @@ float* thread_buf(int which, size_t n) {
   return b.data();
 }
 
-#if FQ_X86
+#if FI_X86
 // Software prefetch of the weight rows this far ahead (bytes) of the tile, once per 64-byte line of each.
 // Measured on Zen 4/5-class EPYC, 2 threads, M = 1: 8-24 KiB all about equal, 1.2-1.5x faster than 512 B
 // for the int4 and int8-g32 kernels (the hardware prefetchers alone reach ~30 GB/s, like bf16 F.linear).
@@ -144,7 +132,7 @@ float* thread_buf(int which, size_t n) {
 #define FQ_PREFETCH_BYTES 16384
 #endif
 template <int R>
-FQ_INLINE void prefetch_rows(const uint8_t* const* qr, int64_t off) {
+FI_INLINE void prefetch_rows(const uint8_t* const* qr, int64_t off) {
   for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(qr[r] + off + FQ_PREFETCH_BYTES), _MM_HINT_T0);
 }
 #endif
@@ -179,7 +167,7 @@ struct RowScales {
 // n0 .. n0 + nr - 1 ([nr][G] each; mins all zero when absent), pointing into the weight itself when it is
 // fp32, else converted into `buf` (from scales_buf(c, >= nr)).
 #define FQ_DEFINE_ROW_SCALES()                                                                     \
-  FQ_INLINE RowScales row_scales(const Ctx& c, int64_t n0, int nr, float* buf) {                  \
+  FI_INLINE RowScales row_scales(const Ctx& c, int64_t n0, int nr, float* buf) {                  \
     RowScales rs{};                                                                                \
     const int64_t G = c.G;                                                                         \
     for (int r = 0; r < nr; ++r) {                                                                 \
@@ -212,13 +200,13 @@ float* scales_buf(const Ctx& c, int nr) {
   return b;
 }
 
-FQ_INLINE void cvt_f16_scalar(const uint16_t* src, float* dst, int64_t n) {
+FI_INLINE void cvt_f16_scalar(const uint16_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = fp16_to_float(src[i]);
 }
 
 // Write out[m0 + mt, n0 + r] = res[r][mt] + bias.
 template <int R, int MT>
-FQ_INLINE void store_tile(const Ctx& c, int64_t n0, int64_t m0, const float (&res)[R][MT]) {
+FI_INLINE void store_tile(const Ctx& c, int64_t n0, int64_t m0, const float (&res)[R][MT]) {
   for (int r = 0; r < R; ++r) {
     const float b = c.bias ? c.bias[n0 + r] : 0.f;
     for (int mt = 0; mt < MT; ++mt) store_elem(c.out, c.odt, (m0 + mt) * c.os + n0 + r, res[r][mt] + b);
@@ -230,7 +218,7 @@ FQ_INLINE void store_tile(const Ctx& c, int64_t n0, int64_t m0, const float (&re
 // group size 32 (GGUF) gets its own instantiation (GS = 32: the per-group inner loop disappears).
 #define FQ_DEFINE_ROWS(NAME, TILE)                                                        \
   template <int R, int GS>                                                                \
-  FQ_INLINE void NAME##_block(const Ctx& c, int64_t n0, float* sbuf) {                    \
+  FI_INLINE void NAME##_block(const Ctx& c, int64_t n0, float* sbuf) {                    \
     const RowScales rs = row_scales(c, n0, R, sbuf);                                      \
     for (int64_t m0 = 0; m0 < c.M; m0 += kMTmax) {                                        \
       switch (std::min<int64_t>(kMTmax, c.M - m0)) {                                      \
@@ -242,7 +230,7 @@ FQ_INLINE void store_tile(const Ctx& c, int64_t n0, int64_t m0, const float (&re
     }                                                                                     \
   }                                                                                       \
   template <int GS>                                                                       \
-  FQ_INLINE void NAME##_gs(const Ctx& c, int64_t n0, int64_t n1) {                        \
+  FI_INLINE void NAME##_gs(const Ctx& c, int64_t n0, int64_t n1) {                        \
     float* sbuf = scales_buf(c, kRmax);                                                   \
     int64_t n = n0;                                                                       \
     for (; n + kRmax <= n1; n += kRmax) NAME##_block<kRmax, GS>(c, n, sbuf);              \
@@ -258,7 +246,7 @@ FQ_INLINE void store_tile(const Ctx& c, int64_t n0, int64_t m0, const float (&re
 
 namespace generic {
 
-FQ_INLINE void cvt_f16(const uint16_t* src, float* dst, int64_t n) { cvt_f16_scalar(src, dst, n); }
+FI_INLINE void cvt_f16(const uint16_t* src, float* dst, int64_t n) { cvt_f16_scalar(src, dst, n); }
 FQ_DEFINE_ROW_SCALES()
 
 void dequant_row(const Ctx& c, int64_t n, const RowScales& rs, float* w) {
@@ -297,7 +285,7 @@ void rows(const Ctx& c, int64_t n0, int64_t n1) {
 
 }  // namespace generic
 
-#if FQ_X86
+#if FI_X86
 // ---------------------------------------------------------------------------------------------------------
 // AVX2 variant: 8 lanes; int4 through convert + scale (no 16-entry permute in AVX2).
 #pragma GCC push_options
@@ -311,14 +299,14 @@ struct RowPtrs {
   const uint8_t* p[R];
 };
 template <int R>
-FQ_INLINE RowPtrs<R> qrow_ptrs(const Ctx& c, int64_t n0) {
+FI_INLINE RowPtrs<R> qrow_ptrs(const Ctx& c, int64_t n0) {
   RowPtrs<R> rp;
   for (int r = 0; r < R; ++r) rp.p[r] = c.q + (n0 + r) * c.qrow;
   return rp;
 }
 constexpr int kMTmax = 4;
 
-FQ_INLINE float hsum(__m256 v) {
+FI_INLINE float hsum(__m256 v) {
   const __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
   return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
@@ -334,7 +322,7 @@ FQ_DEFINE_ROW_SCALES()
 
 // int4, x split even | odd per 32-block: (e0..e15, o0..o15).
 template <int R, int MT, int GS>
-FQ_INLINE void int4_tile(const Ctx& c, int64_t n0, int64_t m0, const RowScales& rs) {
+FI_INLINE void int4_tile(const Ctx& c, int64_t n0, int64_t m0, const RowScales& rs) {
   __m256 acc[R][MT];
   for (int r = 0; r < R; ++r)
     for (int mt = 0; mt < MT; ++mt) acc[r][mt] = _mm256_setzero_ps();
@@ -375,7 +363,7 @@ FQ_INLINE void int4_tile(const Ctx& c, int64_t n0, int64_t m0, const RowScales& 
 
 // int8 with groups (g % 32 == 0): exact w = q * s + m.
 template <int R, int MT, int GS>
-FQ_INLINE void int8g_tile(const Ctx& c, int64_t n0, int64_t m0, const RowScales& rs) {
+FI_INLINE void int8g_tile(const Ctx& c, int64_t n0, int64_t m0, const RowScales& rs) {
   __m256 acc[R][MT];
   for (int r = 0; r < R; ++r)
     for (int mt = 0; mt < MT; ++mt) acc[r][mt] = _mm256_setzero_ps();
@@ -405,7 +393,7 @@ FQ_INLINE void int8g_tile(const Ctx& c, int64_t n0, int64_t m0, const RowScales&
 
 // int8 per channel (one group of K, any K): y = s * sum x q + m * sum x.
 template <int R, int MT, int GS>
-FQ_INLINE void int8c_tile(const Ctx& c, int64_t n0, int64_t m0, const RowScales& rs) {
+FI_INLINE void int8c_tile(const Ctx& c, int64_t n0, int64_t m0, const RowScales& rs) {
   __m256 acc[R][MT];
   for (int r = 0; r < R; ++r)
     for (int mt = 0; mt < MT; ++mt) acc[r][mt] = _mm256_setzero_ps();
@@ -451,7 +439,7 @@ namespace avx512 {
 constexpr int kRmax = FQ_R512;
 constexpr int kMTmax = 4;
 
-FQ_INLINE void cvt_f16(const uint16_t* src, float* dst, int64_t n) {
+FI_INLINE void cvt_f16(const uint16_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 mk = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1u);
     _mm512_mask_storeu_ps(dst + i, mk, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, src + i)));
@@ -460,7 +448,7 @@ FQ_INLINE void cvt_f16(const uint16_t* src, float* dst, int64_t n) {
 FQ_DEFINE_ROW_SCALES()
 
 // The four horizontal sums of a, b, c, d.
-FQ_INLINE __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+FI_INLINE __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
   const __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
   const __m256 b8 = _mm256_add_ps(_mm512_castps512_ps256(b), _mm512_extractf32x8_ps(b, 1));
   const __m256 c8 = _mm256_add_ps(_mm512_castps512_ps256(c), _mm512_extractf32x8_ps(c, 1));
@@ -471,7 +459,7 @@ FQ_INLINE __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
 
 // res[r][mt] = horizontal sum of acc[r][mt] (then + add[r][mt] lane-wise first, when add is given).
 template <int R, int MT>
-FQ_INLINE void reduce_tile(const __m512 (&acc)[R][MT], float (&res)[R][MT]) {
+FI_INLINE void reduce_tile(const __m512 (&acc)[R][MT], float (&res)[R][MT]) {
   for (int mt = 0; mt < MT; ++mt) {
     int r = 0;
     for (; r + 4 <= R; r += 4) {
@@ -484,27 +472,34 @@ FQ_INLINE void reduce_tile(const __m512 (&acc)[R][MT], float (&res)[R][MT]) {
 }
 
 template <int R, int MT, int A>
-FQ_INLINE void reduce_tile(const __m512 (&acc)[R][MT][A], float (&res)[R][MT]) {
+FI_INLINE void reduce_tile(const __m512 (&acc)[R][MT][A], float (&res)[R][MT]) {
   __m512 sum[R][MT];
   for (int r = 0; r < R; ++r)
     for (int mt = 0; mt < MT; ++mt) sum[r][mt] = A == 2 ? _mm512_add_ps(acc[r][mt][0], acc[r][mt][A - 1]) : acc[r][mt][0];
   reduce_tile<R, MT>(sum, res);
 }
 
-// int4, x split even | odd per 32-block. The table of row r for group gi holds w for q = 0..15; VPERMPS
-// reads index bits 3:0, so the zero-extended byte indexes its low nibble directly.
-template <int R, int MT, int GS>
-FQ_INLINE void int4_tile(const Ctx& c, int64_t n0, int64_t m0, const RowScales& rs) {
-  constexpr int A = MT == 1 ? 2 : 1;  // a second accumulator chain when there is one row of x
-  __m512 acc[R][MT][A];
+// The fp32 tiles' common start: zeroed accumulators, the R weight rows from n0 and the MT fp32 x rows from m0.
+template <int R, int MT, int A>
+FI_INLINE void tile_begin(const Ctx& c, int64_t n0, int64_t m0, __m512 (&acc)[R][MT][A], const uint8_t* (&qr)[R],
+                          const float* (&xr)[MT]) {
   for (int r = 0; r < R; ++r)
     for (int mt = 0; mt < MT; ++mt)
       for (int a = 0; a < A; ++a) acc[r][mt][a] = _mm512_setzero_ps();
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const uint8_t* qr[R];
   for (int r = 0; r < R; ++r) qr[r] = c.q + (n0 + r) * c.qrow;
-  const float* xr[MT];
   for (int mt = 0; mt < MT; ++mt) xr[mt] = c.xf + (m0 + mt) * c.xs;
+}
+
+// int4, x split even | odd per 32-block. The table of row r for group gi holds w for q = 0..15; VPERMPS
+// reads index bits 3:0, so the zero-extended byte indexes its low nibble directly.
+template <int R, int MT, int GS>
+FI_INLINE void int4_tile(const Ctx& c, int64_t n0, int64_t m0, const RowScales& rs) {
+  constexpr int A = MT == 1 ? 2 : 1;  // a second accumulator chain when there is one row of x
+  __m512 acc[R][MT][A];
+  const uint8_t* qr[R];
+  const float* xr[MT];
+  tile_begin(c, n0, m0, acc, qr, xr);
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const int64_t g = GS ? GS : c.g;
   for (int64_t gi = 0; gi < c.G; ++gi) {
     __m512 tbl[R];
@@ -536,16 +531,12 @@ FQ_INLINE void int4_tile(const Ctx& c, int64_t n0, int64_t m0, const RowScales& 
 
 // int8 with groups (g % 32 == 0): exact w = q * s + m.
 template <int R, int MT, int GS>
-FQ_INLINE void int8g_tile(const Ctx& c, int64_t n0, int64_t m0, const RowScales& rs) {
+FI_INLINE void int8g_tile(const Ctx& c, int64_t n0, int64_t m0, const RowScales& rs) {
   constexpr int A = MT == 1 ? 2 : 1;
   __m512 acc[R][MT][A];
-  for (int r = 0; r < R; ++r)
-    for (int mt = 0; mt < MT; ++mt)
-      for (int a = 0; a < A; ++a) acc[r][mt][a] = _mm512_setzero_ps();
   const uint8_t* qr[R];
-  for (int r = 0; r < R; ++r) qr[r] = c.q + (n0 + r) * c.qrow;
   const float* xr[MT];
-  for (int mt = 0; mt < MT; ++mt) xr[mt] = c.xf + (m0 + mt) * c.xs;
+  tile_begin(c, n0, m0, acc, qr, xr);
   const bool has_m = c.mins != nullptr;
   const int64_t g = GS ? GS : c.g;
   for (int64_t gi = 0; gi < c.G; ++gi) {
@@ -585,16 +576,12 @@ FQ_INLINE void int8g_tile(const Ctx& c, int64_t n0, int64_t m0, const RowScales&
 
 // int8 per channel (one group of K, any K; the tail is masked): y = s * sum x q + m * sum x.
 template <int R, int MT, int GS>
-FQ_INLINE void int8c_tile(const Ctx& c, int64_t n0, int64_t m0, const RowScales& rs) {
+FI_INLINE void int8c_tile(const Ctx& c, int64_t n0, int64_t m0, const RowScales& rs) {
   constexpr int A = MT == 1 ? 2 : 1;
   __m512 acc[R][MT][A];
-  for (int r = 0; r < R; ++r)
-    for (int mt = 0; mt < MT; ++mt)
-      for (int a = 0; a < A; ++a) acc[r][mt][a] = _mm512_setzero_ps();
   const uint8_t* qr[R];
-  for (int r = 0; r < R; ++r) qr[r] = c.q + (n0 + r) * c.qrow;
   const float* xr[MT];
-  for (int mt = 0; mt < MT; ++mt) xr[mt] = c.xf + (m0 + mt) * c.xs;
+  tile_begin(c, n0, m0, acc, qr, xr);
   const int64_t K = c.K;
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
@@ -636,7 +623,7 @@ FQ_DEFINE_ROWS(rows_int8g, int8g_tile)
 FQ_DEFINE_ROWS(rows_int8c, int8c_tile)
 
 // 16 fp32 -> 16 bf16 / fp16 (rounded to nearest even; weights are finite, so no NaN care), in a __m256i.
-FQ_INLINE __m256i to16(DType dt, __m512 v) {
+FI_INLINE __m256i to16(DType dt, __m512 v) {
   if (dt == DType::kFloat16) return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
@@ -733,7 +720,7 @@ void prep(const QuantLinearParams& p, uint16_t* xb, float* xs) {
 }
 
 template <int R, int MT, int GS>
-FQ_INLINE void int4_tile(const Ctx& c, int64_t n0, int64_t m0, const RowScales& rs) {
+FI_INLINE void int4_tile(const Ctx& c, int64_t n0, int64_t m0, const RowScales& rs) {
   __m512 acc[R][MT];
   for (int r = 0; r < R; ++r)
     for (int mt = 0; mt < MT; ++mt) acc[r][mt] = _mm512_setzero_ps();
@@ -807,7 +794,7 @@ void prep8(const QuantLinearParams& p, float* xs) {
 // weights: D_g = sum x (q + 2304), y = sum_g s_g D_g + sum_g (m_g - 2304 s_g) xsum_g. GS = -1: one group
 // of K (per channel; the tail of K is masked), else g = GS (0: run-time g, a multiple of 32).
 template <int R, int MT, int GS>
-FQ_INLINE void int8_tile(const Ctx& c, int64_t n0, int64_t m0, const RowScales& rs) {
+FI_INLINE void int8_tile(const Ctx& c, int64_t n0, int64_t m0, const RowScales& rs) {
   constexpr bool kChan = GS < 0;
   __m512 acc[R][MT], acc2[R][MT];  // per channel: the hi / lo chains of the whole row
   for (int r = 0; r < R; ++r)
@@ -877,13 +864,13 @@ constexpr int kRmax = 4;
 constexpr int kMTmax = 4;
 
 template <bool I8, int R, int MT, int GS>
-FQ_INLINE void tile(const Ctx& c, int64_t n0, int64_t m0, const RowScales& rs) {
+FI_INLINE void tile(const Ctx& c, int64_t n0, int64_t m0, const RowScales& rs) {
   if (I8) int8_tile<R, MT, GS>(c, n0, m0, rs);
   else int4_tile<R, MT, GS>(c, n0, m0, rs);
 }
 
 template <bool I8, int R, int GS>
-FQ_INLINE void block(const Ctx& c, int64_t n0, float* sbuf) {
+FI_INLINE void block(const Ctx& c, int64_t n0, float* sbuf) {
   const RowScales rs = avx512::row_scales(c, n0, R, sbuf);
   for (int64_t m0 = 0; m0 < c.M; m0 += kMTmax) {
     switch (std::min<int64_t>(kMTmax, c.M - m0)) {
@@ -896,7 +883,7 @@ FQ_INLINE void block(const Ctx& c, int64_t n0, float* sbuf) {
 }
 
 template <bool I8, int GS>
-FQ_INLINE void rows_gs(const Ctx& c, int64_t n0, int64_t n1) {
+FI_INLINE void rows_gs(const Ctx& c, int64_t n0, int64_t n1) {
   float* sbuf = scales_buf(c, kRmax);
   int64_t n = n0;
   for (; n + kRmax <= n1; n += kRmax) block<I8, kRmax, GS>(c, n, sbuf);
@@ -953,7 +940,7 @@ __attribute__((noinline)) void dequant_row_bf16(const Ctx& c, int64_t n, float* 
 constexpr int kMidMT = 6;
 
 template <int R, int MT>
-FQ_INLINE void mid_tile(const Ctx& c, const uint16_t* w, int64_t n0, int64_t m0) {
+FI_INLINE void mid_tile(const Ctx& c, const uint16_t* w, int64_t n0, int64_t m0) {
   __m512 acc[R][MT];
   for (int r = 0; r < R; ++r)
     for (int mt = 0; mt < MT; ++mt) acc[r][mt] = _mm512_setzero_ps();
@@ -974,7 +961,7 @@ FQ_INLINE void mid_tile(const Ctx& c, const uint16_t* w, int64_t n0, int64_t m0)
 }
 
 template <int R>
-FQ_INLINE void mid_block(const Ctx& c, uint16_t* w, float* sbuf, int64_t n0) {
+FI_INLINE void mid_block(const Ctx& c, uint16_t* w, float* sbuf, int64_t n0) {
   for (int r = 0; r < R; ++r) dequant_row_bf16(c, n0 + r, sbuf, w, r);
   for (int64_t m0 = 0; m0 < c.M; m0 += kMidMT) {
     switch (std::min<int64_t>(kMidMT, c.M - m0)) {
@@ -999,7 +986,7 @@ __attribute__((noinline)) void rows_mid(const Ctx& c, int64_t n0, int64_t n1) {
 }  // namespace bf16dp
 #pragma GCC pop_options
 #pragma GCC pop_options
-#endif  // FQ_X86
+#endif  // FI_X86
 
 // ---------------------------------------------------------------------------------------------------------
 // x preparation (once per call, on the calling thread).
@@ -1007,7 +994,7 @@ __attribute__((noinline)) void rows_mid(const Ctx& c, int64_t n0, int64_t n1) {
 // How prep_x orders each 32-block of x: as is, or even k then odd k (int4 on AVX2 / AVX-512).
 enum class XLayout { kPlain, kEvenOdd };
 
-FQ_INLINE int64_t x_pos(XLayout l, int64_t k) {
+FI_INLINE int64_t x_pos(XLayout l, int64_t k) {
   if (l == XLayout::kPlain) return k;
   const int64_t b = k & ~int64_t(31), i = k & 31;
   return b + ((i & 1) << 4) + (i >> 1);
@@ -1048,7 +1035,7 @@ bool x_dtype_ok(DType d) { return d == DType::kFloat32 || d == DType::kBFloat16 
 
 bool quant_linear_prefers(int64_t M, DType x_dtype, int bits, int64_t group_size) {
   if (M <= kGemvMaxRows) return true;
-  return FQ_X86 && active_isa() == Isa::kAvx512Bf16 && x_dtype == DType::kBFloat16 && bits == 4 &&
+  return FI_X86 && active_isa() == Isa::kAvx512Bf16 && x_dtype == DType::kBFloat16 && bits == 4 &&
          group_size % 32 == 0 && M <= kMidMaxRows;
 }
 
@@ -1068,7 +1055,7 @@ int quant_linear(const QuantLinearParams& p) {
   if (!quant_linear_supported(p.bits, p.K, p.group_size)) return kUnsupported;
 
   const Isa isa = active_isa();
-  const bool simd = FQ_X86 && isa != Isa::kGeneric;
+  const bool simd = FI_X86 && isa != Isa::kGeneric;
   Ctx c;
   c.q = static_cast<const uint8_t*>(p.qweight);
   c.qrow = p.bits == 4 ? p.K / 2 : p.K;
@@ -1085,7 +1072,7 @@ int quant_linear(const QuantLinearParams& p) {
   int64_t rblock = 1;
   const XLayout layout = simd && p.bits == 4 ? XLayout::kEvenOdd : XLayout::kPlain;
   const bool want_xsum = p.bits == 8 && c.G == 1 && p.mins != nullptr;
-#if FQ_X86
+#if FI_X86
   static const bool has_vbmi = __builtin_cpu_supports("avx512vbmi");
   // bf16 x on AVX512_BF16: the VDPBF16PS kernels (int4 needs VBMI too). Per-channel int8 takes them only
   // for one row and long rows (measured: 1.4-1.6x faster there; else the fp32 kernel is as fast or faster).
@@ -1096,14 +1083,14 @@ int quant_linear(const QuantLinearParams& p) {
   const bool dp = false, mid = false;
 #endif
   if (mid) {
-#if FQ_X86
+#if FI_X86
     c.xb = static_cast<const uint16_t*>(p.x);  // in place
     c.xs = p.x_stride;
     fn = bf16dp::rows_mid;
     rblock = bf16dp::kRmax;
 #endif
   } else if (dp) {
-#if FQ_X86
+#if FI_X86
     if (p.bits == 4) {
       float* buf = thread_buf(0, size_t((p.M * p.K + 1) / 2 + p.M * c.G));
       uint16_t* xb = reinterpret_cast<uint16_t*>(buf);
@@ -1133,7 +1120,7 @@ int quant_linear(const QuantLinearParams& p) {
     c.xsum = want_xsum ? buf + p.M * p.K : nullptr;
   }
 
-#if FQ_X86
+#if FI_X86
   if (dp || mid) {
   } else if (isa == Isa::kAvx512 || isa == Isa::kAvx512Bf16) {
     fn = p.bits == 4 ? avx512::rows_int4 : c.G == 1 ? avx512::rows_int8c : avx512::rows_int8g;
@@ -1182,7 +1169,7 @@ int quant_dequantize(const QuantDequantParams& p) {
   const int nthreads = resolve_threads(p.num_threads);
   const int64_t rows = p.n1 - p.n0;
   const bool par = nthreads > 1 && rows > 1 && rows * p.K >= (int64_t(1) << 16);
-#if FQ_X86
+#if FI_X86
   const Isa isa = active_isa();
   const bool vec = (isa == Isa::kAvx512 || isa == Isa::kAvx512Bf16) && c.g % 32 == 0;
 #else
@@ -1195,7 +1182,7 @@ int quant_dequantize(const QuantDequantParams& p) {
 #pragma omp for schedule(static)
     for (int64_t n = p.n0; n < p.n1; ++n) {
       const int64_t i = n - p.n0;
-#if FQ_X86
+#if FI_X86
       if (vec && isa == Isa::kAvx512Bf16 && p.dst_dtype == DType::kBFloat16) {
         bf16dp::dequant_row_bf16(c, n, sbuf, static_cast<uint16_t*>(p.dst), i);
         continue;
