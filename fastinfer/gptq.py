@@ -125,17 +125,18 @@ def gptq_quantize_model(model: LlamaForCausalLM, sequences: Sequence[list[int]],
     model.quantize(method, group_size, lm_head=lm_head)  # only the lm_head is still dense
 
 
-# pydoc topics that the perplexity test text (tests/data/python_docs_prose.txt) is NOT taken from.
-_CALIBRATION_TOPICS = ("typesseq", "typesseq-mutable", "typesmapping", "typesmethods", "typesmodules", "string-methods",
-                       "formatstrings", "bltin-type-objects", "bltin-code-objects", "bltin-ellipsis-object",
-                       "operator-summary", "comparisons", "lambda", "calls", "slicings", "sequence-types")
+# pydoc topics that the perplexity test text (tests/data/python_docs_prose.txt) is taken from: calibration uses
+# every other topic, so calibration and evaluation text never overlap.
+EVALUATION_TOPICS = frozenset({"assignment", "augassign", "class", "compound", "else", "exceptions", "execmodel",
+                               "for", "function", "if", "naming", "try"})
 
 
 def default_calibration_text() -> str:
-    """Real English text that every Python install ships (CPython's library reference in ``pydoc_data``)."""
+    """Real English text that every Python install ships: CPython's language and library reference as
+    ``pydoc_data.topics``, less the topics of the perplexity test text (``EVALUATION_TOPICS``)."""
     from pydoc_data.topics import topics
 
-    return "\n\n".join(topics[k] for k in _CALIBRATION_TOPICS if k in topics)
+    return "\n\n".join(v for k, v in sorted(topics.items()) if k not in EVALUATION_TOPICS)
 
 
 def calibration_sequences(tokenizer, text: str | None = None, num_tokens: int = 8192, seq_len: int = 512,

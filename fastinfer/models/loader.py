@@ -185,7 +185,7 @@ def describe_quantization(net: LlamaForCausalLM) -> str:
     return ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items()))
 
 
-def save_quantized(loaded: LoadedModel, out_dir: str, method: str) -> str:
+def save_quantized(loaded: LoadedModel, out_dir: str, method: str, calibration: dict[str, Any] | None = None) -> str:
     """Write a loaded (quantized) model as a directory that :func:`load_model` reads back: ``config.json``
     (HF keys + ``quantization_config``), ``model.safetensors`` (float tensors under our fused names, each
     quantized layer as ``X.qweight`` / ``X.scales`` / ``X.mins``) and the tokenizer files."""
@@ -195,10 +195,12 @@ def save_quantized(loaded: LoadedModel, out_dir: str, method: str) -> str:
     tensors: dict[str, torch.Tensor] = {}
     for name, t in loaded.model.state_dict().items():
         tensors[name] = t.contiguous()
-    cfg = loaded.config.to_hf_dict()
+    cfg = loaded.model.config.to_hf_dict()  # the model's own: rotation unties the embeddings
     cfg["torch_dtype"] = str(loaded.dtype).removeprefix("torch.")
     cfg["quantization_config"] = {"quant_method": "fastinfer", "method": method,
                                   "layers": describe_quantization(loaded.model)}
+    if calibration is not None:
+        cfg["quantization_config"]["calibration"] = calibration
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out_dir, "config.json"), "w") as fh:
         json.dump(cfg, fh, indent=2)
