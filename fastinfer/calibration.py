@@ -26,7 +26,7 @@ logger = logging.getLogger("fastinfer")
 
 
 def calibrated_quantize(model: LlamaForCausalLM, tokenizer: Any, method: str = "int4", group_size: int | None = None,
-                        rotate: bool = True, tune_steps: int = 16, seed: int = 0, text: str | None = None,
+                        rotate: bool = True, tune_steps: int = 24, seed: int = 0, text: str | None = None,
                         num_tokens: int = 16384, seq_len: int = 512) -> dict[str, Any]:
     """Quantize the float ``model`` in place with the recipe above; returns a description for the saved
     ``quantization_config``. ``text`` defaults to :func:`fastinfer.gptq.default_calibration_text`."""

@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration-text", default=None, help="UTF-8 text file (default: CPython docs shipped with "
                    "Python, pydoc_data)")
     q.add_argument("--calibration-tokens", type=int, default=16384)
-    q.add_argument("--tune-steps", type=int, default=16, help="distillation steps of 2 x 512 tokens (0: GPTQ only)")
+    q.add_argument("--tune-steps", type=int, default=24, help="distillation steps of 2 x 512 tokens (0: GPTQ only)")
     q.add_argument("--no-rotate", action="store_true", help="skip the Hadamard rotation before GPTQ")
     q.add_argument("--seed", type=int, default=0, help="seed of the random rotation")
     q.add_argument("-v", "--verbose", action="store_true")
