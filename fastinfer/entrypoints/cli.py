@@ -134,16 +134,21 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         print(f"saved {a.model} ({a.quantization}) to {a.output}")
         return 0
     from fastinfer.calibration import calibrated_quantize
+    from fastinfer.models.loader import resolve_dtype
 
     if method not in ("int8", "int4"):
         raise ValueError("--calibrate needs --quantization int8 or int4[-gN]")
     text = None if a.calibration_text is None else Path(a.calibration_text).read_text(encoding="utf-8")
     # Calibration runs in float32 (rotated weights, Hessians and the distillation targets all lose accuracy in
-    # 16 bits); the saved float tensors are float32 and take the dtype asked for at load.
+    # 16 bits); the float tensors (embedding, norms) are saved in --dtype afterwards.
     loaded = load_model(a.model, "float32", OpSet("cpu", "torch"), progress=sys.stderr.isatty())
     info = calibrated_quantize(loaded.model, loaded.tokenizer, method, parse_method(a.quantization)[1],
                                rotate=not a.no_rotate, tune_steps=a.tune_steps, seed=a.seed, text=text,
                                num_tokens=a.calibration_tokens)
+    target = resolve_dtype(a.dtype, "float32")
+    for param in loaded.model.parameters():  # the float tensors; quantized layers hold buffers, kept as they are
+        param.data = param.data.to(target)
+    loaded.dtype = target
     save_quantized(loaded, a.output, a.quantization, calibration=info)
     print(f"saved {a.model} ({a.quantization}) to {a.output}")
     return 0

@@ -69,13 +69,18 @@ def test_quantize_cli_calibrated(tiny_model_dir, tmp_path):
     src = tiny_model_dir("llama3rope")  # tied embeddings, one KV head
     out = tmp_path / "int4-cal"
     r = subprocess.run([sys.executable, "-m", "fastinfer", "quantize", src, "-q", "int4-g32", "-o", str(out),
-                        "--dtype", "float32", "--calibrate", "--tune-steps", "4", "--calibration-tokens", "2048"],
+                        "--dtype", "bfloat16", "--calibrate", "--tune-steps", "4", "--calibration-tokens", "2048"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is False
     cal = cfg["quantization_config"]["calibration"]
     assert cal["calibration_tokens"] == 2048 and "hadamard 64x64" in cal["rotation"] and cal["tuned"]["steps"] == 4
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:  # calibrated in fp32, float tensors saved in --dtype
+        assert f.get_tensor("embed_tokens.weight").dtype == torch.bfloat16
+        assert f.get_tensor("layers.0.mlp.down_proj.scales").dtype == torch.float32
     ids = load_tokenizer(src).encode(TEXT.read_text())[:128]
 
     def logits(llm):
