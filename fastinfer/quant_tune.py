@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from fastinfer.layers.linear import Linear
 from fastinfer.models.dense_forward import dense_logits, stored_weight
 from fastinfer.models.llama import LlamaForCausalLM
-from fastinfer.quantization import QuantizedWeight, unpack_int4
+from fastinfer.quantization import QuantizedWeight, dequantize
 
 logger = logging.getLogger("fastinfer")
 
@@ -74,10 +74,7 @@ class _Params:
     """The frozen codes and trainable offsets of one quantized layer."""
 
     def __init__(self, qw: QuantizedWeight) -> None:
-        n, k = qw.shape
         self.qw = qw
-        self.codes = (unpack_int4(qw.qweight) if qw.bits == 4 else qw.qweight).float().view(n, k // qw.group_size,
-                                                                                           qw.group_size)
         self.scale0 = qw.scales.float()  # [N, G]
         self.min0 = None if qw.mins is None else qw.mins.float()
         self.log_scale = torch.zeros_like(self.scale0, requires_grad=True)
@@ -93,10 +90,7 @@ class _Params:
 
     def weight(self) -> torch.Tensor:
         scales, mins = self.scales_mins()
-        w = self.codes * scales.unsqueeze(-1)  # [N, G, g]
-        if mins is not None:
-            w = w + mins.unsqueeze(-1)
-        return w.flatten(1)  # [N, K]
+        return dequantize(self.qw.qweight, scales, mins, self.qw.bits, self.qw.group_size)  # [N, K]
 
     def result(self) -> QuantizedWeight:
         scales, mins = self.scales_mins()

@@ -45,52 +45,12 @@ struct fp16_t {
   uint16_t x;
 };
 
-FI_INLINE float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-FI_INLINE uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
 FI_INLINE float to_float(float v) { return v; }
-FI_INLINE float to_float(bf16_t v) { return bits_to_float(uint32_t(v.x) << 16); }
-FI_INLINE float to_float(fp16_t v) {
-  const uint32_t h = v.x, sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
-  if (exp == 0x1f) return bits_to_float(sign | 0x7f800000u | (man << 13));  // inf / nan
-  if (exp == 0) {  // zero / subnormal: man * 2^-24
-    const float f = float(man) * 5.9604644775390625e-08f;
-    return sign ? -f : f;
-  }
-  return bits_to_float(sign | ((exp + 112u) << 23) | (man << 13));
-}
+FI_INLINE float to_float(bf16_t v) { return bf16_to_float(v.x); }
+FI_INLINE float to_float(fp16_t v) { return fp16_to_float(v.x); }
 FI_INLINE void from_float(float f, float* dst) { *dst = f; }
-FI_INLINE void from_float(float f, bf16_t* dst) {  // round to nearest even, NaN stays NaN
-  const uint32_t u = float_to_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) {
-    dst->x = uint16_t((u >> 16) | 0x40u);
-    return;
-  }
-  dst->x = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-FI_INLINE void from_float(float f, fp16_t* dst) {  // round to nearest even
-  const uint32_t u = float_to_bits(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
-  uint32_t h;
-  if (a > 0x7f800000u) {
-    h = 0x7e00u;  // nan
-  } else if (a >= 0x477ff000u) {  // rounds to >= 65520: inf
-    h = 0x7c00u;
-  } else if (a < 0x38800000u) {  // below the smallest normal half 2^-14: subnormal or zero
-    // a + 0.5 (as float) puts the half subnormal mantissa in the low bits with round-to-nearest-even.
-    h = float_to_bits(bits_to_float(a) + 0.5f) - 0x3f000000u;
-  } else {
-    const uint32_t mant_odd = (a >> 13) & 1u;
-    h = (a + 0xc8000fffu + mant_odd) >> 13;  // rebias exponent (-112 << 23) and round
-  }
-  dst->x = uint16_t(sign | h);
-}
+FI_INLINE void from_float(float f, bf16_t* dst) { dst->x = float_to_bf16(f); }
+FI_INLINE void from_float(float f, fp16_t* dst) { dst->x = float_to_fp16(f); }
 
 // One unit of parallel work: sequence `seq`, KV heads kvh .. kvh + nkvh - 1, query rows row0 ..
 // row0 + nrows - 1 of that sequence, key positions [lo, hi). `partial` >= 0: offset (floats) of its slab in

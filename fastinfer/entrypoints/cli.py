@@ -8,8 +8,9 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from fastinfer.models.loader import DEFAULT_MODEL
+from fastinfer.models.loader import DEFAULT_MODEL, LoadedModel
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -119,22 +120,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_quantize(a: argparse.Namespace) -> int:
-    from fastinfer.models.loader import load_model, save_quantized
+def _calibrated(a: argparse.Namespace, method: str) -> tuple[LoadedModel, dict[str, Any]]:
+    """Load the float model and quantize it with the calibrated recipe (fastinfer.calibration)."""
+    from fastinfer.calibration import calibrated_quantize
+    from fastinfer.models.loader import load_model, resolve_dtype
     from fastinfer.ops import OpSet
     from fastinfer.quantization import parse_method
-
-    method, _ = parse_method(a.quantization)
-    if method is None:
-        raise ValueError("quantize needs --quantization (int8, int4, int4-g32/64/128 or gguf)")
-    if not a.calibrate:
-        loaded = load_model(a.model, a.dtype, OpSet("cpu", "torch"), progress=sys.stderr.isatty(),
-                            quantization=a.quantization)
-        save_quantized(loaded, a.output, a.quantization)
-        print(f"saved {a.model} ({a.quantization}) to {a.output}")
-        return 0
-    from fastinfer.calibration import calibrated_quantize
-    from fastinfer.models.loader import resolve_dtype
 
     if method not in ("int8", "int4"):
         raise ValueError("--calibrate needs --quantization int8 or int4[-gN]")
@@ -149,6 +140,23 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     for param in loaded.model.parameters():  # the float tensors; quantized layers hold buffers, kept as they are
         param.data = param.data.to(target)
     loaded.dtype = target
+    return loaded, info
+
+
+def cmd_quantize(a: argparse.Namespace) -> int:
+    from fastinfer.models.loader import load_model, save_quantized
+    from fastinfer.ops import OpSet
+    from fastinfer.quantization import parse_method
+
+    method, _ = parse_method(a.quantization)
+    if method is None:
+        raise ValueError("quantize needs --quantization (int8, int4, int4-g32/64/128 or gguf)")
+    info = None
+    if not a.calibrate:
+        loaded = load_model(a.model, a.dtype, OpSet("cpu", "torch"), progress=sys.stderr.isatty(),
+                            quantization=a.quantization)
+    else:
+        loaded, info = _calibrated(a, method)
     save_quantized(loaded, a.output, a.quantization, calibration=info)
     print(f"saved {a.model} ({a.quantization}) to {a.output}")
     return 0

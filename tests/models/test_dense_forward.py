@@ -3,11 +3,7 @@ import pytest
 import torch
 
 from fastinfer.models.dense_forward import dense_logits
-
-
-def _paged_logits(model, ids: list[int]) -> torch.Tensor:
-    with model.scratch_kv_cache(len(ids)), torch.inference_mode():
-        return model.compute_logits(model.forward_sequence(ids))  # [T, V]
+from tests.models.test_hf_parity import _prefill_logits
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "llama3rope", "mistral"])
@@ -15,9 +11,10 @@ def _paged_logits(model, ids: list[int]) -> torch.Tensor:
 def test_dense_logits_match_the_paged_forward(tiny_llm, arch, quantization):
     """Same logits (fp32) for GQA, qkv bias (qwen2), tied embeddings + llama3 rope, a sliding window of 24
     (mistral, 40 tokens) and quantized layers (their weights dequantized)."""
-    model = tiny_llm(arch, quantization=quantization).engine.runner.model
+    llm = tiny_llm(arch, quantization=quantization)
+    model = llm.engine.runner.model
     ids = [(i * 7919) % 49000 + 5 for i in range(40)]
-    ref = _paged_logits(model, ids)
+    ref = _prefill_logits(llm, ids)  # [T, V]
     with torch.no_grad():
         batched = dense_logits(model, torch.tensor([ids, ids]))  # [2, T, V]
     torch.testing.assert_close(batched[0], ref, rtol=1e-4, atol=1e-4)

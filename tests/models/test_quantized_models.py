@@ -11,6 +11,7 @@ import torch
 
 from fastinfer import LLM, SamplingParams
 from fastinfer.models.loader import describe_quantization
+from tests.models.test_hf_parity import _prefill_logits
 
 PROMPTS = [
     "The capital of France is",
@@ -83,17 +84,12 @@ def test_quantize_cli_calibrated(tiny_model_dir, tmp_path):
         assert f.get_tensor("layers.0.mlp.down_proj.scales").dtype == torch.float32
     ids = load_tokenizer(src).encode(TEXT.read_text())[:128]
 
-    def logits(llm):
-        model = llm.engine.runner.model
-        with model.scratch_kv_cache(len(ids)), torch.inference_mode():
-            return model.compute_logits(model.forward_sequence(ids))
-
     kw = dict(dtype="float32", max_model_len=512, load_progress=False)
-    ref = logits(LLM(src, **kw))
+    ref = _prefill_logits(LLM(src, **kw), ids)
     calibrated = LLM(str(out), **kw)
     assert describe_quantization(calibrated.engine.runner.model) == "int4 g32 x8, int8 g64 x1"
-    err_cal = float((logits(calibrated) - ref).norm() / ref.norm())
-    err_rtn = float((logits(LLM(src, quantization="int4-g32", **kw)) - ref).norm() / ref.norm())
+    err_cal = float((_prefill_logits(calibrated, ids) - ref).norm() / ref.norm())
+    err_rtn = float((_prefill_logits(LLM(src, quantization="int4-g32", **kw), ids) - ref).norm() / ref.norm())
     assert 0 < err_cal < 1.05 * err_rtn, (err_cal, err_rtn)
 
 
@@ -101,8 +97,6 @@ def test_quantize_cli_calibrated(tiny_model_dir, tmp_path):
 def test_int8_tiny_models_stay_close_to_float(tiny_llm, arch):
     """Weight-only int8 (per channel) changes logits by about its rounding error, several times less than int4;
     bias (qwen2) and tied embeddings (llama3rope) go through the quantized path too."""
-    from tests.models.test_hf_parity import _prefill_logits
-
     ids = list(range(100, 160))
     ref = _prefill_logits(tiny_llm(arch), ids)
 
