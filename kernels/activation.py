@@ -20,9 +20,14 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, stride_o, BLOCK: tl.conste
     tl.store(out_ptr + row * stride_o + offs, act * b, mask=mask)
 
 
+def check_silu_and_mul(x: torch.Tensor) -> None:
+    """The input of :func:`silu_and_mul` (metadata only)."""
+    assert x.dim() >= 1 and x.shape[-1] % 2 == 0, f"last dim {x.shape[-1]} must be even"
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[..., :d]) * x[..., d:]`` for ``x`` [..., 2d]; returns [..., d]."""
-    assert x.shape[-1] % 2 == 0, f"last dim {x.shape[-1]} must be even"
+    check_silu_and_mul(x)
     d = x.shape[-1] // 2
     x2 = x.reshape(-1, 2 * d)
     if x2.stride(-1) != 1:

@@ -253,8 +253,11 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _check_attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            block_table: torch.Tensor, seq_lens: torch.Tensor) -> None:
+def check_attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_table: torch.Tensor, seq_lens: torch.Tensor,
+                           query_start_loc: torch.Tensor | None = None) -> None:
+    """Shapes, dtypes, strides and devices of the attention launchers' inputs (metadata only: the fake
+    implementation of the custom op runs it too)."""
     assert q.dim() == 3 and k_cache.dim() == 4, "q [T, H, D], caches [num_blocks, block_size, Hkv, D]"
     assert k_cache.shape == v_cache.shape, f"k/v cache shapes differ: {k_cache.shape} vs {v_cache.shape}"
     assert q.shape[2] == k_cache.shape[3], f"head dim {q.shape[2]} != cache head dim {k_cache.shape[3]}"
@@ -262,9 +265,18 @@ def _check_attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     assert q.dtype == k_cache.dtype == v_cache.dtype, f"dtypes differ: q {q.dtype}, cache {k_cache.dtype}"
     assert q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {q.dtype}"
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "head dim must be contiguous"
+    assert block_table.dim() == 2 and block_table.shape[0] >= seq_lens.shape[0], "block_table must be [B, max_blocks]"
     assert block_table.dtype == torch.int32 and block_table.stride(1) == 1, "block_table must be int32, rows dense"
     assert seq_lens.dtype == torch.int32 and seq_lens.is_contiguous(), "seq_lens must be contiguous int32"
-    assert q.device == k_cache.device == block_table.device == seq_lens.device, "tensors on different devices"
+    tensors = [q, k_cache, v_cache, block_table, seq_lens]
+    if query_start_loc is not None:
+        assert query_start_loc.dtype == torch.int32 and query_start_loc.is_contiguous(), \
+            "query_start_loc must be contiguous int32"
+        assert query_start_loc.dim() == 1 and query_start_loc.shape[0] > seq_lens.shape[0], \
+            "query_start_loc must be [B + 1]"
+        tensors.append(query_start_loc)
+    assert len({t.device for t in tensors}) == 1, \
+        f"tensors on different devices: {[str(t.device) for t in tensors]}"
 
 
 def _cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, ...]:
@@ -301,24 +313,32 @@ def paged_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     """Varlen causal flash attention of sequences ``first_seq..`` of ``meta`` over the paged cache, written into
     ``out`` [T, H, D] at the rows given by ``meta.query_start_loc``. Any query lengths (prefill, chunked
     prefill with earlier context, decode rows) are valid."""
-    _check_attention_inputs(q, k_cache, v_cache, meta.block_table, meta.seq_lens)
+    paged_prefill_varlen(q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_table,
+                         max(meta.query_lens_cpu[first_seq:], default=0), scale, sliding_window, first_seq)
+
+
+def paged_prefill_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                         query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+                         max_query_len: int, scale: float, sliding_window: int | None = None,
+                         first_seq: int = 0) -> None:
+    """:func:`paged_prefill_triton` on the metadata tensors: sequences ``first_seq .. B - 1`` (B =
+    ``seq_lens.shape[0]``); ``max_query_len`` (a host int, the longest of their query lengths) sizes the grid."""
+    check_attention_inputs(q, k_cache, v_cache, block_table, seq_lens, query_start_loc)
     assert out.shape == q.shape and out.stride(2) == 1, "out must match q [T, H, D]"
-    assert meta.query_start_loc.dtype == torch.int32, "query_start_loc must be int32"
-    num_seqs = meta.num_seqs - first_seq
-    max_q = max(meta.query_lens_cpu[first_seq:], default=0)
-    if num_seqs <= 0 or max_q == 0:
+    num_seqs = seq_lens.shape[0] - first_seq
+    if num_seqs <= 0 or max_query_len <= 0:
         return
     _, num_heads, head_dim = q.shape
     num_kv = k_cache.shape[2]
     group = num_heads // num_kv
     block_m, block_n, warps, stages = _prefill_config(head_dim, group, q.dtype, q.is_cuda)
     tokens = block_m // group  # query tokens per tile
-    grid = (triton.cdiv(max_q, tokens), num_seqs, num_kv)
+    grid = (triton.cdiv(max_query_len, tokens), num_seqs, num_kv)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_table,
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_table,
         first_seq, scale * _LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        *_cache_strides(k_cache, v_cache), meta.block_table.stride(0),
+        *_cache_strides(k_cache, v_cache), block_table.stride(0),
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), GROUP=group, TOKENS=tokens,
         BLOCK_M=block_m, BLOCK_N=block_n, PAGE=k_cache.shape[1], USE_WINDOW=sliding_window is not None,
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
@@ -343,7 +363,7 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     ``seq_lens[i]`` cached positions of ``block_table[i]`` (the last ``sliding_window`` of them with a window).
     ``max_seq_len`` (a host int) sizes the splits; ``num_splits`` overrides the split-KV heuristic
     (1 = one pass, no reduction kernel)."""
-    _check_attention_inputs(q, k_cache, v_cache, block_table, seq_lens)
+    check_attention_inputs(q, k_cache, v_cache, block_table, seq_lens)
     assert out.shape == q.shape and out.stride(2) == 1, "out must match q [B, H, D]"
     num_seqs, num_heads, head_dim = q.shape
     assert block_table.shape[0] >= num_seqs and seq_lens.shape[0] >= num_seqs, "fewer table rows than queries"
@@ -379,19 +399,22 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         )
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float, sliding_window: int | None = None) -> torch.Tensor:
-    """Causal attention of packed queries ``q`` [T, H, D] over the paged caches [num_blocks, block_size, Hkv, D]:
-    the semantics of :func:`fastinfer.ops.reference.paged_attention`. The ``meta.num_decodes`` leading decode
-    rows go to the split-KV decode kernel, the other sequences to the varlen prefill kernel."""
-    out = torch.empty_like(q)  # [T, H, D]
-    nd = meta.num_decodes
+def paged_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                           block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                           num_decodes: int, max_decode_seq_len: int, max_prefill_query_len: int, scale: float,
+                           sliding_window: int | None = None) -> None:
+    """Causal attention of packed queries ``q`` [T, H, D] over the paged caches [num_blocks, block_size, Hkv, D]
+    into ``out`` [T, H, D]: the semantics of :func:`fastinfer.ops.reference.paged_attention`, on the metadata
+    tensors plus host ints. The ``num_decodes`` leading decode rows (their longest context
+    ``max_decode_seq_len``) go to the split-KV decode kernel, the other sequences (their longest query
+    ``max_prefill_query_len``) to the varlen prefill kernel."""
+    nd = num_decodes
     if nd:
-        paged_decode_triton(q[:nd], k_cache, v_cache, out[:nd], meta.block_table, meta.seq_lens,
-                            max(meta.seq_lens_cpu[:nd]), scale, sliding_window)
-    if nd < meta.num_seqs:
-        paged_prefill_triton(q, k_cache, v_cache, out, meta, scale, sliding_window, first_seq=nd)
-    return out
+        paged_decode_triton(q.narrow(0, 0, nd), k_cache, v_cache, out.narrow(0, 0, nd), block_table, seq_lens,
+                            max_decode_seq_len, scale, sliding_window)
+    if nd < seq_lens.shape[0]:
+        paged_prefill_varlen(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_table,
+                             max_prefill_query_len, scale, sliding_window, first_seq=nd)
 
 
 def attention_flops(meta: AttentionMetadata, num_heads: int, head_dim: int, sliding_window: int | None = None
@@ -406,4 +429,5 @@ def attention_flops(meta: AttentionMetadata, num_heads: int, head_dim: int, slid
     return 4.0 * head_dim * num_heads * pairs
 
 
-__all__ = ["paged_attention", "paged_prefill_triton", "paged_decode_triton", "attention_flops"]
+__all__ = ["paged_attention_varlen", "paged_prefill_triton", "paged_prefill_varlen", "paged_decode_triton",
+           "check_attention_inputs", "attention_flops"]

@@ -35,16 +35,24 @@ def _store_kv_kernel(
     tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Write ``key``/``value`` [T, Hkv, D] into ``k_cache``/``v_cache`` [num_blocks, block_size, Hkv, D] at the
-    flat slots ``slot_mapping`` [T] (``block * block_size + offset``); negative slots are skipped."""
+def check_store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Shapes, dtypes, strides and devices of :func:`store_kv`'s inputs (metadata only)."""
     assert key.dim() == 3 and key.shape == value.shape, f"key/value must be [T, Hkv, D]: {key.shape} {value.shape}"
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "caches must be [num_blocks, block_size, Hkv, D]"
     assert key.shape[1:] == k_cache.shape[2:], f"key heads/dim {tuple(key.shape[1:])} != cache {k_cache.shape[2:]}"
     assert slot_mapping.shape == (key.shape[0],), "one slot per token"
     assert slot_mapping.dtype in (torch.int32, torch.int64), "slot_mapping must be an integer tensor"
     assert key.stride(2) == value.stride(2) == k_cache.stride(3) == v_cache.stride(3) == 1, "head dim contiguous"
+    assert len({key.device, value.device, k_cache.device, v_cache.device, slot_mapping.device}) == 1, \
+        "key, value, caches and slot_mapping must be on one device"
+
+
+def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write ``key``/``value`` [T, Hkv, D] into ``k_cache``/``v_cache`` [num_blocks, block_size, Hkv, D] at the
+    flat slots ``slot_mapping`` [T] (``block * block_size + offset``); negative slots are skipped."""
+    check_store_kv(key, value, k_cache, v_cache, slot_mapping)
     num_tokens, num_kv, head_dim = key.shape
     if num_tokens == 0:
         return
@@ -73,14 +81,20 @@ def _copy_blocks_kernel(k_cache_ptr, v_cache_ptr, pairs_ptr, block_numel, BLOCK:
              mask=mask)
 
 
-def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, src_to_dst: torch.Tensor) -> None:
-    """For each row ``(src, dst)`` of ``src_to_dst`` [N, 2] int64, copy block ``src`` of both caches
-    [num_blocks, block_size, Hkv, D] onto block ``dst``. Pairs run in parallel: no ``dst`` may also be a
-    ``src`` (copy-on-write always copies into freshly allocated blocks)."""
+def check_copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, src_to_dst: torch.Tensor) -> None:
+    """Shapes, dtypes, layout and devices of :func:`copy_blocks`'s inputs (metadata only)."""
     assert k_cache.shape == v_cache.shape and k_cache.dtype == v_cache.dtype, "k/v caches must match"
     assert k_cache.is_contiguous() and v_cache.is_contiguous(), "caches must be contiguous"
     assert src_to_dst.dim() == 2 and src_to_dst.shape[1] == 2, "src_to_dst must be [N, 2]"
     assert src_to_dst.dtype == torch.int64, "src_to_dst must be int64"
+    assert k_cache.device == v_cache.device == src_to_dst.device, "caches and src_to_dst must be on one device"
+
+
+def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, src_to_dst: torch.Tensor) -> None:
+    """For each row ``(src, dst)`` of ``src_to_dst`` [N, 2] int64, copy block ``src`` of both caches
+    [num_blocks, block_size, Hkv, D] onto block ``dst``. Pairs run in parallel: no ``dst`` may also be a
+    ``src`` (copy-on-write always copies into freshly allocated blocks)."""
+    check_copy_blocks(k_cache, v_cache, src_to_dst)
     if src_to_dst.shape[0] == 0:
         return
     block_numel = k_cache[0].numel()

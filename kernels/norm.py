@@ -39,16 +39,26 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def check_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> torch.dtype:
+    """Shapes, dtypes and devices of the RMSNorm inputs (metadata only); returns the output dtype."""
     n = x.shape[-1]
     assert weight.shape == (n,) and weight.is_contiguous(), f"weight must be [{n}] contiguous"
     assert n <= _MAX_HIDDEN, f"hidden size {n} > {_MAX_HIDDEN}"
     assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {x.dtype}"
-    x2 = _rows(x)  # [R, N]
-    out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    assert weight.device == x.device, f"weight on device {weight.device}, x on {x.device}"
     if residual is not None:
         assert residual.shape == x.shape and residual.dtype == x.dtype, "residual must match x"
+        assert residual.device == x.device, f"residual on device {residual.device}, x on {x.device}"
+    return torch.promote_types(weight.dtype, x.dtype)
+
+
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    n = x.shape[-1]
+    out_dtype = check_rms_norm(x, residual, weight)
+    x2 = _rows(x)  # [R, N]
+    out = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
+    if residual is not None:
         r2 = _rows(residual)
         res_out = torch.empty_like(x2)
     else:

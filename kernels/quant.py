@@ -357,9 +357,9 @@ def select_path(m: int, device: torch.device, gemv_max_m: int = GEMV_MAX_M, spli
     return "splitk" if m <= splitk_max_m else "gemm"
 
 
-def _check_inputs(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-                  bits: int, group_size: int, bias: torch.Tensor | None) -> tuple[int, int]:
-    """(N, K) after asserting devices, dtypes, shapes and contiguity."""
+def check_quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                       bits: int, group_size: int, bias: torch.Tensor | None) -> tuple[int, int]:
+    """(N, K) after asserting devices, dtypes, shapes and contiguity (metadata only)."""
     assert bits in (4, 8), f"bits must be 4 or 8, got {bits}"
     want = torch.int8 if bits == 8 else torch.uint8
     assert qweight.dtype == want and qweight.dim() == 2, f"{bits}-bit qweight must be 2-D {want}, got {qweight.dtype}"
@@ -402,7 +402,7 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor |
     """W [N, K] in ``dtype``, one pass (``q * s + m`` in fp32, then rounded): what the large-M fallback feeds to
     torch's matmul. Group sizes the kernels do not support go through :func:`fastinfer.quantization.dequantize`."""
     x_like = torch.empty(0, qweight.shape[1] * (2 if bits == 4 else 1), dtype=dtype, device=qweight.device)
-    n, k = _check_inputs(x_like, qweight, scales, mins, bits, group_size, None)
+    n, k = check_quant_linear(x_like, qweight, scales, mins, bits, group_size, None)
     block_k = 128 if qweight.is_cuda else 64
     sub = sub_tile(bits, group_size, k, block_k)
     if sub is None:
@@ -429,7 +429,7 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, m
     :func:`fastinfer.ops.reference.quant_linear`. The path follows M = x.numel() // K (see :func:`select_path`);
     ``split_k`` forces the number of K splits of the Triton kernels (1 = no workspace, no reduction kernel);
     ``config`` forces the whole launch configuration of the chosen kernel (benchmarks, tests)."""
-    n, k = _check_inputs(x, qweight, scales, mins, bits, group_size, bias)
+    n, k = check_quant_linear(x, qweight, scales, mins, bits, group_size, bias)
     x2 = x.reshape(-1, k)  # [M, K]
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -477,5 +477,5 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, m
     return out.view(*x.shape[:-1], n)
 
 
-__all__ = ["quant_linear", "dequantize", "select_path", "gemv_config", "gemm_config", "sub_tile", "QuantConfig",
-           "GEMV_MAX_M", "SPLITK_MAX_M", "FALLBACK_MIN_M"]
+__all__ = ["quant_linear", "check_quant_linear", "dequantize", "select_path", "gemv_config", "gemm_config",
+           "sub_tile", "QuantConfig", "GEMV_MAX_M", "SPLITK_MAX_M", "FALLBACK_MIN_M"]

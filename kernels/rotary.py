@@ -49,15 +49,22 @@ def _rotary_kernel(
                   HALF, HEAD_DIM, BLOCK_HK, BLOCK_HALF, BLOCK_REST)
 
 
-def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate ``q`` [T, H, D] and ``k`` [T, Hkv, D] at ``positions`` [T] with ``cos_sin_cache`` [max_pos, rot]
-    (cos in the first half, sin in the second); features past ``rot`` are copied. Returns new tensors."""
+def check_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+    """Shapes, dtypes, strides and devices of :func:`rotary_embedding`'s inputs (metadata only)."""
     assert q.dim() == 3 and k.dim() == 3 and q.shape[0] == k.shape[0] == positions.shape[0], "q [T,H,D], k [T,Hkv,D]"
     assert q.shape[2] == k.shape[2] and q.dtype == k.dtype, "q and k must share head dim and dtype"
     assert q.stride(2) == 1 and k.stride(2) == 1 and cos_sin_cache.stride(1) == 1, "last dims must be contiguous"
     rot, head_dim = cos_sin_cache.shape[1], q.shape[2]
     assert rot % 2 == 0 and rot <= head_dim, f"rotary dim {rot} must be even and <= head dim {head_dim}"
+    assert positions.device == q.device == k.device == cos_sin_cache.device, "tensors on different devices"
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate ``q`` [T, H, D] and ``k`` [T, Hkv, D] at ``positions`` [T] with ``cos_sin_cache`` [max_pos, rot]
+    (cos in the first half, sin in the second); features past ``rot`` are copied. Returns new tensors."""
+    check_rotary(positions, q, k, cos_sin_cache)
+    rot, head_dim = cos_sin_cache.shape[1], q.shape[2]
     q_out, k_out = torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
         k, memory_format=torch.contiguous_format)  # [T, H, D], [T, Hkv, D]
     if q.shape[0] == 0:

@@ -12,6 +12,12 @@ Ops (shapes: T tokens, H query heads, Hkv KV heads, D head dim):
 - ``copy_blocks(k_cache, v_cache, src_to_dst)``: copy whole KV blocks (copy-on-write forks), pairs [N, 2].
 - ``quant_linear(x, qweight, scales, mins, bits, group_size, bias=None) -> [..., N]``: weight-only int8/int4
   matmul over the format of :mod:`fastinfer.quantization` (W = q * scale + min per group, fp32).
+
+Every op traces without data (FakeTensorMode, also on a fake CUDA device without a GPU, and torch.compile): the
+Triton and compiled CPU kernels are torch custom ops (``torch.ops.fastinfer.triton_*``, and
+``torch.ops.fastinfer.paged_attention`` / ``store_kv`` / ``quant_linear``) with fake implementations, and the
+torch backend reads nothing back to the host. :meth:`AttentionMetadata.build` is vectorised (numpy on the host,
+one host-to-device copy).
 """
 from fastinfer.ops.metadata import AttentionMetadata
 from fastinfer.ops.registry import BACKENDS, OPS, OpSet

@@ -1,9 +1,21 @@
 """Attention metadata: built once per step by the model runner, read by every attention layer."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+
+def _resolve_device(device: torch.device | str) -> torch.device:
+    """``device`` with an explicit index. A bare "cuda" means the current GPU; without a CUDA runtime (a fake
+    CUDA device under FakeTensorMode on a CPU-only torch) it is "cuda:0", since asking for the current device
+    would need a driver."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return d
 
 
 @dataclass
@@ -38,24 +50,56 @@ class AttentionMetadata:
     @classmethod
     def build(cls, query_lens: list[int], seq_lens: list[int], block_ids: list[list[int]], block_size: int,
               device: torch.device | str = "cpu") -> AttentionMetadata:
-        """From host lists; decode rows must already come first."""
-        num_decodes = 0
-        while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
-            num_decodes += 1
-        qsl = [0]
-        for q in query_lens:
-            qsl.append(qsl[-1] + q)
-        width = max((len(b) for b in block_ids), default=1)
-        table = [b + [0] * (width - len(b)) for b in block_ids]
-        slots: list[int] = []
-        for q, s, blocks in zip(query_lens, seq_lens, block_ids):
-            for pos in range(s - q, s):
-                slots.append(blocks[pos // block_size] * block_size + pos % block_size)
+        """From host lists; decode rows must already come first.
+
+        Vectorised on the host with numpy (no per-token Python loop): token ``t`` of sequence ``i`` sits at
+        position ``p = seq_lens[i] - query_lens[i] + (t - query_start_loc[i])`` and goes to slot
+        ``block_ids[i][p // block_size] * block_size + p % block_size``. Every field then reaches ``device``
+        in one host-to-device copy of one packed int64 buffer (``[slot_mapping | int32 words of
+        query_start_loc, seq_lens, block_table]``); the fields are views of it. Works for a fake device under
+        FakeTensorMode too (numpy runs for real, the copy is faked)."""
+        b = len(query_lens)
+        if len(seq_lens) != b or len(block_ids) != b:
+            raise ValueError(f"{b} query_lens, {len(seq_lens)} seq_lens and {len(block_ids)} block lists")
+        qlen = np.asarray(query_lens, dtype=np.int64).reshape(b)
+        slen = np.asarray(seq_lens, dtype=np.int64).reshape(b)
+        nblocks = np.fromiter(map(len, block_ids), dtype=np.int64, count=b)
+        if (qlen < 0).any() or (slen < qlen).any():
+            raise ValueError(f"need 0 <= query_len <= seq_len: query_lens={query_lens} seq_lens={seq_lens}")
+        not_decode = np.flatnonzero(qlen != 1)
+        num_decodes = int(not_decode[0]) if not_decode.size else b
+        qsl = np.zeros(b + 1, dtype=np.int64)
+        np.cumsum(qlen, out=qsl[1:])
+        t = int(qsl[-1])
+        width = int(nblocks.max()) if b else 1
+        table = np.zeros((b, width), dtype=np.int64)  # [B, width], padded with 0
+        table[np.arange(width) < nblocks[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(block_ids), dtype=np.int64, count=int(nblocks.sum()))
+        seq_of = np.repeat(np.arange(b), qlen)  # [T] sequence of each new token
+        pos = np.arange(t) - qsl[:-1][seq_of] + (slen - qlen)[seq_of]  # [T] its position
+        blk = pos // block_size
+        short = blk >= nblocks[seq_of]
+        if short.any():
+            i = int(seq_of[np.argmax(short)])
+            raise ValueError(f"sequence {i}: {len(block_ids[i])} blocks of {block_size} cannot hold position "
+                             f"{seq_lens[i] - 1}")
+        slots = table[seq_of, blk] * block_size + pos % block_size
+
+        n32 = 2 * b + 1 + b * width  # int32 words after the slots
+        buf = np.zeros(t + (n32 + 1) // 2, dtype=np.int64)
+        buf[:t] = slots
+        words = buf[t:].view(np.int32)
+        words[:b + 1] = qsl
+        words[b + 1:2 * b + 1] = slen
+        words[2 * b + 1:n32] = table.reshape(-1)
+        packed = torch.from_numpy(buf).to(_resolve_device(device), non_blocking=True)
+        # narrow/view, not Python indexing: indexing a fake CUDA tensor needs a CUDA runtime
+        ints = packed.narrow(0, t, buf.shape[0] - t).view(torch.int32)
         return cls(
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            block_table=torch.tensor(table, dtype=torch.int32, device=device).reshape(len(block_ids), width),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            query_start_loc=ints.narrow(0, 0, b + 1),
+            seq_lens=ints.narrow(0, b + 1, b),
+            block_table=ints.narrow(0, 2 * b + 1, b * width).view(b, width),
+            slot_mapping=packed.narrow(0, 0, t),
             query_lens_cpu=list(query_lens),
             seq_lens_cpu=list(seq_lens),
             num_decodes=num_decodes,

@@ -30,7 +30,11 @@ _BACKEND_MODULES = {
 
 def backend_status(backend: str, device_type: str, requested: bool = False) -> tuple[Any | None, str]:
     """(module, "") when ``backend`` can run on ``device_type``, else (None, why not). On CPU tensors Triton
-    runs only through its interpreter, and only when asked for by name (it is a correctness path there)."""
+    runs only through its interpreter, and only when asked for by name (it is a correctness path there).
+
+    Resolving needs no GPU: for "cuda" the Triton backend is chosen whenever ``triton`` imports (no driver is
+    touched until a kernel launches), so a model can be built for a fake CUDA device under FakeTensorMode on a
+    CPU-only machine; its ops then run their fake implementations."""
     if backend == "cuda" and device_type != "cuda":
         return None, "needs a CUDA device"
     if backend == "triton" and device_type != "cuda" and not (requested and os.environ.get("TRITON_INTERPRET") == "1"):

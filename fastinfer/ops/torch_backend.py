@@ -10,11 +10,31 @@ from fastinfer.ops.metadata import AttentionMetadata
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    if slot_mapping.numel() and int(slot_mapping.min()) < 0:  # padding slots: skip them
-        keep = slot_mapping >= 0
-        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+    """Scatter ``key``/``value`` [T, Hkv, D] into the caches at ``slot_mapping`` [T]; negative slots (padding)
+    are skipped without a host sync: a padding token rewrites the slot of the first real token of the batch
+    with that token's own key and value (duplicate indices carrying equal values, so the result is the same in
+    any order), and when every token is padding all of them rewrite slot 0 with its current contents."""
+    t = slot_mapping.shape[0]
+    if t == 0:
+        return
+    slots = slot_mapping.long()
+    valid = slots >= 0  # [T]
+    src = torch.where(valid, torch.arange(t, device=slots.device), valid.to(torch.uint8).argmax())  # [T]
+    dst = slots.index_select(0, src).clamp_min(0)
+    real = valid.index_select(0, src).view(t, 1, 1)  # False only when no token is real
+    for x, cache in ((key, k_cache), (value, v_cache)):
+        flat = cache.view(-1, *cache.shape[2:])  # [num_slots, Hkv, D]
+        rows = torch.where(real, x.index_select(0, src).to(cache.dtype), flat.select(0, 0))
+        flat.index_copy_(0, dst, rows)
+
+
+def _gather_kv(cache: torch.Tensor, blocks: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Positions ``start .. end - 1`` of one sequence from the paged cache: [end - start, Hkv, D]. (narrow and
+    index_select instead of Python indexing: indexing a fake CUDA tensor would need a CUDA runtime.)"""
+    bs = cache.shape[1]
+    first, nb = start // bs, -(-end // bs) - start // bs
+    rows = cache.index_select(0, blocks.narrow(0, first, nb).long()).reshape(nb * bs, *cache.shape[2:])
+    return rows.narrow(0, start - first * bs, end - start)
 
 
 def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
@@ -31,39 +51,50 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block
     CPU (no padding work, no mask, stale or NaN slots past ``seq_len`` are never read); fp32 math."""
     b, num_heads, d = q.shape
     num_kv = k_cache.shape[2]
-    out = torch.empty_like(q)  # [B, H, D]
     qg = q.view(b, num_kv, num_heads // num_kv, d).float()  # [B, Hkv, G, D]
+    outs = []
     for i, slen in enumerate(seq_lens):
         lo = 0 if sliding_window is None else max(0, slen - sliding_window)
-        k = reference.gather_kv(k_cache, block_table[i], slen)[lo:].float()  # [L, Hkv, D]
-        v = reference.gather_kv(v_cache, block_table[i], slen)[lo:].float()
-        probs = (torch.einsum("hgd,lhd->hgl", qg[i], k) * scale).softmax(dim=-1)
-        out[i] = torch.einsum("hgl,lhd->hgd", probs, v).reshape(num_heads, d)
-    return out
+        blocks = block_table.select(0, i)
+        k = _gather_kv(k_cache, blocks, lo, slen).float()  # [L, Hkv, D]
+        v = _gather_kv(v_cache, blocks, lo, slen).float()
+        probs = (torch.einsum("hgd,lhd->hgl", qg.select(0, i), k) * scale).softmax(dim=-1)
+        outs.append(torch.einsum("hgl,lhd->hgd", probs, v).reshape(num_heads, d))
+    return torch.stack(outs).to(q.dtype)  # [B, H, D]
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                     scale: float, sliding_window: int | None = None) -> torch.Tensor:
-    out = torch.empty_like(q)  # [T, H, D]
+    """Causal attention of packed queries ``q`` [T, H, D] over the paged cache; same contract as
+    :func:`fastinfer.ops.reference.paged_attention`. Decode rows loop in fp32, prefill rows go to SDPA; the
+    host lists of ``meta`` drive the slicing (no device read)."""
     nd = meta.num_decodes
+    parts = []
     if nd:
-        out[:nd] = _decode(q[:nd], k_cache, v_cache, meta.block_table, meta.seq_lens_cpu[:nd], scale,
-                           sliding_window)
+        parts.append(_decode(q.narrow(0, 0, nd), k_cache, v_cache, meta.block_table, meta.seq_lens_cpu[:nd], scale,
+                             sliding_window))
     start = nd
     for i in range(nd, meta.num_seqs):
         qlen, slen = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
-        qi = q[start:start + qlen].transpose(0, 1)  # [H, q, D]
-        k = reference.gather_kv(k_cache, meta.block_table[i], slen).transpose(0, 1)  # [Hkv, L, D]
-        v = reference.gather_kv(v_cache, meta.block_table[i], slen).transpose(0, 1)
+        if qlen == 0:
+            continue
+        qi = q.narrow(0, start, qlen).transpose(0, 1)  # [H, q, D]
+        blocks = meta.block_table.select(0, i)
+        k = _gather_kv(k_cache, blocks, 0, slen).transpose(0, 1)  # [Hkv, L, D]
+        v = _gather_kv(v_cache, blocks, 0, slen).transpose(0, 1)
         if qlen == slen and (sliding_window is None or slen <= sliding_window):
             o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            q_pos = torch.arange(slen - qlen, slen, device=q.device)[:, None]
-            mask = _window_mask(q_pos, torch.arange(slen, device=q.device)[None, :], sliding_window)
+            q_pos = torch.arange(slen - qlen, slen, device=q.device).unsqueeze(1)
+            mask = _window_mask(q_pos, torch.arange(slen, device=q.device).unsqueeze(0), sliding_window)
             o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[start:start + qlen] = o.transpose(0, 1)
+        parts.append(o.transpose(0, 1))
         start += qlen
-    return out
+    if start < q.shape[0]:  # rows past the batch's tokens (padding): zeros
+        parts.append(q.new_zeros((q.shape[0] - start, *q.shape[1:])))
+    if not parts:
+        return q.new_empty(q.shape)
+    return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()  # [T, H, D]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -79,13 +110,31 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 
 def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, src_to_dst: torch.Tensor) -> None:
-    src, dst = src_to_dst[:, 0], src_to_dst[:, 1]
-    k_cache[dst] = k_cache[src]
-    v_cache[dst] = v_cache[src]
+    src, dst = src_to_dst.select(1, 0), src_to_dst.select(1, 1)
+    k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
+    v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
 
 
-rotary_embedding = reference.rotary_embedding
-silu_and_mul = reference.silu_and_mul
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fastinfer.ops.reference.rotary_embedding` (the same ops, so the same bits) with narrow and
+    index_select instead of Python indexing."""
+    rot = cos_sin_cache.shape[1]
+    half = rot // 2
+    cos, sin = cos_sin_cache.index_select(0, positions.long()).chunk(2, dim=-1)  # [T, rot/2] each
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        c, s = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+        x1, x2, rest = x.narrow(-1, 0, half), x.narrow(-1, half, half), x.narrow(-1, rot, x.shape[-1] - rot)
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, rest], dim=-1)
+
+    return apply(q), apply(k)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :d]) * x[..., d:]`` for x [..., 2d]."""
+    d = x.shape[-1] // 2
+    return F.silu(x.narrow(-1, 0, d)) * x.narrow(-1, d, d)
 
 
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,

@@ -210,7 +210,7 @@ def test_bad_inputs_raise():
 
 def test_registry_runs_the_triton_kernel():
     ops = OpSet(DEVICE, prefer="triton")
-    assert ops.chosen["quant_linear"] == "triton" and ops.quant_linear is Q.quant_linear
+    assert ops.chosen["quant_linear"] == "triton" and ops.quant_linear is tb.quant_linear
 
 
 # The sm_90 compile check of tests/ops/test_triton_kernels.py (its ``build`` helper), on the quant kernels with the
