@@ -3,10 +3,17 @@ installed), same weights, same prompts (token ids), same process/run.
 
     python benchmarks/bench_generate.py                       # SmolLM2-135M, 32 mixed requests
     python benchmarks/bench_generate.py --plot bench.png --vllm-python /opt/vllm-venv/bin/python
+    git worktree add /tmp/old OLD_COMMIT && cp fastinfer/_C*.so /tmp/old/fastinfer/  # (same csrc)
+    python benchmarks/bench_generate.py --compare-src /tmp/old      # single-stream decode, old tree vs this
 
 Cases: load time; (a) single-stream decode tok/s; (b) 32 requests of the standard 'mixed' workload:
 fastinfer continuous batching vs HF one request at a time, vs HF static padded batches of 16, vs vLLM.
 All runs are greedy with ``ignore_eos`` so every engine generates exactly the requested tokens.
+
+``--compare-src DIR``: instead, single-stream decode of this tree against another checkout of fastinfer (an
+older commit), fp32 and int4, each in its own subprocess through the public API only, alternating the two trees
+``--rounds`` times (median): ms per decode step, the model forward alone (batch-1 decode through the model's
+own paged forward), and their difference: the per-step overhead (engine, scheduler, inputs, sampling).
 """
 from __future__ import annotations
 
@@ -37,7 +44,7 @@ def fastinfer_runs(args, prompts, max_tokens, single_ids, rows):
                   load_progress=False)
         load_s = time.perf_counter() - t
         emit({"case": "load", "engine": "fastinfer", "dtype": dtype, "seconds": load_s,
-              "backends": llm.engine.ops.describe()}, rows)
+              "backends": llm.engine.worker.ops.describe()}, rows)
         greedy = SamplingParams(temperature=0, max_tokens=args.single_tokens, ignore_eos=True)
         llm.generate({"prompt_token_ids": single_ids}, greedy, use_tqdm=False)  # warm-up
         s = median_time(lambda: llm.generate({"prompt_token_ids": single_ids}, greedy, use_tqdm=False),  # noqa: B023
@@ -127,6 +134,81 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
+_STEP_PROBE = r"""
+import json, statistics, sys, time
+import torch
+from fastinfer import LLM, SamplingParams
+from fastinfer.ops import AttentionMetadata
+model, quant, tokens, repeats = sys.argv[1], (sys.argv[2] or None), int(sys.argv[3]), int(sys.argv[4])
+llm = LLM(model, dtype="float32", quantization=quant, max_model_len=2048, max_num_seqs=8, load_progress=False)
+eng = llm.engine
+net = eng.worker.model if hasattr(eng, "worker") else eng.runner.model
+ids = list(range(1000, 1032))
+greedy = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+llm.generate({"prompt_token_ids": ids}, greedy, use_tqdm=False)
+one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+steps, prefill = [], []
+for _ in range(repeats):
+    t = time.perf_counter(); llm.generate({"prompt_token_ids": ids}, one, use_tqdm=False)
+    prefill.append(time.perf_counter() - t)
+    t = time.perf_counter(); llm.generate({"prompt_token_ids": ids}, greedy, use_tqdm=False)
+    steps.append(time.perf_counter() - t)
+step_s = (statistics.median(steps) - statistics.median(prefill)) / (tokens - 1)
+# the model forward alone: batch-1 decode at position 32 + tokens / 2 through the model's paged cache
+bs = eng.config.block_size
+pos = 32 + tokens // 2
+meta = AttentionMetadata.build([1], [pos + 1], [list(range(pos // bs + 1))], bs)
+x, p = torch.tensor([7]), torch.tensor([pos])
+fw = []
+with torch.inference_mode():
+    for _ in range(5):
+        net(x, p, meta)
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(20):
+            net.compute_logits(net(x, p, meta))
+        fw.append((time.perf_counter() - t) / 20)
+print(json.dumps({"step_ms": 1e3 * step_s, "forward_ms": 1e3 * statistics.median(fw)}))
+"""
+
+
+def compare_trees(args) -> None:
+    """Single-stream decode: this tree vs ``args.compare_src`` (an older checkout), alternated, medians."""
+    import platform
+    import statistics
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    trees = {"before": os.path.abspath(args.compare_src), "after": here}
+    with open("/proc/cpuinfo") as fh:
+        info = fh.read()
+    isa = sorted({f for f in info.split() if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")})
+    cpu = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
+               platform.machine())
+    print(f"# {cpu}; ISA {' '.join(isa)}; {args.single_tokens} tokens, "
+          f"{args.rounds} alternated rounds", flush=True)
+    rows: list[dict] = []
+    for quant in ("", "int4"):
+        got: dict[str, list[dict]] = {k: [] for k in trees}
+        for _ in range(args.rounds):
+            for name, src in trees.items():
+                env = {**os.environ, "PYTHONPATH": src}
+                r = subprocess.run([sys.executable, "-c", _STEP_PROBE, args.model, quant, str(args.single_tokens),
+                                    str(args.repeats)], capture_output=True, text=True, env=env, cwd=src)
+                if r.returncode:
+                    sys.exit(f"{name} ({src}) failed:\n{r.stderr[-3000:]}")
+                got[name].append(json.loads(r.stdout.strip().splitlines()[-1]))
+        med = {k: {f: statistics.median(x[f] for x in v) for f in ("step_ms", "forward_ms")} for k, v in got.items()}
+        b, a = med["before"], med["after"]
+        emit({"case": "decode_step", "weights": quant or "fp32", "before_ms": b["step_ms"], "after_ms": a["step_ms"],
+              "before_forward_ms": b["forward_ms"], "after_forward_ms": a["forward_ms"],
+              "before_overhead_ms": b["step_ms"] - b["forward_ms"], "after_overhead_ms": a["step_ms"] - a["forward_ms"],
+              "before_tok_s": 1e3 / b["step_ms"], "after_tok_s": 1e3 / a["step_ms"],
+              "ratio": b["step_ms"] / a["step_ms"]}, rows)
+    print()
+    print(table(rows, ["case", "weights", "before_ms", "after_ms", "before_overhead_ms", "after_overhead_ms",
+                       "before_tok_s", "after_tok_s", "ratio"]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -143,8 +225,13 @@ def main() -> None:
     ap.add_argument("--vllm-python", default="/opt/vllm-venv/bin/python")
     ap.add_argument("--vllm-model", default=os.path.expanduser("~/.cache/fastinfer/smollm2-135m-hf"))
     ap.add_argument("--plot", default=None, help="write a PNG of the ratios")
+    ap.add_argument("--compare-src", default=None, help="another fastinfer checkout: before/after decode steps")
+    ap.add_argument("--rounds", type=int, default=3, help="alternated rounds of --compare-src")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.compare_src:
+        compare_trees(args)
+        return
 
     wl = make_workload("mixed", args.n, args.seed)
 

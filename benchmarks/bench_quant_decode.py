@@ -41,7 +41,7 @@ def fastinfer_rate(model: str, dtype: str, quantization: str | None, ids: list[i
 
     gen(n)()  # warm-up
     rate, _, _ = decode_rate(gen(n), gen(1), n, repeats)
-    return rate, llm.engine.ops.chosen.get("quant_linear", "-")
+    return rate, llm.engine.worker.ops.chosen.get("quant_linear", "-")
 
 
 def llama_cpp_rate(path: str, ids: list[int], n: int, repeats: int, threads: int) -> float | None:

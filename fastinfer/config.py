@@ -4,13 +4,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+from fastinfer.models import registry
+
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_MODEL = "smollm2-135m"  # the embedded default (fastinfer.models.loader.EMBEDDED_MODELS)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The shape of a Llama-family decoder, read from an HF ``config.json`` or GGUF metadata."""
+    """The shape of a decoder, read from an HF ``config.json`` or GGUF metadata. ``architecture`` must be
+    registered in :mod:`fastinfer.models.registry`; ``hf_config`` keeps the whole source dict so a family can
+    read its own extra keys."""
 
     architecture: str
     vocab_size: int
@@ -30,11 +34,13 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"
+    model_type: str = ""
+    hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
+        if not registry.is_supported(self.architecture):
             raise ValueError(f"unsupported architecture {self.architecture!r}; fastinfer supports "
-                             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+                             f"{', '.join(registry.supported_architectures())}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
             v = getattr(self, name)
@@ -48,7 +54,7 @@ class ModelConfig:
     def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
         """Build from the dict of an HF ``config.json``."""
         archs = cfg.get("architectures") or []
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), archs[0] if archs else
+        arch = next((a for a in archs if registry.is_supported(a)), archs[0] if archs else
                     f"<model_type={cfg.get('model_type')!r}>")
         heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
@@ -83,14 +89,17 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+            model_type=str(cfg.get("model_type") or ""),
+            hf_config=dict(cfg),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
         """An HF ``config.json`` dict that :meth:`from_hf_dict` reads back to an equal config."""
-        model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+        known = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
         eos = list(self.eos_token_ids)
         return {
-            "architectures": [self.architecture], "model_type": model_type[self.architecture],
+            **self.hf_config,
+            "architectures": [self.architecture], "model_type": self.model_type or known.get(self.architecture, ""),
             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
             "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
@@ -192,8 +201,10 @@ class SpeculativeConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Engine arguments (vLLM names). KV memory comes from ``kv_cache_memory_bytes`` or ``num_kv_blocks``
-    when given, else from ``max_num_seqs x max_model_len`` tokens capped at ``DEFAULT_KV_BYTES``."""
+    """Engine arguments (vLLM names). ``device="auto"`` serves on CUDA when available, else on the CPU. KV
+    memory comes from ``kv_cache_memory_bytes`` or ``num_kv_blocks`` when given, else on CUDA from
+    ``gpu_memory_utilization`` of the device memory, on CPU from ``max_num_seqs x max_model_len`` tokens capped at
+    ``DEFAULT_KV_BYTES``."""
 
     model: str
     tokenizer: str | None = None
@@ -209,7 +220,8 @@ class EngineConfig:
     speculative_config: dict[str, Any] | None = None
     tensor_parallel_size: int = 1
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"
+    gpu_memory_utilization: float = 0.9
     attention_backend: str | None = None
     load_progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -229,6 +241,13 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
+        dev = self.device
+        if not isinstance(dev, str) or not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:")
+                                                                                and dev[5:].isdigit())):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {dev!r}")
+        g = self.gpu_memory_utilization
+        if not isinstance(g, (int, float)) or isinstance(g, bool) or not 0 < g <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {g!r}")
         if self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet (one device per engine)")
         from fastinfer.quantization import parse_method

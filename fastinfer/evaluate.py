@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastinfer.models.llama import LlamaForCausalLM
+from fastinfer.models.interface import CausalLM, forward_sequence, scratch_kv_cache
 
 
 @dataclass
@@ -16,7 +16,7 @@ class Perplexity:
     num_predicted: int
 
 
-def perplexity(model: LlamaForCausalLM, token_ids: list[int], window: int = 1024, block_size: int = 16,
+def perplexity(model: CausalLM, token_ids: list[int], window: int = 1024, block_size: int = 16,
                ) -> Perplexity:
     """Perplexity of ``token_ids`` in non-overlapping windows of ``window`` tokens (each window starts with an
     empty context and scores its tokens 2..window, as the usual chunked evaluation does). Runs the model
@@ -25,12 +25,12 @@ def perplexity(model: LlamaForCausalLM, token_ids: list[int], window: int = 1024
     if window < 2:
         raise ValueError("window must be at least 2 tokens")
     nll, count = 0.0, 0
-    with model.scratch_kv_cache(window, block_size), torch.inference_mode():
+    with scratch_kv_cache(model, window, block_size), torch.inference_mode():
         for start in range(0, len(token_ids) - 1, window):
             ids = token_ids[start:start + window]
             if len(ids) < 2:
                 break
-            hidden = model.forward_sequence(ids, block_size)  # [n, hidden]
+            hidden = forward_sequence(model, ids, block_size)  # [n, hidden]
             logits = model.compute_logits(hidden[:-1])  # [n - 1, vocab] fp32
             nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum"))
             count += len(ids) - 1

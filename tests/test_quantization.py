@@ -1,5 +1,5 @@
-"""The int8/int4 weight format, the RTN and GPTQ quantizers, and lossless GGUF import (fastinfer/quantization.py,
-fastinfer/gptq.py, fastinfer/models/gguf_loader.py)."""
+"""The int8/int4 weight format, the RTN and GPTQ quantizers, and lossless GGUF import (fastinfer/quantization/,
+fastinfer/models/gguf_loader.py) and the QuantMethod registry."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -10,14 +10,18 @@ import torch
 
 from fastinfer.quantization import (
     QuantizedWeight,
+    QuantMethod,
     dequantize,
     fit_group_size,
+    get_method,
     pack_int4,
     parse_method,
     quantize,
     quantize_int4,
     quantize_int8,
+    register_method,
     unpack_int4,
+    unregister_method,
 )
 
 
@@ -131,7 +135,7 @@ def test_smollm2_gguf_tensors_import_bit_exact(smollm2_path):
 
 
 def test_gptq_beats_rtn_on_correlated_inputs():
-    from fastinfer.gptq import gptq_quantize
+    from fastinfer.quantization.gptq import gptq_quantize
 
     torch.manual_seed(0)
     k, n, t = 128, 48, 2048
@@ -148,3 +152,82 @@ def test_gptq_beats_rtn_on_correlated_inputs():
         assert err_gptq < 0.8 * err_rtn, (bits, g, float(err_gptq), float(err_rtn))
         # the stored values are plain group-wise: same format as RTN output
         assert torch.equal(dequantize(gp.qweight, gp.scales, gp.mins, bits, g), gp.dequantize())
+
+
+def test_parsing_a_method_imports_no_torch():
+    """``fastinfer.config`` validates ``quantization=`` with the method registry; neither imports torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from fastinfer.quantization import parse_method\n"
+            "assert parse_method('int4-g64') == ('int4', 64) and parse_method('gguf') == ('gguf', None)\n"
+            "from fastinfer.config import EngineConfig\n"
+            "EngineConfig('some-model', quantization='int4-g32')\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'triton'))\n"
+            "assert not heavy, heavy\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+class _ToyMethod(QuantMethod):
+    """int8 per-channel weights applied by dequantizing in Python: a method the engine has never heard of."""
+
+    name = "toy"
+    bits = 8
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def group_size(self, in_features, requested=None):
+        return in_features
+
+    def quantize_weight(self, w, group_size=None):
+        return quantize_int8(w)
+
+    def apply(self, layer, x):
+        self.calls += 1
+        return torch.nn.functional.linear(x, layer.quant.dequantize().to(x.dtype), layer.bias)
+
+    def describe(self, qw):
+        return "toy"
+
+
+def test_a_registered_method_is_parsed_created_and_applied(tiny_llm):
+    from fastinfer.models.loader import describe_quantization
+    from tests.models.test_hf_parity import _prefill_logits
+
+    toy = _ToyMethod()
+    register_method("toy", toy)
+    try:
+        assert parse_method("toy") == ("toy", None) and get_method("toy") is toy
+        with pytest.raises(ValueError, match="toy"):  # the error lists every registered spelling
+            parse_method("int3")
+        llm = tiny_llm("llama", quantization="toy")  # engine config, loader and Linear all go through it
+        model = llm.engine.worker.model
+        assert describe_quantization(model) == "int8 g64 x1, toy x8"  # the lm_head keeps its int8 default
+        assert all(m.quant_method is toy for n, m in model.quantizable_layers().items() if n != "lm_head")
+        ids = list(range(100, 140))
+        logits = _prefill_logits(llm, ids)
+        assert toy.calls >= 8
+        ref = _prefill_logits(tiny_llm("llama", quantization="int8"), ids)  # same weights, the kernel applies them
+        torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-3)
+    finally:
+        unregister_method("toy")
+    with pytest.raises(ValueError, match="not supported"):
+        parse_method("toy")
+
+
+def test_quantization_reaches_models_only_through_the_protocol():
+    """Quantization, calibration, rotation and evaluation name no model class and no family's module layout:
+    they use the CausalLM protocol (quantizable_layers, rotation_plan, forward) only."""
+    import re
+    from pathlib import Path
+
+    import fastinfer
+
+    root = Path(fastinfer.__file__).parent
+    files = [*sorted((root / "quantization").glob("*.py")), root / "evaluate.py"]
+    pattern = re.compile(r"Llama|Mistral|Qwen|models\.llama|self_attn|\.mlp\b|embed_tokens|dense_forward")
+    offenders = {f.name: pattern.findall(f.read_text()) for f in files if pattern.search(f.read_text())}
+    assert len(files) >= 10 and not offenders, offenders

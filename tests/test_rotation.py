@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fastinfer.rotation import hadamard, random_orthogonal, rotate_model
+from fastinfer.quantization.rotation import hadamard, random_orthogonal, rotate_model
 from tests.models.test_hf_parity import _prefill_logits
 
 
@@ -26,7 +26,7 @@ def test_sizes_without_a_construction_fall_back_to_random_orthogonal(n):
 def test_rotated_model_computes_the_same_logits(tiny_llm, arch):
     """Untied (llama), qkv bias with 4 KV heads (qwen2), tied embeddings with 1 KV head (llama3rope)."""
     llm = tiny_llm(arch)
-    model = llm.engine.runner.model
+    model = llm.engine.worker.model
     ids = list(range(300, 340))
     ref = _prefill_logits(llm, ids)
     w_before = model.layers[0].self_attn.qkv_proj.weight.clone()
@@ -39,6 +39,6 @@ def test_rotated_model_computes_the_same_logits(tiny_llm, arch):
 
 
 def test_rotation_refuses_a_quantized_model(tiny_llm):
-    model = tiny_llm("llama", quantization="int8").engine.runner.model
+    model = tiny_llm("llama", quantization="int8").engine.worker.model
     with pytest.raises(ValueError, match="float model"):
         rotate_model(model)

@@ -1,46 +1,22 @@
 """Continuous batching: every step, running requests advance first, then waiting ones join while the
 token budget, the sequence limit and the KV blocks allow. Out of blocks, the newest running request is
-preempted and later recomputed."""
+preempted and later recomputed.
+
+The scheduler is the only writer of request state. It hands the worker plain data (:mod:`fastinfer.core.outputs`)
+and takes back sampled tokens (:meth:`Scheduler.update`) and drafts for the next step
+(:meth:`Scheduler.update_draft_token_ids`). With a draft model it reserves ``num_lookahead_tokens`` slots past a
+request's scheduled tokens, where the draft writes its KV while proposing (vLLM's lookahead slots)."""
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastinfer.core.kv_cache_manager import KVCacheManager
+from fastinfer.core.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from fastinfer.core.request import Request, RequestStatus
 
-
-@dataclass
-class SchedulerOutput:
-    """What to compute this step: ``num_scheduled_tokens[i]`` new tokens of ``reqs[i]``, starting at its
-    ``num_computed_tokens``, into the blocks ``block_ids[i]``."""
-
-    reqs: list[Request] = field(default_factory=list)
-    num_scheduled_tokens: list[int] = field(default_factory=list)
-    block_ids: list[list[int]] = field(default_factory=list)
-    preempted_req_ids: list[str] = field(default_factory=list)
-    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
-    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)  # drafts scheduled for verification
-
-    @property
-    def total_num_scheduled_tokens(self) -> int:
-        return sum(self.num_scheduled_tokens)
-
-    def is_empty(self) -> bool:
-        return not self.reqs
-
-
-@dataclass
-class ModelRunnerOutput:
-    """Per scheduled request that reached the end of its tokens: the sampled token ids (one, or several
-    with speculation) and, when asked for, their logprobs."""
-
-    sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
-    num_rejected: dict[str, int] = field(default_factory=dict)  # drafts whose KV must be rolled back
-    logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
-    sampled_logprobs: dict[str, list[float]] = field(default_factory=dict)
-    nonfinite_req_ids: set[str] = field(default_factory=set)  # produced NaN/inf: never cache their blocks
+__all__ = ["ModelRunnerOutput", "NewRequestData", "Scheduler", "SchedulerOutput", "SchedulerStats"]
 
 
 @dataclass
@@ -57,8 +33,9 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int) -> None:
+                 max_model_len: int, num_lookahead_tokens: int = 0) -> None:
         self.kv = kv_cache
+        self.num_lookahead_tokens = num_lookahead_tokens
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -69,6 +46,8 @@ class Scheduler:
         # n > 1: samples 1.. wait for sample 0's prefill, then share its prompt blocks (copy-on-write)
         self.pending_forks: dict[str, list[Request]] = {}
         self._copies: list[tuple[int, int]] = []
+        self._on_worker: set[str] = set()  # requests whose state the worker holds
+        self._finished_ids: list[str] = []  # finished since the last schedule (the worker drops them)
 
     # -- queue management ------------------------------------------------------------------------------
     def add_request(self, req: Request, fork_from: Request | None = None) -> None:
@@ -103,6 +82,9 @@ class Scheduler:
                         group.remove(req)
             req.status = status
             self.kv.free(req)
+            if req.request_id in self._on_worker:
+                self._on_worker.discard(req.request_id)
+                self._finished_ids.append(req.request_id)
             self.waiting.extend(self.pending_forks.pop(rid, []))  # its forks now prefill on their own
             done.append(req)
         return done
@@ -116,9 +98,17 @@ class Scheduler:
                               self.kv.pool.num_evictions)
 
     # -- one step --------------------------------------------------------------------------------------
+    def _lookahead(self, req: Request, n: int) -> int:
+        """Slots to reserve past ``n`` scheduled tokens: the draft's KV positions of the next proposal, when this
+        chunk reaches the request's known tokens (it samples, then drafts; never past max_model_len)."""
+        end = req.num_computed_tokens + n
+        if not self.num_lookahead_tokens or end < req.num_tokens:
+            return 0
+        return max(0, min(self.num_lookahead_tokens, self.max_model_len - end))
+
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(blocks_to_copy=self._copies)
-        self._copies = []
+        out = SchedulerOutput(blocks_to_copy=self._copies, finished_req_ids=self._finished_ids)
+        self._copies, self._finished_ids = [], []
         budget = self.max_num_batched_tokens
         i = 0
         while i < len(self.running) and budget > 0:
@@ -128,7 +118,7 @@ class Scheduler:
             if n <= 0:  # cannot happen: a running request always has its last token to compute
                 i += 1
                 continue
-            while not self.kv.allocate_slots(req, n):
+            while not self.kv.allocate_slots(req, n + self._lookahead(req, n)):
                 victim = self.running.pop()
                 self._preempt(victim, out)
                 if victim is req:
@@ -144,7 +134,10 @@ class Scheduler:
             hits = self.kv.get_computed_blocks(req)
             num_hit = len(hits) * self.kv.block_size
             n = min(req.num_tokens - req.num_computed_tokens - num_hit, budget)
-            if not self.kv.allocate_slots(req, n, hits):
+            req.num_computed_tokens += num_hit  # for the lookahead; undone below when it does not fit
+            ahead = self._lookahead(req, n)
+            req.num_computed_tokens -= num_hit
+            if not self.kv.allocate_slots(req, n + ahead, hits):
                 break
             self.waiting.popleft()
             if num_hit:
@@ -162,10 +155,16 @@ class Scheduler:
         num_spec = req.num_computed_tokens + n - req.num_tokens
         if num_spec > 0:
             out.spec_token_ids[req.request_id] = req.spec_token_ids[:num_spec]
-        req.spec_token_ids = []  # the proposer makes fresh ones after this step
-        out.reqs.append(req)
+        req.spec_token_ids = []  # the proposer makes fresh ones during this step
+        if req.request_id not in self._on_worker:
+            self._on_worker.add(req.request_id)
+            out.new_reqs.append(NewRequestData(req.request_id, list(req.prompt_token_ids),
+                                               list(req.output_token_ids), req.sampling_params, req.sample_index,
+                                               req.eos_token_ids, req.cache_salt))
+        out.req_ids.append(req.request_id)
         out.num_scheduled_tokens.append(n)
-        out.block_ids.append(self.kv.req_blocks[req.request_id])
+        out.num_computed_tokens.append(req.num_computed_tokens)
+        out.block_ids.append(list(self.kv.req_blocks[req.request_id]))
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.kv.free(req)
@@ -176,13 +175,15 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
         out.preempted_req_ids.append(req.request_id)
+        self._on_worker.discard(req.request_id)
 
     def update(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[Request]:
         """Advance computed tokens, append sampled tokens, apply stop rules. Returns the requests that got
         new tokens (finished ones already freed)."""
         touched = []
-        for req, n in zip(sched.reqs, sched.num_scheduled_tokens):
-            if req.status != RequestStatus.RUNNING:
+        for rid, n in zip(sched.req_ids, sched.num_scheduled_tokens):
+            req = self.requests.get(rid)
+            if req is None or req.status != RequestStatus.RUNNING:
                 continue
             # rejected drafts: their KV slots are simply not counted (overwritten later), no copies
             req.num_computed_tokens += n - result.num_rejected.get(req.request_id, 0)
@@ -205,6 +206,15 @@ class Scheduler:
             if new_ids:
                 touched.append(req)
         return touched
+
+    def update_draft_token_ids(self, drafts: dict[str, list[int]]) -> None:
+        """Take the worker's drafts for the next step (requests that finished meanwhile are skipped); never more
+        than fit in max_model_len."""
+        for rid, draft in drafts.items():
+            req = self.requests.get(rid)
+            if req is None or req.status != RequestStatus.RUNNING or not draft:
+                continue
+            req.spec_token_ids = list(draft[:max(0, self.max_model_len - req.num_tokens)])
 
     def _fork(self, parent: Request, child: Request) -> None:
         """Start ``child`` (same prompt) from ``parent``'s computed prompt: it shares the blocks that lie wholly

@@ -1,5 +1,9 @@
-"""The synchronous engine: add requests, call ``step()`` until done. Each step schedules, runs the model
-once, updates request state, detokenizes and returns the outputs that changed."""
+"""The synchronous engine: add requests, call ``step()`` until done. Each step schedules, has the worker run
+the model once, updates request state, detokenizes and returns the outputs that changed.
+
+The engine imports no torch: the device, the model, the KV tensors, sampling and speculation belong to the
+worker (:mod:`fastinfer.worker`), which it reaches only with plain data (``SchedulerOutput`` in,
+``ModelRunnerOutput`` out)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,20 +13,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from fastinfer.config import EngineConfig, SpeculativeConfig
-from fastinfer.core.kv_cache_manager import KVCacheManager, cdiv
+from fastinfer.core.kv_cache_manager import KVCacheManager
+from fastinfer.core.outputs import ModelRunnerOutput, SchedulerOutput
 from fastinfer.core.request import Request, RequestStatus
-from fastinfer.core.scheduler import Scheduler, SchedulerOutput
+from fastinfer.core.scheduler import Scheduler
 from fastinfer.engine.detokenizer import IncrementalDetokenizer
-from fastinfer.models.loader import LoadedModel, load_model
-from fastinfer.ops import OpSet
 from fastinfer.outputs import CompletionOutput, Logprob, RequestOutput
 from fastinfer.sampling_params import SamplingParams
-from fastinfer.worker.draft_model import DraftModelProposer
-from fastinfer.worker.model_runner import ModelRunner, kv_bytes_per_token
-from fastinfer.worker.spec_decode import NgramProposer, Proposer, speculation_allowed
 
 logger = logging.getLogger("fastinfer")
 
@@ -59,87 +57,31 @@ class LLMEngine:
     """Owns the model, the KV cache, the scheduler and the tokenizer of one served model."""
 
     def __init__(self, config: EngineConfig) -> None:
+        from fastinfer.worker.worker import Worker  # the in-process executor: one worker on one device
+
         self.config = config
-        device = torch.device(config.device)
-        self.ops = OpSet(device.type, config.attention_backend)
-        loaded = load_model(config.model, config.dtype, self.ops, config.max_model_len, config.tokenizer,
-                            config.load_progress, quantization=config.quantization)
-        self.model_config = cfg = loaded.config
-        self.tokenizer = loaded.tokenizer
-        self.load_seconds = loaded.load_seconds
-        self.dtype = loaded.dtype
-        self.max_model_len = config.max_model_len or cfg.max_position_embeddings
+        self.worker = Worker(config)
+        info = self.worker.info
+        self.tokenizer = self.worker.tokenizer
+        self.model_config = self.worker.model_config  # plain data (a frozen dataclass)
+        self.load_seconds = info.load_seconds
+        self.dtype = info.dtype
+        self.device = info.device
+        self.max_model_len = info.max_model_len
         self.spec = (SpeculativeConfig.from_dict(dict(config.speculative_config))
                      if config.speculative_config is not None else None)
-        draft = self._load_draft(self.spec, loaded) if self.spec is not None else None
-        bs = config.block_size
-        # the draft model's KV cache uses the same blocks: size the two together
-        block_bytes = (kv_bytes_per_token(cfg, loaded.dtype)
-                       + (kv_bytes_per_token(draft.config, draft.dtype) if draft is not None else 0)) * bs
-        if config.num_kv_blocks is not None:
-            num_blocks, why = config.num_kv_blocks, "num_kv_blocks"
-        elif config.kv_cache_memory_bytes is not None:
-            num_blocks, why = config.kv_cache_memory_bytes // block_bytes, "kv_cache_memory_bytes"
-        else:
-            wanted = config.max_num_seqs * cdiv(self.max_model_len, bs)
-            num_blocks = min(wanted, EngineConfig.DEFAULT_KV_BYTES // block_bytes)
-            why = (f"max_num_seqs x max_model_len = {config.max_num_seqs} x {self.max_model_len}"
-                   + ("" if num_blocks == wanted else f", capped at {EngineConfig.DEFAULT_KV_BYTES >> 30} GiB"))
-        if num_blocks * bs < self.max_model_len:
-            raise ValueError(f"a KV cache of {num_blocks} blocks x {bs} tokens cannot hold one sequence of "
-                             f"max_model_len={self.max_model_len}; give more KV memory or a smaller max_model_len")
-        logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB (%s%s); %.1f full-length sequences",
-                    num_blocks, bs, num_blocks * bs, num_blocks * block_bytes / 2**30, why,
-                    ", with the draft model's" if draft is not None else "", num_blocks * bs / self.max_model_len)
-        self.num_kv_blocks = num_blocks
-        self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching)
+        self.num_kv_blocks = info.num_kv_blocks
+        self.kv = KVCacheManager(info.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         budget = config.max_num_batched_tokens or max(2048, config.max_num_seqs)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, budget, self.max_model_len)
-        self.proposer: Proposer | None = None
-        if self.spec is not None and draft is None:
-            self.proposer = NgramProposer(self.spec.prompt_lookup_max, self.spec.prompt_lookup_min)
-        elif draft is not None:
-            self.proposer = DraftModelProposer(draft.model, draft.config, num_blocks, bs, draft.dtype, device,
-                                               config.seed, budget, config.enable_prefix_caching)
-        self.runner = ModelRunner(loaded.model, cfg, num_blocks, bs, loaded.dtype, self.ops, device, config.seed,
-                                  self.proposer)
-        self.eos_token_ids = cfg.eos_token_ids or tuple(
-            t for t in [getattr(self.tokenizer, "eos_token_id", None)] if t is not None)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, budget, self.max_model_len,
+                                   info.num_lookahead_tokens)
+        self.eos_token_ids = info.eos_token_ids
         # counters; acceptance rate = accepted / draft tokens, mean acceptance length = 1 + accepted / steps
         self.spec_stats: dict[str, float] = {"steps": 0, "draft_tokens": 0, "accepted_tokens": 0,
                                              "draft_time_s": 0.0, "verify_time_s": 0.0}
         self._parents: dict[str, _Parent] = {}
         self._owner: dict[str, _Parent] = {}  # core request id -> parent
         self.num_steps = 0
-        self._step_s: float | None = None  # moving average of a decode / verify step of the target
-        self._draft_step_s: float | None = None  # ... and of one draft-model step (its catch-up included)
-
-    def _load_draft(self, spec: SpeculativeConfig, target: LoadedModel) -> LoadedModel | None:
-        """The draft model of ``method="draft_model"`` (the target itself, quantized, when no model is given),
-        in the target's dtype; raises ValueError unless it shares the target's vocabulary and context."""
-        if spec.method != "draft_model":
-            return None
-        name = self.config.model if spec.self_draft else spec.model
-        assert name is not None
-        dtype = str(target.dtype).removeprefix("torch.")
-        try:
-            draft = load_model(name, dtype, self.ops, self.max_model_len, None, self.config.load_progress,
-                               quantization=spec.draft_quantization)
-        except ValueError as e:
-            raise ValueError(f"speculative_config: cannot load the draft model {name!r}: {e}") from e
-        tcfg, dcfg = target.config, draft.config
-        if dcfg.vocab_size != tcfg.vocab_size:
-            raise ValueError(f"speculative_config: the draft model {name!r} has a vocabulary of {dcfg.vocab_size} "
-                             f"tokens, the target {tcfg.vocab_size}: a draft model must share the target's "
-                             "tokenizer")
-        if not spec.self_draft:
-            tv, dv = _vocab(target.tokenizer), _vocab(draft.tokenizer)
-            if tv is not None and dv is not None and tv != dv:
-                raise ValueError(f"speculative_config: the draft model {name!r} has a different tokenizer "
-                                 "(token ids map to other strings): a draft model must share the target's tokenizer")
-        logger.info("speculative decoding: draft model %s%s, %d tokens per step", name,
-                    f" ({spec.draft_quantization})" if spec.draft_quantization else "", spec.num_speculative_tokens)
-        return draft
 
     # -- requests --------------------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -225,25 +167,24 @@ class LLMEngine:
         """Run one scheduled batch; returns an output for every request that changed."""
         sched = self.scheduler.schedule()
         if sched.is_empty():
+            if sched.finished_req_ids or sched.preempted_req_ids:
+                self.worker.execute(sched)  # let the worker drop what it held for them
             return []
         self.num_steps += 1
         t0 = time.perf_counter()
         try:
-            result = self.runner.execute(sched)
+            result = self.worker.execute(sched)
         except Exception as e:  # keep serving: fail this batch's requests, loudly
-            logger.exception("model step failed; failing the %d requests of this batch", len(sched.reqs))
+            logger.exception("model step failed; failing the %d requests of this batch", len(sched.req_ids))
             return self._fail(sched, f"internal error during the forward pass: {type(e).__name__}: {e}")
         elapsed = time.perf_counter() - t0
+        self.spec_stats["draft_time_s"] += result.draft_time_s
         if sched.spec_token_ids:
-            self.spec_stats["verify_time_s"] += elapsed
-        if all(n == 1 + len(sched.spec_token_ids.get(r.request_id, ()))
-               for r, n in zip(sched.reqs, sched.num_scheduled_tokens)):  # decode / verify only: no prefill
-            self._step_s = elapsed if self._step_s is None else 0.8 * self._step_s + 0.2 * elapsed
+            self.spec_stats["verify_time_s"] += elapsed - result.draft_time_s
         touched = self.scheduler.update(sched, result)
         if sched.spec_token_ids:
             self._record_spec(sched, result)
-        if self.spec is not None:
-            self._propose()
+        self.scheduler.update_draft_token_ids(result.draft_token_ids)
         now = time.monotonic()
         dirty: dict[str, _Parent] = {}
         for req in touched:
@@ -261,16 +202,12 @@ class LLMEngine:
         best_of_pending = [p for p in dirty.values() if p.params.num_samples > p.params.n and not p.finished]
         return [self._emit(p, now) for p in dirty.values() if p not in best_of_pending]
 
-    def _record_spec(self, sched: SchedulerOutput, result: Any) -> None:
+    def _record_spec(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> None:
         for rid, draft in sched.spec_token_ids.items():
             rejected = result.num_rejected.get(rid, len(draft))
-            accepted = len(draft) - rejected
             self.spec_stats["steps"] += 1
             self.spec_stats["draft_tokens"] += len(draft)
-            self.spec_stats["accepted_tokens"] += accepted
-            req = self.scheduler.requests.get(rid)
-            if req is not None:
-                req.spec_acceptance = 0.7 * req.spec_acceptance + 0.3 * accepted / len(draft)
+            self.spec_stats["accepted_tokens"] += len(draft) - rejected
 
     def spec_summary(self) -> dict[str, float]:
         """``spec_stats`` (request-steps that verified drafts, draft and accepted tokens, seconds spent drafting
@@ -282,71 +219,8 @@ class LLMEngine:
         st["mean_acceptance_length"] = 1 + st["accepted_tokens"] / st["steps"] if st["steps"] else 0.0
         return st
 
-    def _propose(self) -> None:
-        """Give running requests drafts for the next step, adaptively: none while the batch is large (verifying
-        costs compute there), fewer (or, for a draft model, none) for requests whose drafts keep failing."""
-        spec, proposer = self.spec, self.proposer
-        assert spec is not None and proposer is not None
-        running = self.scheduler.running
-        if len(running) > spec.disable_by_batch_size:
-            return
-        reqs, ks = [], []
-        for req in running:
-            if req.num_computed_tokens != req.num_tokens - 1 or not speculation_allowed(req):
-                continue  # still prefilling, or sampling that depends on history
-            sp = req.sampling_params
-            room = min((sp.max_tokens or self.max_model_len) - req.num_output_tokens,
-                       self.max_model_len - req.num_tokens) - 1
-            k = min(self._draft_length(req, spec.num_speculative_tokens), room)
-            # a draft model writes its KV up to position num_tokens + k - 2: reserve the target's slots for it
-            if k > 0 and (not proposer.needs_kv_slots or self.kv.allocate_slots(req, k)):
-                reqs.append(req)
-                ks.append(k)
-        if not reqs:
-            return
-        t0 = time.perf_counter()
-        drafts = self.runner.propose(reqs, ks, [self.kv.req_blocks[r.request_id] for r in reqs])
-        self.spec_stats["draft_time_s"] += time.perf_counter() - t0
-        # the draft step cost is learnt without catch-ups: a long one (a new prompt, or tokens decoded while
-        # drafting was off) is a one-off that would make drafting look too dear to ever resume
-        per_step = getattr(proposer, "last_step_s", None)
-        if proposer.needs_kv_slots and per_step is not None:
-            self._draft_step_s = per_step if self._draft_step_s is None else 0.8 * self._draft_step_s + 0.2 * per_step
-        for req, d in zip(reqs, drafts):
-            req.spec_token_ids = d
-
-    PROBE_EVERY = 64
-
-    def _draft_length(self, req: Request, k_max: int) -> int:
-        """Drafts to propose for ``req``. N-gram lookup is free: ``k_max``, or 1 while the request's acceptance
-        (moving average ``a``) stays low. A draft model (``cost_aware``) costs ``c`` target steps per draft step
-        (measured): the k in 0..k_max with the most expected tokens per unit of time,
-        (1 - a^(k+1)) / (1 - a) / (1 + k c); when that is 0 (no drafts), one draft every PROBE_EVERY tokens
-        keeps ``a`` up to date. No drafts while the draft's catch-up exceeds 4x the tokens the request has left."""
-        a = req.spec_acceptance
-        assert self.spec is not None and self.proposer is not None
-        if not (self.proposer.needs_kv_slots and self.spec.cost_aware):
-            return k_max if a >= 0.3 else 1
-        lag = getattr(self.proposer, "lag", None)
-        sp = req.sampling_params
-        left = (sp.max_tokens or self.max_model_len) - req.num_output_tokens
-        if lag is not None and lag(req) > 4 * left:
-            return 0  # catching the draft up (e.g. when a large batch has shrunk) would cost more than it can save
-        if self._step_s is None or self._draft_step_s is None:
-            return k_max  # nothing measured yet
-        c = self._draft_step_s / max(self._step_s, 1e-9)
-        best_k, best = 0, 1.0
-        for k in range(1, k_max + 1):
-            tokens = k + 1 if a >= 0.999 else (1 - a ** (k + 1)) / (1 - a)
-            rate = tokens / (1 + k * c)
-            if rate > best:
-                best_k, best = k, rate
-        if best_k == 0 and req.num_output_tokens % self.PROBE_EVERY == 0:
-            return 1
-        return best_k
-
     def _fail(self, sched: SchedulerOutput, message: str) -> list[RequestOutput]:
-        parents = {self._owner[r.request_id].request_id: self._owner[r.request_id] for r in sched.reqs}
+        parents = {self._owner[rid].request_id: self._owner[rid] for rid in sched.req_ids if rid in self._owner}
         out = []
         for p in parents.values():
             p.error = message
@@ -389,8 +263,3 @@ class LLMEngine:
             metrics["e2e_s"] = now - parent.arrival
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outs, finished,
                              parent.error, parent.samples[0].req.num_cached_tokens, metrics)
-
-
-def _vocab(tokenizer: Any) -> dict[str, int] | None:
-    get = getattr(tokenizer, "get_vocab", None)
-    return get() if callable(get) else None

@@ -8,9 +8,13 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fastinfer.models.loader import DEFAULT_MODEL, LoadedModel
+from fastinfer.config import DEFAULT_MODEL
+from fastinfer.quantization import QuantSpec  # torch-free
+
+if TYPE_CHECKING:
+    from fastinfer.models.loader import LoadedModel
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -120,24 +124,26 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
-def _calibrated(a: argparse.Namespace, method: str) -> tuple[LoadedModel, dict[str, Any]]:
-    """Load the float model and quantize it with the calibrated recipe (fastinfer.calibration)."""
-    from fastinfer.calibration import calibrated_quantize
+def _calibrated(a: argparse.Namespace, spec: QuantSpec) -> tuple[LoadedModel, dict[str, Any]]:
+    """Load the float model and quantize it with the calibrated recipe (fastinfer.quantization.calibrate)."""
     from fastinfer.models.loader import load_model, resolve_dtype
     from fastinfer.ops import OpSet
-    from fastinfer.quantization import parse_method
+    from fastinfer.quantization import get_method
+    from fastinfer.quantization.calibrate import calibrated_quantize
 
-    if method not in ("int8", "int4"):
-        raise ValueError("--calibrate needs --quantization int8 or int4[-gN]")
+    assert spec.method is not None
+    if not get_method(spec.method).supports_calibration:
+        raise ValueError(f"--calibrate does not support --quantization {a.quantization} (use int8 or int4[-gN])")
     text = None if a.calibration_text is None else Path(a.calibration_text).read_text(encoding="utf-8")
     # Calibration runs in float32 (rotated weights, Hessians and the distillation targets all lose accuracy in
     # 16 bits); the float tensors (embedding, norms) are saved in --dtype afterwards.
     loaded = load_model(a.model, "float32", OpSet("cpu", "torch"), progress=sys.stderr.isatty())
-    info = calibrated_quantize(loaded.model, loaded.tokenizer, method, parse_method(a.quantization)[1],
+    info = calibrated_quantize(loaded.model, loaded.tokenizer, spec.method, spec.group_size,
                                rotate=not a.no_rotate, tune_steps=a.tune_steps, seed=a.seed, text=text,
                                num_tokens=a.calibration_tokens)
     target = resolve_dtype(a.dtype, "float32")
-    for param in loaded.model.parameters():  # the float tensors; quantized layers hold buffers, kept as they are
+    # the float tensors; quantized layers hold buffers, kept as they are
+    for param in loaded.model.parameters():  # type: ignore[attr-defined]
         param.data = param.data.to(target)
     loaded.dtype = target
     return loaded, info
@@ -148,15 +154,15 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from fastinfer.ops import OpSet
     from fastinfer.quantization import parse_method
 
-    method, _ = parse_method(a.quantization)
-    if method is None:
+    spec = parse_method(a.quantization)  # the method's own parse: QuantSpec(method, group size)
+    if spec.method is None:
         raise ValueError("quantize needs --quantization (int8, int4, int4-g32/64/128 or gguf)")
     info = None
-    if not a.calibrate:
+    if not a.calibrate:  # the method creates (or, for GGUF files, keeps) the weights at load
         loaded = load_model(a.model, a.dtype, OpSet("cpu", "torch"), progress=sys.stderr.isatty(),
                             quantization=a.quantization)
     else:
-        loaded, info = _calibrated(a, method)
+        loaded, info = _calibrated(a, spec)
     save_quantized(loaded, a.output, a.quantization, calibration=info)
     print(f"saved {a.model} ({a.quantization}) to {a.output}")
     return 0
@@ -196,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the float tensors kept (embeddings, norms) and of the activations")
     q.add_argument("--calibrate", action="store_true",
                    help="calibrated instead of round-to-nearest: rotation, GPTQ, then group scales tuned by "
-                   "distillation from the float model (minutes on CPU; see fastinfer.calibration)")
+                   "distillation from the float model (minutes on CPU; see fastinfer.quantization.calibrate)")
     q.add_argument("--calibration-text", default=None, help="UTF-8 text file (default: CPython docs shipped with "
                    "Python, pydoc_data)")
     q.add_argument("--calibration-tokens", type=int, default=16384)

@@ -16,9 +16,8 @@ from fastinfer.beam_search import (
     beam_score,
     select_beams,
 )
-from fastinfer.config import EngineConfig
+from fastinfer.config import DEFAULT_MODEL, EngineConfig
 from fastinfer.engine.llm_engine import LLMEngine, PromptType
-from fastinfer.models.loader import DEFAULT_MODEL
 from fastinfer.outputs import CompletionOutput, RequestOutput
 from fastinfer.sampling_params import MAX_LOGPROBS, SamplingParams
 

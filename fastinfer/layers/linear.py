@@ -7,16 +7,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastinfer.ops import OpSet
-from fastinfer.quantization import QuantizedWeight
+from fastinfer.quantization.format import QuantizedWeight
+from fastinfer.quantization.methods import QuantMethod, method_for
 
 
 class Linear(nn.Module):
     """``y = x @ W.T + b`` with W [out, in]. ``shard_sizes`` names the output rows of fused projections
     (e.g. q/k/v), so a loader can copy each checkpoint tensor into its slice.
 
-    After :meth:`set_quantized` (or loading quantized shards) the float weight is dropped and the layer runs
-    ``ops.quant_linear`` on the int8/int4 format of :mod:`fastinfer.quantization`; its tensors are buffers
-    ``qweight``, ``scales`` and ``mins`` (so ``state_dict`` saves them)."""
+    After :meth:`set_quantized` (or loading quantized shards) the float weight is dropped: ``quant`` holds the
+    weight in the format of :mod:`fastinfer.quantization.format` and ``quant_method`` (a
+    :class:`~fastinfer.quantization.methods.QuantMethod`) computes the output (for int8/int4: the op set's
+    ``quant_linear`` kernel). The weight's tensors are buffers ``qweight``, ``scales`` and ``mins`` (so
+    ``state_dict`` saves them)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32, shard_sizes: tuple[int, ...] | None = None,
@@ -29,26 +32,32 @@ class Linear(nn.Module):
         self.shard_sizes = shard_sizes or (out_features,)
         assert sum(self.shard_sizes) == out_features
         self.ops = ops
+        self.device = self.weight.device  # where a quantized weight's tensors go (the serving device)
         self.quant: QuantizedWeight | None = None
+        self.quant_method: QuantMethod | None = None
         self._pending: dict[int, QuantizedWeight] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.quant
-        if q is None:
+        if self.quant is None:
             assert self.weight is not None
             return F.linear(x, self.weight, self.bias)
-        assert self.ops is not None, "a quantized Linear needs an OpSet"
-        return self.ops.quant_linear(x, q.qweight, q.scales, q.mins, q.bits, q.group_size, self.bias)
+        assert self.quant_method is not None
+        return self.quant_method.apply(self, x)
 
     @property
     def quantized(self) -> bool:
         return self.quant is not None
 
-    def set_quantized(self, qw: QuantizedWeight) -> None:
-        """Replace the float weight by ``qw`` ([out, in] in the quantized format)."""
+    def set_quantized(self, qw: QuantizedWeight, method: QuantMethod | None = None) -> None:
+        """Replace the float weight by ``qw`` ([out, in] in the quantized format), applied by ``method``
+        (default: the int8 / int4 method of its bits, for weights read from a file)."""
         if qw.shape != (self.out_features, self.in_features):
             raise ValueError(f"quantized weight has shape {qw.shape}, layer is {(self.out_features, self.in_features)}")
+        if qw.qweight.device != self.device:
+            qw = QuantizedWeight(qw.bits, qw.group_size, qw.qweight.to(self.device), qw.scales.to(self.device),
+                                 None if qw.mins is None else qw.mins.to(self.device))
         self.quant = qw
+        self.quant_method = method if method is not None else method_for(qw)
         self.weight = None
         for name, t in (("qweight", qw.qweight), ("scales", qw.scales), ("mins", qw.mins)):
             if name in self._buffers:
@@ -85,7 +94,7 @@ class Linear(nn.Module):
 
     def extra_repr(self) -> str:
         q = self.quant
-        kind = "dense" if q is None else f"int{q.bits} g{q.group_size}"
+        kind = "dense" if q is None or self.quant_method is None else self.quant_method.describe(q)
         return f"in={self.in_features}, out={self.out_features}, {kind}, bias={self.bias is not None}"
 
 

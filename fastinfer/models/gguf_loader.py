@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fastinfer.config import ModelConfig
-from fastinfer.quantization import QuantizedWeight, pack_int4
+from fastinfer.quantization.format import QuantizedWeight, pack_int4
 
 _ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _LAYER_NAMES = {
@@ -82,6 +82,7 @@ class GGUFFile:
             bos_token_id=self.field("tokenizer.ggml.bos_token_id"),
             eos_token_ids=() if eos is None else (int(eos),),
             torch_dtype="float32",
+            model_type=a,
         )
 
     def tensors(self, cfg: ModelConfig, dtype: torch.dtype, keep_quantized: bool = False,

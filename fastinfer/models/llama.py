@@ -5,8 +5,8 @@ cache through the op set.
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator
+import dataclasses
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -16,18 +16,10 @@ from fastinfer.config import ModelConfig
 from fastinfer.layers.linear import Linear
 from fastinfer.layers.norm import RMSNorm
 from fastinfer.layers.rotary import RotaryEmbedding
+from fastinfer.models.interface import KVCaches, LayerKVSpec, ResidualBlock, RotationPlan, ValueHeads
 from fastinfer.ops import AttentionMetadata, OpSet
-from fastinfer.quantization import QuantizedWeight
-
-
-def new_kv_caches(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                  device: torch.device | str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One (k, v) pair of paged caches per layer, each [num_blocks, block_size, Hkv, D]. Uninitialised (pages
-    are touched lazily): every attention backend reads only slots below seq_len, which store_kv has written,
-    and the kernel tests poison the rest with NaN to prove it."""
-    shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-    return [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
-            for _ in range(cfg.num_hidden_layers)]
+from fastinfer.quantization.format import QuantizedWeight
+from fastinfer.quantization.methods import QuantMethod, get_method, parse_method
 
 
 class LlamaAttention(nn.Module):
@@ -91,8 +83,9 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """``forward`` maps packed token ids [T] and positions [T] to hidden states [T, hidden];
-    ``compute_logits`` maps selected hidden states to fp32 logits [S, vocab]."""
+    """The model interface (:class:`fastinfer.models.interface.CausalLM`) for the Llama family: ``forward``
+    maps packed token ids [T] and positions [T] to hidden states [T, hidden]; ``compute_logits`` maps selected
+    hidden states to fp32 logits [S, vocab]."""
 
     # checkpoint name fragment -> (our module name fragment, shard index)
     STACKED = {
@@ -100,9 +93,11 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, cfg: ModelConfig, ops: OpSet, dtype: torch.dtype, max_position: int) -> None:
+    def __init__(self, cfg: ModelConfig, ops: OpSet, dtype: torch.dtype) -> None:
         super().__init__()
         self.config = cfg
+        max_position = cfg.max_position_embeddings
+        self.kv_caches: KVCaches = []
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, _weight=torch.empty(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype))
         self.embed_tokens.weight.requires_grad_(False)
@@ -115,32 +110,15 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype,
                                                                    ops=ops)
 
-    def bind_kv_cache(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def kv_cache_spec(self) -> list[LayerKVSpec]:
+        c = self.config
+        return [LayerKVSpec(c.num_key_value_heads, c.head_dim, c.sliding_window) for _ in range(c.num_hidden_layers)]
+
+    def bind_kv_cache(self, caches: KVCaches) -> None:
         for layer, (k, v) in zip(self.layers, caches, strict=True):
             assert isinstance(layer, LlamaDecoderLayer)
             layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
-
-    @contextlib.contextmanager
-    def scratch_kv_cache(self, num_tokens: int, block_size: int = 16) -> Iterator[None]:
-        """Run with a private KV cache for ``num_tokens`` positions (blocks 0..n-1), then rebind the caches the
-        model had (so an engine that owns the model keeps working): for evaluation and calibration passes."""
-        saved = []
-        for layer in self.layers:
-            assert isinstance(layer, LlamaDecoderLayer)
-            saved.append((layer.self_attn.k_cache, layer.self_attn.v_cache))
-        self.bind_kv_cache(new_kv_caches(self.config, -(-num_tokens // block_size), block_size,
-                                         self.embed_tokens.weight.dtype))
-        try:
-            yield
-        finally:
-            self.bind_kv_cache(saved)
-
-    def forward_sequence(self, ids: list[int], block_size: int = 16) -> torch.Tensor:
-        """Hidden states [n, hidden] of one whole sequence from position 0, cached in blocks 0, 1, ...: a
-        forward for use inside :meth:`scratch_kv_cache` (evaluation, calibration)."""
-        n = len(ids)
-        meta = AttentionMetadata.build([n], [n], [list(range(-(-n // block_size)))], block_size)
-        return self(torch.tensor(ids), torch.arange(n), meta)
+        self.kv_caches = caches
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, hidden]
@@ -155,30 +133,64 @@ class LlamaForCausalLM(nn.Module):
             return F.linear(hidden, self.embed_tokens.weight).float()  # [S, vocab]
         return self.lm_head(hidden).float()  # [S, vocab]
 
-    def linear_layers(self) -> dict[str, Linear]:
+    def quantizable_layers(self) -> dict[str, Linear]:
         return {name: m for name, m in self.named_modules() if isinstance(m, Linear)}
 
     def quantize(self, method: str, group_size: int | None = None, lm_head: str | None = "int8") -> None:
-        """Quantize every still-dense projection with RTN ``method`` (int8 per channel / int4 group
-        ``group_size``, default 128); the lm_head (for tied models: a quantized copy of the embedding, which
-        itself stays dense for lookups) gets ``lm_head`` (int8 per channel by default, None keeps it float)."""
-        from fastinfer.quantization import quantize
-
-        for name, m in self.linear_layers().items():
+        """Quantize every still-dense projection with ``method`` (a registered method or spec: "int8" per
+        channel, "int4" group ``group_size`` (default 128), "int4-g64", ...); the lm_head (for tied models: a
+        quantized copy of the embedding, which itself stays dense for lookups) gets ``lm_head`` (int8 per
+        channel by default, None keeps it float)."""
+        spec = parse_method(method)
+        assert spec.method is not None
+        qm = get_method(spec.method)
+        for name, m in self.quantizable_layers().items():
             if m.quantized or name == "lm_head":
                 continue
             assert m.weight is not None
-            m.set_quantized(quantize(m.weight.data, method, group_size))
+            qw = qm.quantize_weight(m.weight.data, group_size or spec.group_size)
+            if qw is not None:
+                m.set_quantized(qw, qm)
         if lm_head is None or (self.lm_head is not None and self.lm_head.quantized):
             return
+        head_spec = parse_method(lm_head)
+        assert head_spec.method is not None
+        hm = get_method(head_spec.method)
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         assert w is not None
-        self._set_lm_head(quantize(w.data, lm_head))
+        qw = hm.quantize_weight(w.data, head_spec.group_size)
+        if qw is not None:
+            self._set_lm_head(qw, hm)
 
-    def _set_lm_head(self, qw: QuantizedWeight) -> None:
+    def _new_lm_head(self) -> Linear:
+        with torch.device(self.embed_tokens.weight.device):  # beside the model, wherever it lives
+            return Linear(self.config.hidden_size, self.config.vocab_size, dtype=self.dtype, ops=self.ops)
+
+    def _set_lm_head(self, qw: QuantizedWeight, method: QuantMethod | None = None) -> None:
         if self.lm_head is None:
-            self.lm_head = Linear(self.config.hidden_size, self.config.vocab_size, dtype=self.dtype, ops=self.ops)
-        self.lm_head.set_quantized(qw)
+            self.lm_head = self._new_lm_head()
+        self.lm_head.set_quantized(qw, method)
+
+    def _untied_lm_head(self) -> Linear:
+        """The dense lm_head; a tied model gets its own copy of the embedding first (and an untied config)."""
+        if self.lm_head is None:
+            self.lm_head = self._new_lm_head()
+            assert self.lm_head.weight is not None
+            self.lm_head.weight.data.copy_(self.embed_tokens.weight.data)
+            self.config = dataclasses.replace(self.config, tie_word_embeddings=False)
+        return self.lm_head
+
+    def rotation_plan(self) -> RotationPlan:
+        blocks: list[ResidualBlock] = []
+        c = self.config
+        for layer in self.layers:
+            assert isinstance(layer, LlamaDecoderLayer)
+            attn, mlp = layer.self_attn, layer.mlp
+            values = ValueHeads(attn.qkv_proj, (c.num_attention_heads + c.num_key_value_heads) * c.head_dim,
+                                c.num_key_value_heads, attn.o_proj, c.num_attention_heads, c.head_dim)
+            blocks.append(ResidualBlock(layer.input_layernorm.weight, (attn.qkv_proj,), (attn.o_proj,), values))
+            blocks.append(ResidualBlock(layer.post_attention_layernorm.weight, (mlp.gate_up_proj,), (mlp.down_proj,)))
+        return RotationPlan(self.embed_tokens.weight, tuple(blocks), self.norm.weight, self._untied_lm_head)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named checkpoint tensors (``model.layers.0.self_attn.q_proj.weight``...) into the fused

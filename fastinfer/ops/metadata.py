@@ -34,6 +34,8 @@ class AttentionMetadata:
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
     num_decodes: int
+    input_ids: torch.Tensor | None = None  # [T] int64 packed tokens, when built with them (same upload)
+    positions: torch.Tensor | None = None  # [T] int64 their positions
 
     @property
     def num_seqs(self) -> int:
@@ -49,7 +51,7 @@ class AttentionMetadata:
 
     @classmethod
     def build(cls, query_lens: list[int], seq_lens: list[int], block_ids: list[list[int]], block_size: int,
-              device: torch.device | str = "cpu") -> AttentionMetadata:
+              device: torch.device | str = "cpu", input_ids: list[int] | None = None) -> AttentionMetadata:
         """From host lists; decode rows must already come first.
 
         Vectorised on the host with numpy (no per-token Python loop): token ``t`` of sequence ``i`` sits at
@@ -57,7 +59,8 @@ class AttentionMetadata:
         ``block_ids[i][p // block_size] * block_size + p % block_size``. Every field then reaches ``device``
         in one host-to-device copy of one packed int64 buffer (``[slot_mapping | int32 words of
         query_start_loc, seq_lens, block_table]``); the fields are views of it. Works for a fake device under
-        FakeTensorMode too (numpy runs for real, the copy is faked)."""
+        FakeTensorMode too (numpy runs for real, the copy is faked). With ``input_ids`` (the packed tokens), the
+        model's inputs ride in the same copy: ``input_ids`` and ``positions`` [T] int64 are set too."""
         b = len(query_lens)
         if len(seq_lens) != b or len(block_ids) != b:
             raise ValueError(f"{b} query_lens, {len(seq_lens)} seq_lens and {len(block_ids)} block lists")
@@ -86,20 +89,28 @@ class AttentionMetadata:
         slots = table[seq_of, blk] * block_size + pos % block_size
 
         n32 = 2 * b + 1 + b * width  # int32 words after the slots
-        buf = np.zeros(t + (n32 + 1) // 2, dtype=np.int64)
-        buf[:t] = slots
-        words = buf[t:].view(np.int32)
+        lead = 0 if input_ids is None else 2 * t  # [input_ids | positions] before the slots
+        if input_ids is not None and len(input_ids) != t:
+            raise ValueError(f"{len(input_ids)} input ids for {t} scheduled tokens")
+        buf = np.zeros(lead + t + (n32 + 1) // 2, dtype=np.int64)
+        if input_ids is not None:
+            buf[:t] = input_ids
+            buf[t:2 * t] = pos
+        buf[lead:lead + t] = slots
+        words = buf[lead + t:].view(np.int32)
         words[:b + 1] = qsl
         words[b + 1:2 * b + 1] = slen
         words[2 * b + 1:n32] = table.reshape(-1)
         packed = torch.from_numpy(buf).to(_resolve_device(device), non_blocking=True)
         # narrow/view, not Python indexing: indexing a fake CUDA tensor needs a CUDA runtime
-        ints = packed.narrow(0, t, buf.shape[0] - t).view(torch.int32)
+        ints = packed.narrow(0, lead + t, buf.shape[0] - lead - t).view(torch.int32)
         return cls(
+            input_ids=None if input_ids is None else packed.narrow(0, 0, t),
+            positions=None if input_ids is None else packed.narrow(0, t, t),
             query_start_loc=ints.narrow(0, 0, b + 1),
             seq_lens=ints.narrow(0, b + 1, b),
             block_table=ints.narrow(0, 2 * b + 1, b * width).view(b, width),
-            slot_mapping=packed.narrow(0, 0, t),
+            slot_mapping=packed.narrow(0, lead, t),
             query_lens_cpu=list(query_lens),
             seq_lens_cpu=list(seq_lens),
             num_decodes=num_decodes,

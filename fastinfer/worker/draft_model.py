@@ -22,15 +22,16 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from fastinfer.config import ModelConfig
-from fastinfer.core.request import Request
-from fastinfer.models.llama import LlamaForCausalLM, new_kv_caches
-from fastinfer.ops import AttentionMetadata
-from fastinfer.worker.sampler import filtered_probs, mix_seed
-from fastinfer.worker.spec_decode import DRAFT_STREAM, Draft
+from fastinfer.models.interface import CausalLM, KVCaches
+from fastinfer.worker.input_batch import Chunk, pack_inputs
+from fastinfer.worker.rejection_sampler import draft_sample
+from fastinfer.worker.spec_decode import Draft
+
+Request = Any  # a request state (fastinfer.worker.input_batch.CachedRequestState or core Request)
 
 
 @dataclass
@@ -48,14 +49,13 @@ class DraftModelProposer:
 
     needs_kv_slots = True
 
-    def __init__(self, model: LlamaForCausalLM, cfg: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu", seed: int = 0,
-                 max_num_batched_tokens: int = 2048, enable_caching: bool = True) -> None:
-        self.model, self.cfg, self.block_size, self.device = model, cfg, block_size, torch.device(device)
+    def __init__(self, model: CausalLM, kv_caches: KVCaches, block_size: int, device: torch.device | str = "cpu",
+                 seed: int = 0, max_num_batched_tokens: int = 2048, enable_caching: bool = True) -> None:
+        self.model, self.block_size, self.device = model, block_size, torch.device(device)
         # Uninitialised like the target's: the draft reads only positions it wrote (see the module docstring).
-        self.kv_caches = new_kv_caches(cfg, num_blocks, block_size, dtype, device)
+        self.kv_caches = kv_caches
         model.bind_kv_cache(self.kv_caches)
-        self.generator = torch.Generator().manual_seed(seed ^ 0x5EED)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed ^ 0x5EED)
         self.max_num_batched_tokens = max(1, max_num_batched_tokens)
         self.enable_caching = enable_caching
         self.valid_blocks: dict[int, bytes] = {}  # block id -> hash of the full block whose draft KV it holds
@@ -138,8 +138,9 @@ class DraftModelProposer:
         alive = list(range(len(reqs)))
         for step in range(max(ks)):
             logits = self.model.compute_logits(hidden)  # [len(alive), V] fp32
-            finite = torch.isfinite(logits.sum(dim=-1)).tolist()  # a NaN/inf anywhere in a row makes its sum one
-            new, q = self._sample(logits, [reqs[i] for i in alive], step)
+            tok, q = self._sample(logits, [reqs[i] for i in alive], step)
+            finite_t = torch.isfinite(logits.sum(dim=-1))  # a NaN/inf anywhere in a row makes its sum one
+            new, finite = torch.stack([tok, finite_t.to(tok.dtype)]).tolist()  # the draft step's one sync
             nxt = []
             for j, i in enumerate(alive):
                 if not finite[j]:
@@ -191,25 +192,14 @@ class DraftModelProposer:
         """One packed forward of ``(request index, tokens, first position)`` chunks. Returns the row of each
         chunk's last token in the output and either all hidden states [T, hidden] or (``last_only``) just those
         rows [len(batch), hidden], in ``batch`` order."""
-        order = sorted(range(len(batch)), key=lambda j: len(batch[j][1]) != 1)  # decodes first
-        input_ids: list[int] = []
-        positions: list[int] = []
-        query_lens, seq_lens, tables = [], [], []
-        rows = [0] * len(batch)
-        for j in order:
-            i, toks, pos = batch[j]
-            input_ids.extend(toks)
-            positions.extend(range(pos, pos + len(toks)))
-            query_lens.append(len(toks))
-            seq_lens.append(pos + len(toks))
-            tables.append(block_ids[i])
-            rows[j] = len(input_ids) - 1
+        for i, toks, pos in batch:
             self._drop_blocks(block_ids[i], pos, pos + len(toks))
-        meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, self.device)
-        hidden = self.model(torch.tensor(input_ids, device=self.device),
-                            torch.tensor(positions, device=self.device), meta)  # [T, hidden]
+        packed = pack_inputs([Chunk(list(toks), pos, block_ids[i]) for i, toks, pos in batch], self.block_size,
+                             self.device)
+        input_ids, rows = packed.input_ids, packed.last_rows
+        hidden = self.model.forward(packed.input_ids, packed.positions, packed.meta)  # [T, hidden]
         self.num_forwards += 1
-        self.num_tokens_computed += len(input_ids)
+        self.num_tokens_computed += int(input_ids.numel())
         if last_only:
             return list(range(len(batch))), hidden[rows]  # [len(batch), hidden]
         return rows, hidden
@@ -221,21 +211,14 @@ class DraftModelProposer:
                 self.valid_blocks.pop(b, None)
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request], step: int,
-                ) -> tuple[list[int], list[torch.Tensor | None]]:
-        """Draft token ``step`` of each row: greedy argmax, or a sample from the filtered distribution q (same
-        temperature / top-k / top-p / min-p as the target's), returned with q [V] for verification."""
-        tokens = logits.argmax(dim=-1)  # [B]
+                ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Draft token ``step`` of each row ([B] on the device): greedy argmax, or a sample from the filtered
+        distribution q (same temperature / top-k / top-p / min-p as the target's), returned with q [V] for
+        verification."""
+        tokens, probs = draft_sample(logits, reqs, step, self.generator)
         q: list[torch.Tensor | None] = [None] * len(reqs)
-        rand_rows = [j for j, r in enumerate(reqs) if not r.sampling_params.greedy]
-        if rand_rows:
-            sps = [reqs[j].sampling_params for j in rand_rows]
-            probs = filtered_probs(logits[rand_rows], sps)  # [R, V]
-            noise = torch.empty_like(probs)
-            for n, (j, sp) in enumerate(zip(rand_rows, sps)):
-                req = reqs[j]
-                g = self.generator if sp.seed is None else torch.Generator().manual_seed(
-                    mix_seed(sp.seed, req.sample_index, req.num_output_tokens + step, DRAFT_STREAM))
-                noise[n].exponential_(generator=g)
-                q[j] = probs[n]
-            tokens[rand_rows] = (probs / noise).argmax(dim=-1)  # exponential race == categorical sample
-        return tokens.tolist(), q
+        if probs is not None:
+            for j, r in enumerate(reqs):
+                if not r.sampling_params.greedy:
+                    q[j] = probs[j]
+        return tokens, q

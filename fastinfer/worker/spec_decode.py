@@ -1,5 +1,7 @@
-"""Speculative decoding on the worker side: the proposer interface, the n-gram (prompt lookup) proposer
-and lossless verification. The draft-model proposer lives in :mod:`fastinfer.worker.draft_model`.
+"""Speculative decoding on the worker side: the proposer interface, the n-gram (prompt lookup) proposer and
+the :class:`Speculator` that decides each request's draft length and keeps the drafts' distributions until they
+are verified. The draft-model proposer lives in :mod:`fastinfer.worker.draft_model`; verification in
+:mod:`fastinfer.worker.rejection_sampler`.
 
 Verification of k drafts uses the target's logits at the k+1 positions ending in the drafts. Greedy:
 accept while the draft equals the argmax, then emit the argmax (exact match with plain greedy decoding).
@@ -11,17 +13,13 @@ is exactly the target's.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
-from fastinfer.core.request import Request
-from fastinfer.worker.sampler import filtered_probs, mix_seed
-
-# stream ids of mix_seed for seeded requests: verification draws, draft-model sampling (plain sampling has none)
-VERIFY_STREAM = 1
-DRAFT_STREAM = 2
+from fastinfer.config import SpeculativeConfig
 
 
 @dataclass
@@ -33,27 +31,36 @@ class Draft:
 
 
 class Proposer(Protocol):
-    """What the engine asks of a speculative proposer (n-gram lookup, draft model).
+    """Everything the worker asks of a speculative proposer (n-gram lookup, draft model).
 
-    ``propose`` gets running requests whose computed tokens are one behind their total (the last token is
-    the next input), ``ks[i]`` >= 1 tokens to propose for ``reqs[i]`` and its KV block ids. A proposer with
-    ``needs_kv_slots`` writes its own KV at positions up to ``num_tokens + k - 2``, so the engine reserves
-    those slots first. It may return fewer tokens than asked (none at all)."""
+    ``propose`` gets requests whose computed tokens are one behind their total (the last token is the next
+    input), ``ks[i]`` >= 1 tokens to propose for ``reqs[i]`` and its KV block ids. A proposer with
+    ``needs_kv_slots`` writes its own KV at positions up to ``num_tokens + k - 2``: the scheduler reserves
+    those as lookahead slots. It may return fewer tokens than asked (none at all). ``last_step_s`` is the
+    measured time of one draft step of the last proposal without its catch-up (None when not measured) and
+    ``lag(req)`` the tokens of ``req`` the proposer has not seen yet (0 for a stateless proposer)."""
 
     needs_kv_slots: bool
+    last_step_s: float | None
 
-    def propose(self, reqs: list[Request], ks: list[int], block_ids: list[list[int]]) -> list[Draft]: ...
+    def propose(self, reqs: list[Any], ks: list[int], block_ids: list[list[int]]) -> list[Draft]: ...
+
+    def lag(self, req: Any) -> int: ...
 
 
 class NgramProposer:
     """Prompt lookup: the tokens that followed the latest earlier occurrence of the longest suffix n-gram."""
 
     needs_kv_slots = False
+    last_step_s: float | None = None
 
     def __init__(self, n_max: int, n_min: int) -> None:
         self.n_max, self.n_min = n_max, n_min
 
-    def propose(self, reqs: list[Request], ks: list[int], block_ids: list[list[int]]) -> list[Draft]:
+    def lag(self, req: Any) -> int:
+        return 0
+
+    def propose(self, reqs: list[Any], ks: list[int], block_ids: list[list[int]]) -> list[Draft]:
         return [Draft(propose_ngram(r.all_token_ids, k, self.n_max, self.n_min)) for r, k in zip(reqs, ks)]
 
 
@@ -69,51 +76,104 @@ def propose_ngram(tokens: list[int], k: int, n_max: int, n_min: int) -> list[int
     return []
 
 
-def speculation_allowed(req: Request) -> bool:
+def speculation_allowed(req: Any) -> bool:
     """Requests whose per-position sampling depends on output history are not speculated (kept exact)."""
     sp = req.sampling_params
     return not (sp.needs_penalties or sp.logprobs is not None or req.num_output_tokens < sp.min_tokens)
 
 
-def verify(logits: torch.Tensor, draft: list[int], req: Request, generator: torch.Generator | None,
-           draft_probs: torch.Tensor | None = None) -> list[int]:
-    """Tokens to append for one request: the accepted drafts plus one token from the target.
-    ``logits`` [k+1, V] fp32 at the positions that predict draft[0..k-1] and the bonus token; ``draft_probs``
-    [k, V] the (filtered) distributions q the drafts were sampled from, None for deterministic drafts."""
-    sp = req.sampling_params
-    if sp.greedy:
-        target = logits.argmax(dim=-1).tolist()
-        out = []
-        for d, t in zip(draft, target):
-            if d != t:
-                break
-            out.append(d)
-        return out + [target[len(out)]]
-    probs = filtered_probs(logits, [sp] * logits.shape[0])  # [k+1, V]
-    out = []
-    for i, d in enumerate(draft):
-        g = _generator(req, i, generator)
-        p_d = probs[i, d].item()
-        q_d = 1.0 if draft_probs is None else draft_probs[i, d].item()
-        if torch.rand((), generator=g).item() * q_d < p_d:  # probability min(1, p(d) / q(d))
-            out.append(d)
-            continue
-        if draft_probs is None:
-            residual = probs[i].clone()
-            residual[d] = 0.0  # max(0, p - onehot(d))
-        else:
-            residual = (probs[i] - draft_probs[i]).clamp_(min=0.0)  # [V]
-        if residual.sum() <= 0:  # p <= q everywhere means p == q: cannot reject in exact arithmetic
-            out.append(d)
-            continue
-        return out + [int(torch.multinomial(residual / residual.sum(), 1, generator=g))]
-    g = _generator(req, len(draft), generator)
-    return out + [int(torch.multinomial(probs[len(draft)], 1, generator=g))]
+class Speculator:
+    """Runs the proposer for the requests that just sampled, with a draft length per request, and keeps each
+    request's draft distributions until the step that verifies them.
+
+    Draft length: none while the batch is larger than ``disable_by_batch_size``. N-gram lookup is free:
+    ``k_max``, or 1 while the request's acceptance (moving average ``a``) stays low. A draft model
+    (``cost_aware``) costs ``c`` target steps per draft step (both measured): the k in 0..k_max with the most
+    expected tokens per unit of time, (1 - a^(k+1)) / (1 - a) / (1 + k c); when that is 0 (no drafts), one
+    draft every PROBE_EVERY tokens keeps ``a`` up to date. No drafts while the draft's catch-up exceeds 4x
+    the tokens the request has left."""
+
+    PROBE_EVERY = 64
+
+    def __init__(self, spec: SpeculativeConfig, proposer: Proposer, max_model_len: int) -> None:
+        self.spec, self.proposer, self.max_model_len = spec, proposer, max_model_len
+        self.step_s: float | None = None  # moving average of a decode / verify step of the target
+        self.draft_step_s: float | None = None  # ... and of one draft-model step (catch-up excluded)
+        self._drafts: dict[str, tuple[Any, Draft]] = {}  # proposed, not yet verified (or re-proposed)
+
+    def record_step_time(self, seconds: float) -> None:
+        """A target step that was decode / verify only (no prefill)."""
+        self.step_s = seconds if self.step_s is None else 0.8 * self.step_s + 0.2 * seconds
+
+    def record_acceptance(self, req: Any, num_drafts: int, num_accepted: int) -> None:
+        req.spec_acceptance = 0.7 * req.spec_acceptance + 0.3 * num_accepted / num_drafts
+
+    def drop(self, req_ids: list[str]) -> None:
+        for rid in req_ids:
+            self._drafts.pop(rid, None)
+
+    def draft_probs(self, req: Any, draft: list[int]) -> torch.Tensor | None:
+        """q rows [len(draft), V] of the drafts being verified (None: deterministic drafts or greedy)."""
+        entry = self._drafts.pop(req.request_id, None)
+        if entry is None or entry[0] is not req or entry[1].token_ids[:len(draft)] != draft:
+            if req.sampling_params.greedy:
+                return None  # exact match needs no q
+            raise RuntimeError(f"request {req.request_id}: the drafts to verify are not the proposed ones")
+        probs = entry[1].probs
+        return None if probs is None else probs[:len(draft)]
+
+    def propose(self, reqs: list[Any], block_ids: list[list[int]], batch_size: int) -> dict[str, list[int]]:
+        """Drafts for ``reqs`` (each just sampled its next token) given their block ids (lookahead included)."""
+        if batch_size > self.spec.disable_by_batch_size:
+            return {}
+        chosen, ks, tables = [], [], []
+        for req, blocks in zip(reqs, block_ids):
+            if not speculation_allowed(req):
+                continue  # sampling that depends on history
+            sp = req.sampling_params
+            room = min((sp.max_tokens or self.max_model_len) - req.num_output_tokens,
+                       self.max_model_len - req.num_tokens) - 1
+            k = min(self.draft_length(req, self.spec.num_speculative_tokens), room)
+            if k > 0:
+                chosen.append(req)
+                ks.append(k)
+                tables.append(blocks)
+        if not chosen:
+            return {}
+        drafts = self.proposer.propose(chosen, ks, tables)
+        per_step = self.proposer.last_step_s
+        if self.proposer.needs_kv_slots and per_step is not None:
+            self.draft_step_s = per_step if self.draft_step_s is None else 0.8 * self.draft_step_s + 0.2 * per_step
+        out = {}
+        for req, d in zip(chosen, drafts):
+            self._drafts[req.request_id] = (req, d)
+            if d.token_ids:
+                out[req.request_id] = list(d.token_ids)
+        return out
+
+    def draft_length(self, req: Any, k_max: int) -> int:
+        a = req.spec_acceptance
+        if not (self.proposer.needs_kv_slots and self.spec.cost_aware):
+            return k_max if a >= 0.3 else 1
+        sp = req.sampling_params
+        left = (sp.max_tokens or self.max_model_len) - req.num_output_tokens
+        if self.proposer.lag(req) > 4 * left:
+            return 0  # catching the draft up (e.g. when a large batch has shrunk) would cost more than it can save
+        if self.step_s is None or self.draft_step_s is None:
+            return k_max  # nothing measured yet
+        c = self.draft_step_s / max(self.step_s, 1e-9)
+        best_k, best = 0, 1.0
+        for k in range(1, k_max + 1):
+            tokens = k + 1 if a >= 0.999 else (1 - a ** (k + 1)) / (1 - a)
+            rate = tokens / (1 + k * c)
+            if rate > best:
+                best_k, best = k, rate
+        if best_k == 0 and req.num_output_tokens % self.PROBE_EVERY == 0:
+            return 1
+        return best_k
 
 
-def _generator(req: Request, offset: int, fallback: torch.Generator | None) -> torch.Generator | None:
-    seed = req.sampling_params.seed
-    if seed is None:
-        return fallback
-    return torch.Generator().manual_seed(mix_seed(seed, req.sample_index, req.num_output_tokens + offset,
-                                                  VERIFY_STREAM))
+def timed(fn: Any, *args: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0

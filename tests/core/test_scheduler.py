@@ -12,16 +12,21 @@ def make(num_blocks=16, block_size=4, budget=8, max_seqs=8, caching=False, max_l
     return Scheduler(kv, max_seqs, budget, max_len), kv
 
 
+_REQS: dict[str, Request] = {}
+
+
 def req(rid, n, params=GREEDY):
-    return Request(rid, list(range(100, 100 + n)), params, eos_token_ids=(2,))
+    _REQS[rid] = Request(rid, list(range(100, 100 + n)), params, eos_token_ids=(2,))
+    return _REQS[rid]
 
 
 def sample_all(sched_out, token=7):
-    """A runner output sampling ``token`` for every request whose computed tokens caught up."""
+    """A runner output sampling ``token`` for every request whose computed tokens caught up (the worker knows
+    that from its own state; the test reads the core requests, which the scheduler has not changed yet)."""
     out = ModelRunnerOutput()
-    for r, n in zip(sched_out.reqs, sched_out.num_scheduled_tokens):
-        if r.num_computed_tokens + n == r.num_tokens:
-            out.sampled_token_ids[r.request_id] = [token]
+    for rid, start, n in zip(sched_out.req_ids, sched_out.num_computed_tokens, sched_out.num_scheduled_tokens):
+        if start + n == _REQS[rid].num_tokens:
+            out.sampled_token_ids[rid] = [token]
     return out
 
 
@@ -31,12 +36,12 @@ def test_chunked_prefill_budget_and_block_ids():
     s.add_request(a)
     s.add_request(b)
     out = s.schedule()
-    assert [r.request_id for r in out.reqs] == ["A"] and out.num_scheduled_tokens == [8]
+    assert out.req_ids == ["A"] and out.num_scheduled_tokens == [8]
     assert out.block_ids == [[0, 1]]
     s.update(out, sample_all(out))
     assert a.num_computed_tokens == 8 and a.num_output_tokens == 0  # mid-prefill: nothing sampled
     out = s.schedule()
-    assert [r.request_id for r in out.reqs] == ["A", "B"] and out.num_scheduled_tokens == [2, 5]
+    assert out.req_ids == ["A", "B"] and out.num_scheduled_tokens == [2, 5]
     assert out.block_ids == [[0, 1, 2], [3, 4]]
     s.update(out, sample_all(out))
     assert a.output_token_ids == [7] and b.output_token_ids == [7]
@@ -50,7 +55,7 @@ def test_max_num_seqs_limits_admission():
     for i in range(3):
         s.add_request(req(f"R{i}", 3))
     out = s.schedule()
-    assert [r.request_id for r in out.reqs] == ["R0", "R1"]
+    assert out.req_ids == ["R0", "R1"]
     assert len(s.waiting) == 1
 
 
@@ -67,7 +72,7 @@ def test_preempts_newest_running_and_recomputes():
     s.update(out, sample_all(out))  # 9 tokens, 8 computed: A needs a third block, none free
     out = s.schedule()
     assert out.preempted_req_ids == ["B"]
-    assert [r.request_id for r in out.reqs] == ["A"]
+    assert out.req_ids == ["A"]
     assert out.block_ids == [[0, 1, 2]]  # B freed tail-first (3, then 2), each to the queue front: 2 comes first
     assert b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 0 and b.num_preemptions == 1
     assert s.waiting[0] is b
@@ -76,7 +81,7 @@ def test_preempts_newest_running_and_recomputes():
     s.finish_requests(["A"], RequestStatus.FINISHED_ABORTED)
     assert kv.pool.num_free_blocks == 4
     out = s.schedule()
-    assert [r.request_id for r in out.reqs] == ["B"] and out.num_scheduled_tokens == [9]
+    assert out.req_ids == ["B"] and out.num_scheduled_tokens == [9]
     assert out.block_ids == [[0, 1, 2]]  # A freed 2, 1, 0 to the front in turn
 
 
@@ -111,13 +116,13 @@ def test_prefix_hits_share_blocks_and_never_cover_last_token():
     b = req("B", 10)  # same tokens
     s.add_request(b)
     out = s.schedule()
-    i = [r.request_id for r in out.reqs].index("B")
+    i = out.req_ids.index("B")
     assert out.block_ids[i][:2] == [0, 1] and out.num_scheduled_tokens[i] == 2
     assert b.num_cached_tokens == 8
     c = req("C", 8)  # exactly two blocks: the hit may cover only the first (last token is recomputed)
     s.add_request(c)
     out = s.schedule()
-    i = [r.request_id for r in out.reqs].index("C")
+    i = out.req_ids.index("C")
     assert out.block_ids[i][0] == 0 and out.num_scheduled_tokens[i] == 4
     assert kv.pool.ref_cnt[0] == 3
 

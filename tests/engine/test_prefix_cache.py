@@ -73,7 +73,7 @@ def test_different_salts_never_share(tiny_llm):
 
 def test_nonfinite_forward_never_publishes(tiny_llm):
     llm = tiny_llm("llama", enable_prefix_caching=True)
-    model = llm.engine.runner.model
+    model = llm.engine.worker.model
     poison = {"on": True}
 
     def hook(_module, _inputs, output):

@@ -9,8 +9,9 @@ import torch
 
 from fastinfer import SamplingParams
 from fastinfer.core.request import Request
+from fastinfer.worker.rejection_sampler import verify
 from fastinfer.worker.sampler import filtered_probs
-from fastinfer.worker.spec_decode import propose_ngram, verify
+from fastinfer.worker.spec_decode import propose_ngram
 
 PASSAGE = ("The printing press spread across Europe in the fifteenth century. The printing press made books "
            "cheaper. Books became cheaper and the printing press spread. ")

@@ -19,8 +19,9 @@ from fastinfer import LLM, SamplingParams
 from fastinfer.config import SpeculativeConfig
 from fastinfer.core.request import Request
 from fastinfer.worker.draft_model import DraftModelProposer
+from fastinfer.worker.rejection_sampler import VerifyOutput, verify
 from fastinfer.worker.sampler import filtered_probs
-from fastinfer.worker.spec_decode import verify
+from fastinfer.worker.spec_decode import Speculator
 from tests.engine.spec_models import SMALL_VOCAB, perturbed_copy, small_vocab_model
 
 PASSAGE = ("The printing press spread across Europe in the fifteenth century. The printing press made books "
@@ -98,7 +99,7 @@ def test_greedy_identical_with_and_without_speculation(tiny_llm, spec_config, pl
     if kw_name == "preempt":
         assert spec.engine.scheduler.num_preemptions > 0
     assert spec.engine.kv.pool.num_free_blocks == spec.engine.num_kv_blocks
-    prop = spec.engine.proposer
+    prop = spec.engine.worker.proposer
     assert isinstance(prop, DraftModelProposer) and prop.num_nonfinite == 0
 
 
@@ -115,7 +116,7 @@ def _poison(prop: DraftModelProposer, keep: set[int]) -> None:
 def test_draft_reads_only_its_own_kv_and_reuses_it_on_prefix_hits(tiny_llm, draft_dir, plain_outputs, kw_name):
     spec = tiny_llm("llama", speculative_config={"method": "draft_model", "model": draft_dir,
                                                  "disable_by_batch_size": 8, "cost_aware": False}, **KWS[kw_name])
-    prop = spec.engine.proposer
+    prop = spec.engine.worker.proposer
     assert isinstance(prop, DraftModelProposer)
     _poison(prop, set())  # never-written slots are NaN
     assert _tokens(spec.generate(PROMPTS, GREEDY, use_tqdm=False)) == plain_outputs(kw_name)
@@ -141,13 +142,13 @@ def test_requests_with_different_k_share_one_draft_batch_and_metrics(tiny_llm, d
                                                  "num_speculative_tokens": 4, "disable_by_batch_size": 8,
                                                  "cost_aware": False})
     calls: list[list[int]] = []
-    inner = spec.engine.runner.propose
+    inner = spec.engine.worker.proposer.propose
 
     def spy(reqs, ks, block_ids):
         calls.append(list(ks))
         return inner(reqs, ks, block_ids)
 
-    monkeypatch.setattr(spec.engine.runner, "propose", spy)
+    monkeypatch.setattr(spec.engine.worker.proposer, "propose", spy)
     sps = [dataclasses.replace(GREEDY, max_tokens=m) for m in (3, 5, 30)]  # room for k = 1, 3, 4
     plain = _tokens(tiny_llm("llama").generate(PROMPTS, sps, use_tqdm=False))
     assert _tokens(spec.generate(PROMPTS, sps, use_tqdm=False)) == plain
@@ -172,22 +173,25 @@ def test_cost_aware_draft_length(tiny_llm, tiny_model_dir, tmp_path):
     assert _tokens(outs) == _tokens(tiny_llm("llama").generate(PROMPTS, GREEDY, use_tqdm=False))
     st = spec.engine.spec_stats
     assert 0 < st["draft_tokens"] < 0.25 * sum(len(t) for t in _tokens(outs))  # first tries and probes only
-    eng, req = spec.engine, Request("r", [1, 2, 3], SamplingParams(temperature=0, max_tokens=1000))
+    # the draft-length rule itself, on the engine's proposer with set step costs
+    sp = Speculator(SpeculativeConfig(method="draft_model", model=bad), spec.engine.worker.proposer, 512)
+    req = Request("r", [1, 2, 3], SamplingParams(temperature=0, max_tokens=1000))
     req.output_token_ids = [5]  # not a probe position
-    eng._step_s, eng._draft_step_s = 1.0, 0.1  # a draft step costs a tenth of a target step
+    sp.step_s, sp.draft_step_s = 1.0, 0.1  # a draft step costs a tenth of a target step
     req.spec_acceptance = 0.9
-    assert eng._draft_length(req, 4) == 4
+    assert sp.draft_length(req, 4) == 4
     req.spec_acceptance = 0.3
-    assert 1 <= eng._draft_length(req, 4) < 4
-    eng._draft_step_s = 2.0  # dearer than the target: never pays
+    assert 1 <= sp.draft_length(req, 4) < 4
+    sp.draft_step_s = 2.0  # dearer than the target: never pays
     req.spec_acceptance = 1.0
-    assert eng._draft_length(req, 4) == 0
-    req.output_token_ids = [5] * eng.PROBE_EVERY
-    assert eng._draft_length(req, 4) == 1  # but a probe keeps the acceptance measured
-    eng._draft_step_s = 0.1
+    assert sp.draft_length(req, 4) == 0
+    req.output_token_ids = [5] * sp.PROBE_EVERY
+    assert sp.draft_length(req, 4) == 1  # but a probe keeps the acceptance measured
+    sp.draft_step_s = 0.1
     short = Request("s", list(range(1, 200)), SamplingParams(temperature=0, max_tokens=20))
     short.output_token_ids = [5] * 10  # 10 tokens left, the draft would first have to run all 209
-    assert eng._draft_length(short, 4) == 0
+    short.all_token_ids = short.all_token_ids + short.output_token_ids
+    assert sp.draft_length(short, 4) == 0
 
 
 def test_seeded_sampling_with_draft_is_reproducible(tiny_llm, draft_dir):
@@ -268,6 +272,20 @@ def _resample_from_p(logits, draft, req, generator, draft_probs=None):
     return out + [int(torch.multinomial(probs[len(draft)], 1, generator=g))]
 
 
+def _batched(single):
+    """A per-request verification rule in the batched rejection sampler's shape (what the model runner calls)."""
+    def rejection_sample(logits, drafts, states, draft_probs=None, generator=None):
+        rows, start = [], 0
+        for r, (d, st) in enumerate(zip(drafts, states)):
+            q = None if draft_probs is None else draft_probs[r]
+            rows.append(single(logits[start:start + len(d) + 1], d, st, generator, q))
+            start += len(d) + 1
+        width = max(len(d) for d in drafts) + 1
+        tokens = torch.tensor([t + [-1] * (width - len(t)) for t in rows])
+        return VerifyOutput(tokens, torch.tensor([len(t) - 1 for t in rows]))
+    return rejection_sample
+
+
 @pytest.mark.parametrize("params", PARAMS, ids=["temperature", "top_k", "top_p"])
 def test_sampled_distribution_with_a_real_draft_is_the_target(small_pair, params, monkeypatch):
     target, llm = small_pair
@@ -287,7 +305,7 @@ def test_sampled_distribution_with_a_real_draft_is_the_target(small_pair, params
     stat, dof, acc = run()
     assert 0.2 < acc < 0.9  # a real draft: often right, often wrong (q differs from p)
     assert stat < dof + 5 * (2 * dof) ** 0.5  # far inside the bulk of the chi-square distribution
-    monkeypatch.setattr(model_runner, "verify", _resample_from_p)
+    monkeypatch.setattr(model_runner, "rejection_sample", _batched(_resample_from_p))
     bad, bad_dof, _ = run()
     assert bad > bad_dof + 10 * (2 * bad_dof) ** 0.5  # the wrong rule is caught by the same test
 

@@ -32,10 +32,10 @@ def _tokens(llm, prompts, params=GREEDY):
 ])
 def test_triton_backend_matches_torch(tiny_llm, arch, kw):
     tri = tiny_llm(arch, attention_backend="triton", enable_prefix_caching=False, **kw)
-    assert tri.engine.ops.chosen["paged_attention"] == "triton"
-    assert all(b == "triton" for b in tri.engine.ops.chosen.values()), tri.engine.ops.describe()
+    assert tri.engine.worker.ops.chosen["paged_attention"] == "triton"
+    assert all(b == "triton" for b in tri.engine.worker.ops.chosen.values()), tri.engine.worker.ops.describe()
     ref = tiny_llm(arch, attention_backend="torch", enable_prefix_caching=False, **kw)
-    assert ref.engine.ops.chosen["paged_attention"] == "torch"
+    assert ref.engine.worker.ops.chosen["paged_attention"] == "torch"
     assert _tokens(tri, PROMPTS) == _tokens(ref, PROMPTS)
 
 
@@ -45,7 +45,7 @@ def test_triton_forks_copy_blocks(tiny_llm):
     prompt = {"prompt_token_ids": list(range(2000, 2013))}
     tri = tiny_llm("llama", attention_backend="triton", block_size=4, enable_prefix_caching=False)
     ref = tiny_llm("llama", attention_backend="torch", block_size=4, enable_prefix_caching=False)
-    ops = tri.engine.ops
+    ops = tri.engine.worker.ops
     assert ops.chosen["copy_blocks"] == "triton"
     calls = []
     triton_copy = ops.copy_blocks

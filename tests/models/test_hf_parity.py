@@ -29,7 +29,7 @@ def test_prefill_logits_match_hf(arch, tiny_model_dir, tiny_llm):
     hf = _hf_model(path)
     llm = tiny_llm(arch)
     tok = llm.get_tokenizer()
-    runner = llm.engine.runner
+    runner = llm.engine.worker.runner
     for prompt in PROMPTS:
         ids = tok.encode(prompt)
         with torch.inference_mode():
@@ -37,7 +37,7 @@ def test_prefill_logits_match_hf(arch, tiny_model_dir, tiny_llm):
         ours = _prefill_logits(llm, ids)
         scale = ref.abs().max().item()
         assert (ours - ref).abs().max().item() <= 1e-4 * max(scale, 1.0), prompt
-    assert runner is llm.engine.runner
+    assert runner is llm.engine.worker.runner
 
 
 def _prefill_logits(llm, ids):
@@ -49,8 +49,8 @@ def _prefill_logits(llm, ids):
     blocks = list(range(-(-len(ids) // bs)))
     meta = AttentionMetadata.build([len(ids)], [len(ids)], [blocks], bs)
     with torch.inference_mode():
-        h = eng.runner.model(torch.tensor(ids), torch.arange(len(ids)), meta)
-        return eng.runner.model.compute_logits(h)
+        h = eng.worker.model(torch.tensor(ids), torch.arange(len(ids)), meta)
+        return eng.worker.model.compute_logits(h)
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

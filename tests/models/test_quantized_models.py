@@ -35,7 +35,7 @@ def float_smollm2(smollm2_path):
 @pytest.mark.parametrize("method", ["gguf", "int4"])
 def test_lossless_gguf_import_gives_the_float_models_greedy_tokens(smollm2_path, float_smollm2, method):
     q = LLM(smollm2_path, dtype="float32", max_model_len=1024, load_progress=False, quantization=method)
-    model = q.engine.runner.model
+    model = q.engine.worker.model
     assert describe_quantization(model) == "int4 g32 x120, int8 g32 x1"  # Q4_1 layers + the Q8_0 (tied) lm_head
     assert model.embed_tokens.weight.dtype == torch.float32  # lookups stay dense
     assert _greedy(q) == _greedy(float_smollm2)
@@ -50,8 +50,8 @@ def test_quantize_cli_saves_and_reloads(tiny_model_dir, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     in_memory = LLM(src, dtype="float32", max_model_len=512, load_progress=False, quantization="int4-g32")
     reloaded = LLM(str(out), dtype="float32", max_model_len=512, load_progress=False)  # quantized by its files
-    assert describe_quantization(reloaded.engine.runner.model) == describe_quantization(
-        in_memory.engine.runner.model) == "int4 g32 x8, int8 g64 x1"
+    assert describe_quantization(reloaded.engine.worker.model) == describe_quantization(
+        in_memory.engine.worker.model) == "int4 g32 x8, int8 g64 x1"
     assert _greedy(reloaded, 16) == _greedy(in_memory, 16)
     bad = subprocess.run([sys.executable, "-m", "fastinfer", "quantize", src, "-q", "int3", "-o", str(out)],
                          capture_output=True, text=True, timeout=300)
@@ -87,7 +87,7 @@ def test_quantize_cli_calibrated(tiny_model_dir, tmp_path):
     kw = dict(dtype="float32", max_model_len=512, load_progress=False)
     ref = _prefill_logits(LLM(src, **kw), ids)
     calibrated = LLM(str(out), **kw)
-    assert describe_quantization(calibrated.engine.runner.model) == "int4 g32 x8, int8 g64 x1"
+    assert describe_quantization(calibrated.engine.worker.model) == "int4 g32 x8, int8 g64 x1"
     err_cal = float((_prefill_logits(calibrated, ids) - ref).norm() / ref.norm())
     err_rtn = float((_prefill_logits(LLM(src, quantization="int4-g32", **kw), ids) - ref).norm() / ref.norm())
     assert 0 < err_cal < 1.05 * err_rtn, (err_cal, err_rtn)
@@ -122,14 +122,14 @@ def float_ppl(smollm2_path, text_ids):
     from fastinfer.evaluate import perplexity
 
     llm = LLM(smollm2_path, dtype="bfloat16", max_model_len=1024, load_progress=False)
-    return perplexity(llm.engine.runner.model, text_ids, window=1024)
+    return perplexity(llm.engine.worker.model, text_ids, window=1024)
 
 
 def _quantized_ppl(smollm2_path, text_ids, method: str, group_size: int | None = None) -> float:
     from fastinfer.evaluate import perplexity
 
     llm = LLM(smollm2_path, dtype="bfloat16", max_model_len=1024, load_progress=False)
-    model = llm.engine.runner.model
+    model = llm.engine.worker.model
     model.quantize(method, group_size)  # RTN from the float (dequantized) weights, lm_head int8 per channel
     return perplexity(model, text_ids, window=1024).perplexity
 
@@ -142,7 +142,7 @@ def test_perplexity_gate_int8(smollm2_path, text_ids, float_ppl):
 
 
 def test_calibration_text_is_disjoint_from_the_test_text():
-    from fastinfer.gptq import default_calibration_text
+    from fastinfer.quantization.gptq import default_calibration_text
 
     calibration = " ".join(default_calibration_text().split())
     paragraphs = [" ".join(p.split()) for p in TEXT.read_text().split("\n\n") if len(p.strip()) > 80]
@@ -152,15 +152,16 @@ def test_calibration_text_is_disjoint_from_the_test_text():
 
 def test_perplexity_gate_int4_g128_calibrated(smollm2_path, text_ids):
     """Acceptance gate: int4 g128 (g64 where 128 does not divide K = 576) within 5% of the float model, with
-    the calibrated recipe (fastinfer.calibration: Hadamard rotation, GPTQ, group scales distilled from the float
-    model) on CPython docs text disjoint from the test text. Plain RTN misses the gate (see the test below)."""
-    from fastinfer.calibration import calibrated_quantize
+    the calibrated recipe (fastinfer.quantization.calibrate: Hadamard rotation, GPTQ, group scales distilled from
+    the float model) on CPython docs text disjoint from the test text. Plain RTN misses the gate (see the test
+    below)."""
     from fastinfer.evaluate import perplexity
     from fastinfer.models.loader import load_tokenizer
+    from fastinfer.quantization.calibrate import calibrated_quantize
 
     # float32 throughout, as `fastinfer quantize --calibrate` runs: the float baseline in the same dtype
     llm = LLM(smollm2_path, dtype="float32", max_model_len=1024, load_progress=False)
-    model = llm.engine.runner.model
+    model = llm.engine.worker.model
     float_ppl = perplexity(model, text_ids, window=1024).perplexity
     info = calibrated_quantize(model, load_tokenizer(smollm2_path), "int4", 128, tune_steps=24)
     assert info["tuned"]["steps"] == 24 and info["calibration_tokens"] == 16384

@@ -1,5 +1,5 @@
 """GPTQ (Frantar et al., 2022): calibrated int4 / int8 weight quantization into the format of
-:mod:`fastinfer.quantization`.
+:mod:`fastinfer.quantization.format`.
 
 Each linear layer's weight is quantized one input column at a time; the rounding error of a column is
 spread over the columns not yet quantized through the inverse Hessian ``H = X^T X`` of the layer's inputs
@@ -14,17 +14,17 @@ from collections.abc import Sequence
 
 import torch
 
-from fastinfer.layers.linear import Linear
-from fastinfer.models.llama import LlamaForCausalLM
-from fastinfer.quantization import QuantizedWeight, fit_group_size, pack_int4
+from fastinfer.models.interface import CausalLM, forward_sequence, scratch_kv_cache
+from fastinfer.quantization.format import QuantizedWeight, pack_int4
+from fastinfer.quantization.methods import get_method, parse_method
 
 logger = logging.getLogger("fastinfer")
 
 
-def collect_hessians(model: LlamaForCausalLM, sequences: Sequence[list[int]], block_size: int = 16,
+def collect_hessians(model: CausalLM, sequences: Sequence[list[int]], block_size: int = 16,
                      ) -> dict[str, tuple[torch.Tensor, int]]:
     """Sum of ``x^T x`` (fp32 [K, K]) and the token count over the inputs of every dense projection."""
-    layers = {name: m for name, m in model.linear_layers().items() if not m.quantized and name != "lm_head"}
+    layers = {name: m for name, m in model.quantizable_layers().items() if not m.quantized and name != "lm_head"}
     sums: dict[str, tuple[torch.Tensor, int]] = {}
 
     def hook(name: str):
@@ -36,9 +36,9 @@ def collect_hessians(model: LlamaForCausalLM, sequences: Sequence[list[int]], bl
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
     try:
-        with model.scratch_kv_cache(max(len(s) for s in sequences), block_size), torch.inference_mode():
+        with scratch_kv_cache(model, max(len(s) for s in sequences), block_size), torch.inference_mode():
             for ids in sequences:
-                model.forward_sequence(ids, block_size)
+                forward_sequence(model, ids, block_size)
     finally:
         for h in handles:
             h.remove()
@@ -106,20 +106,23 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
     return QuantizedWeight(bits, group_size, qweight, scales, mins if bits == 4 else None)
 
 
-def gptq_quantize_model(model: LlamaForCausalLM, sequences: Sequence[list[int]], method: str,
+def gptq_quantize_model(model: CausalLM, sequences: Sequence[list[int]], method: str,
                         group_size: int | None = None, lm_head: str | None = "int8") -> None:
-    """Quantize every dense projection of ``model`` with GPTQ on the calibration ``sequences`` (token ids);
-    the lm_head takes RTN ``lm_head`` as in :meth:`LlamaForCausalLM.quantize`."""
-    if method not in ("int4", "int8"):
+    """Quantize every dense projection of ``model`` with GPTQ on the calibration ``sequences`` (token ids) into
+    the weights of ``method`` (a registered method that supports calibration: int8, int4; its group size rule
+    decides each layer's group); the lm_head takes RTN ``lm_head`` as in :meth:`CausalLM.quantize`."""
+    spec = parse_method(method)
+    qm = get_method(spec.method) if spec.method is not None else None
+    if qm is None or not qm.supports_calibration or qm.bits not in (4, 8):
         raise ValueError(f"GPTQ method must be int4 or int8, got {method!r}")
+    group_size = group_size or spec.group_size
+    layers = model.quantizable_layers()
     hessians = collect_hessians(model, sequences)
     for name, (h, count) in hessians.items():
-        module = model.get_submodule(name)
-        assert isinstance(module, Linear) and module.weight is not None
-        k = module.in_features
-        bits = 4 if method == "int4" else 8
-        g = fit_group_size(k, group_size or 128) if bits == 4 else (group_size or k)
-        module.set_quantized(gptq_quantize(module.weight.data, h / count, bits, g))
+        module = layers[name]
+        assert module.weight is not None
+        g = qm.group_size(module.in_features, group_size)
+        module.set_quantized(gptq_quantize(module.weight.data, h / count, qm.bits, g), qm)
     logger.info("GPTQ: %d layers quantized to %s on %d calibration tokens", len(hessians), method,
                 sum(len(s) for s in sequences))
     model.quantize(method, group_size, lm_head=lm_head)  # only the lm_head is still dense

@@ -11,17 +11,23 @@ rotations cancel exactly, so the rotated model computes the same function and ke
 - each attention head's value space is multiplied by ``R`` [head_dim, head_dim]: ``v_proj`` rows ``R^T W_v``
   (and bias), ``o_proj`` columns ``W_o R``; attention mixes values linearly, so this cancels per head.
 
+The model describes its residual stream with :meth:`CausalLM.rotation_plan` (embedding, pre-norm blocks with the
+projections that read and write the stream, value-head layout, final norm, lm_head); nothing here depends on
+a model family.
+
 ``Q`` and ``R`` are random Hadamard matrices (a Hadamard matrix with random column signs) when the size has a
 Sylvester/Paley construction (2^a x {1, 12, 144}), else random orthogonal matrices from a QR factorization.
 """
 from __future__ import annotations
 
-import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 
-from fastinfer.layers.linear import Linear
-from fastinfer.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from fastinfer.models.interface import CausalLM
+
+if TYPE_CHECKING:
+    from fastinfer.layers.linear import Linear
 
 
 def _paley12() -> torch.Tensor:
@@ -62,52 +68,60 @@ def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     return h * signs
 
 
-def rotate_model(model: LlamaForCausalLM, seed: int = 0) -> str:
+def rotate_model(model: CausalLM, seed: int = 0) -> str:
     """Rotate ``model`` in place (see the module docstring); returns a short description for the saved config.
     Must run before quantization (every projection still dense)."""
-    cfg = model.config
-    linears = model.linear_layers()
-    if any(m.quantized for m in linears.values()):
+    if any(m.quantized for m in model.quantizable_layers().values()):
         raise ValueError("rotate_model needs a float model: rotate first, then quantize")
+    plan = model.rotation_plan()
+    head = plan.lm_head()  # untied (a copy of the embedding) before the embedding is rotated
+    d = plan.embedding.shape[1]
+    head_dims = {b.values.head_dim for b in plan.blocks if b.values is not None}
+    if len(head_dims) > 1:
+        raise ValueError(f"rotate_model needs one head size, the model has {sorted(head_dims)}")
     g = torch.Generator().manual_seed(seed)
-    d, hd = cfg.hidden_size, cfg.head_dim
     Q = random_orthogonal(d, g)  # [d, d]
-    R = random_orthogonal(hd, g)  # [hd, hd]
-    dt = model.embed_tokens.weight.dtype
+    hd = head_dims.pop() if head_dims else None
+    R = random_orthogonal(hd, g) if hd is not None else None  # [hd, hd]
+    dt = plan.embedding.dtype
+
+    def weight(lin: Linear) -> torch.Tensor:
+        assert lin.weight is not None, "rotate_model needs dense projections"
+        return lin.weight.data.double()
 
     def set_(p: torch.Tensor, value: torch.Tensor) -> None:
         p.data = value.to(dt).contiguous()
 
-    E = model.embed_tokens.weight.data.double()  # [V, d]
-    head = E if model.lm_head is None else model.lm_head.weight.data.double()  # type: ignore[union-attr]
-    head = head * model.norm.weight.data.double()
-    if model.lm_head is None:
-        model.lm_head = Linear(d, cfg.vocab_size, dtype=dt, ops=model.ops)
-        model.config = dataclasses.replace(cfg, tie_word_embeddings=False)
-    assert model.lm_head.weight is not None
-    set_(model.lm_head.weight, head @ Q)
-    set_(model.embed_tokens.weight, E @ Q)
-    model.norm.weight.data.fill_(1.0)
-    nq, nkv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    for layer in model.layers:
-        assert isinstance(layer, LlamaDecoderLayer)
-        attn, mlp = layer.self_attn, layer.mlp
-        assert attn.qkv_proj.weight is not None and attn.o_proj.weight is not None
-        assert mlp.gate_up_proj.weight is not None and mlp.down_proj.weight is not None
-        w = (attn.qkv_proj.weight.data.double() * layer.input_layernorm.weight.data.double()) @ Q  # [nq+2nkv, d]
-        v = w[nq + nkv:].view(cfg.num_key_value_heads, hd, d)
-        w[nq + nkv:] = torch.einsum("ji,hjk->hik", R, v).reshape(nkv, d)  # R^T W_v per head
-        set_(attn.qkv_proj.weight, w)
-        if attn.qkv_proj.bias is not None:
-            b = attn.qkv_proj.bias.data.double()
-            b[nq + nkv:] = (b[nq + nkv:].view(cfg.num_key_value_heads, hd) @ R).reshape(nkv)
-            set_(attn.qkv_proj.bias, b)
-        wo = (attn.o_proj.weight.data.double().view(d, cfg.num_attention_heads, hd) @ R).reshape(d, nq)
-        set_(attn.o_proj.weight, Q.T @ wo)
-        w = (mlp.gate_up_proj.weight.data.double() * layer.post_attention_layernorm.weight.data.double()) @ Q
-        set_(mlp.gate_up_proj.weight, w)
-        set_(mlp.down_proj.weight, Q.T @ mlp.down_proj.weight.data.double())
-        layer.input_layernorm.weight.data.fill_(1.0)
-        layer.post_attention_layernorm.weight.data.fill_(1.0)
+    assert head.weight is not None
+    set_(head.weight, (weight(head) * plan.final_norm.data.double()) @ Q)
+    set_(plan.embedding, plan.embedding.data.double() @ Q)
+    plan.final_norm.data.fill_(1.0)
+    for block in plan.blocks:
+        norm = block.norm.data.double()
+        rotated: dict[Linear, torch.Tensor] = {}
+        for lin in block.readers:  # W diag(norm) Q
+            rotated[lin] = (weight(lin) * norm) @ Q
+        v = block.values
+        if v is not None:
+            assert R is not None
+            w = rotated.get(v.producer, weight(v.producer))
+            rows = slice(v.start, v.start + v.num_kv_heads * v.head_dim)
+            w[rows] = torch.einsum("ji,hjk->hik", R, w[rows].view(v.num_kv_heads, v.head_dim, -1)).reshape(
+                v.num_kv_heads * v.head_dim, -1)  # R^T W_v per head
+            rotated[v.producer] = w
+            if v.producer.bias is not None:
+                b = v.producer.bias.data.double()
+                b[rows] = (b[rows].view(v.num_kv_heads, v.head_dim) @ R).reshape(-1)
+                set_(v.producer.bias, b)
+            wo = weight(v.consumer)
+            rotated[v.consumer] = (wo.view(wo.shape[0], v.num_heads, v.head_dim) @ R).reshape(wo.shape)  # W_o R
+        for lin in block.writers:  # Q^T W (and Q^T b)
+            rotated[lin] = Q.T @ rotated.get(lin, weight(lin))
+            if lin.bias is not None:
+                set_(lin.bias, Q.T @ lin.bias.data.double())
+        for lin, w in rotated.items():
+            assert lin.weight is not None
+            set_(lin.weight, w)
+        block.norm.data.fill_(1.0)
     kind = "hadamard" if hadamard(d) is not None else "orthogonal"
     return f"residual {kind} {d}x{d} and per-head value rotation {hd}x{hd}, seed {seed}"

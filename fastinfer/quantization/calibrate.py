@@ -3,11 +3,11 @@
 The recipe behind ``fastinfer quantize MODEL -q int4 --calibrate`` (and the int4 perplexity gate):
 
 1. cut calibration text into sequences and record the float model's top-k next-token log-probs on them
-   (:func:`fastinfer.quant_tune.teacher_targets`);
-2. rotate the model's hidden spaces (:func:`fastinfer.rotation.rotate_model`; the function is unchanged);
-3. quantize every projection with GPTQ on the same sequences (:func:`fastinfer.gptq.gptq_quantize_model`);
+   (:func:`fastinfer.quantization.tune.teacher_targets`);
+2. rotate the model's hidden spaces (:func:`fastinfer.quantization.rotation.rotate_model`; the function is unchanged);
+3. quantize every projection with GPTQ on the same sequences (:func:`fastinfer.quantization.gptq.gptq_quantize_model`);
 4. tune every group's (scale, min), codes frozen, towards the float model's distribution
-   (:func:`fastinfer.quant_tune.tune_group_params`).
+   (:func:`fastinfer.quantization.tune.tune_group_params`).
 
 Each step can be switched off (``rotate=False``, ``tune_steps=0``) to measure what it brings.
 """
@@ -17,19 +17,19 @@ import logging
 import time
 from typing import Any
 
-from fastinfer.gptq import calibration_sequences, gptq_quantize_model
-from fastinfer.models.llama import LlamaForCausalLM
-from fastinfer.quant_tune import teacher_targets, tune_group_params
-from fastinfer.rotation import rotate_model
+from fastinfer.models.interface import CausalLM
+from fastinfer.quantization.gptq import calibration_sequences, gptq_quantize_model
+from fastinfer.quantization.rotation import rotate_model
+from fastinfer.quantization.tune import teacher_targets, tune_group_params
 
 logger = logging.getLogger("fastinfer")
 
 
-def calibrated_quantize(model: LlamaForCausalLM, tokenizer: Any, method: str = "int4", group_size: int | None = None,
+def calibrated_quantize(model: CausalLM, tokenizer: Any, method: str = "int4", group_size: int | None = None,
                         rotate: bool = True, tune_steps: int = 24, seed: int = 0, text: str | None = None,
                         num_tokens: int = 16384, seq_len: int = 512) -> dict[str, Any]:
     """Quantize the float ``model`` in place with the recipe above; returns a description for the saved
-    ``quantization_config``. ``text`` defaults to :func:`fastinfer.gptq.default_calibration_text`."""
+    ``quantization_config``. ``text`` defaults to :func:`fastinfer.quantization.gptq.default_calibration_text`."""
     start = time.perf_counter()
     seqs = [s for s in calibration_sequences(tokenizer, text, num_tokens, seq_len) if len(s) == seq_len]
     if not seqs:

@@ -6,11 +6,17 @@ a continuous parameter of ``w = q * scale + min``, so the whole quantized model 
 loss is the KL divergence from the float model's next-token distribution (restricted to its top-k tokens, so
 the targets stay small) on calibration text, and Adam updates ``scale = scale0 * exp(a)`` and
 ``min = min0 + b * scale0`` (``a``, ``b`` start at 0; int8 per-channel layers have no min). This is the
-"scales only" end-to-end step of EfficientQAT (Chen et al., 2024), run through the differentiable
-:func:`fastinfer.models.dense_forward.dense_logits`.
+"scales only" end-to-end step of EfficientQAT (Chen et al., 2024).
+
+Gradients come from the model's own forward (:func:`model_logits`): with the plain-torch op set and outside
+inference mode every op is differentiable, the paged KV cache included (a fresh scratch cache per pass, written
+by ``index_copy_``, becomes part of the graph). Each quantized layer's weight is substituted by one whose
+scales and mins are computed from the trainable tensors, and its method's ``apply`` dequantizes it in the
+forward; no second implementation of the model exists to drift from the served one.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -19,12 +25,30 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastinfer.layers.linear import Linear
-from fastinfer.models.dense_forward import dense_logits, stored_weight
-from fastinfer.models.llama import LlamaForCausalLM
-from fastinfer.quantization import QuantizedWeight, dequantize
+from fastinfer.models.interface import CausalLM, forward_sequences, model_device, scratch_kv_cache, using_ops
+from fastinfer.ops import OpSet
+from fastinfer.quantization.format import QuantizedWeight
 
 logger = logging.getLogger("fastinfer")
+
+
+@functools.cache
+def _torch_ops(device_type: str) -> OpSet:
+    return OpSet(device_type, "torch")
+
+
+def model_logits(model: CausalLM, ids: torch.Tensor, block_size: int = 16) -> torch.Tensor:
+    """fp32 logits [B, T, vocab] of token ids [B, T] (every row from position 0) by the model's own forward,
+    run with the plain-torch op set in a fresh scratch KV cache: differentiable in whatever tensors the model's
+    weights are computed from (under ``torch.no_grad`` it is just the forward)."""
+    b, t = ids.shape
+    if t > model.config.max_position_embeddings:
+        raise ValueError(f"{t} tokens exceed the model's {model.config.max_position_embeddings} positions")
+    blocks = -(-t // block_size)
+    with using_ops(model, _torch_ops(model_device(model).type)), scratch_kv_cache(model, b * blocks * block_size,
+                                                                                   block_size):
+        hidden = forward_sequences(model, ids, block_size)  # [B * T, hidden]
+        return model.compute_logits(hidden).view(b, t, -1)
 
 
 @dataclass
@@ -44,7 +68,7 @@ class TuneReport:
     seconds: float
 
 
-def teacher_targets(model: LlamaForCausalLM, sequences: Sequence[list[int]], top_k: int = 128) -> TeacherTargets:
+def teacher_targets(model: CausalLM, sequences: Sequence[list[int]], top_k: int = 128) -> TeacherTargets:
     """Run the (float) ``model`` over equal-length ``sequences`` and keep its top-``top_k`` log-probs."""
     lengths = {len(s) for s in sequences}
     if len(lengths) != 1:
@@ -53,7 +77,7 @@ def teacher_targets(model: LlamaForCausalLM, sequences: Sequence[list[int]], top
     lps, idx = [], []
     with torch.no_grad():
         for row in ids:
-            logp = F.log_softmax(dense_logits(model, row[None]), dim=-1)[0]  # [T, V]
+            logp = F.log_softmax(model_logits(model, row[None]), dim=-1)[0]  # [T, V]
             top = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
             lps.append(top.values)
             idx.append(top.indices)
@@ -88,9 +112,10 @@ class _Params:
         mins = None if self.min0 is None or self.shift is None else self.min0 + self.shift * self.scale0
         return scales, mins
 
-    def weight(self) -> torch.Tensor:
+    def substitute(self) -> QuantizedWeight:
+        """The layer's weight with the current (differentiable) scales and mins, in fp32."""
         scales, mins = self.scales_mins()
-        return dequantize(self.qw.qweight, scales, mins, self.qw.bits, self.qw.group_size)  # [N, K]
+        return QuantizedWeight(self.qw.bits, self.qw.group_size, self.qw.qweight, scales, mins)
 
     def result(self) -> QuantizedWeight:
         scales, mins = self.scales_mins()
@@ -99,7 +124,7 @@ class _Params:
                                None if mins is None or qw.mins is None else mins.detach().to(qw.mins.dtype))
 
 
-def tune_group_params(model: LlamaForCausalLM, targets: TeacherTargets, steps: int = 16, batch_size: int = 2,
+def tune_group_params(model: CausalLM, targets: TeacherTargets, steps: int = 16, batch_size: int = 2,
                       lr: float = 3e-4, skip: tuple[str, ...] = ("lm_head",)) -> TuneReport:
     """Tune the (scale, min) of every quantized projection of ``model`` (codes frozen) for ``steps`` Adam steps
     of ``batch_size`` sequences from ``targets``, cycling through them; writes the result into the layers.
@@ -108,31 +133,32 @@ def tune_group_params(model: LlamaForCausalLM, targets: TeacherTargets, steps: i
     would otherwise be fitted to the tokens that happen to occur in the calibration text."""
     if steps < 0 or batch_size < 1:
         raise ValueError("steps must be >= 0 and batch_size >= 1")
-    params = {m: _Params(m.quant) for name, m in model.linear_layers().items()
+    params = {m: _Params(m.quant) for name, m in model.quantizable_layers().items()
               if m.quant is not None and name not in skip}
     if not params:
         raise ValueError("tune_group_params needs a quantized model")
-
-    def weight(layer: Linear) -> torch.Tensor:
-        if layer in params:
-            return params[layer].weight()
-        return stored_weight(layer)
 
     opt = torch.optim.Adam([t for p in params.values() for t in p.tensors()], lr=lr)
     s = targets.sequences.shape[0]
     losses: list[float] = []
     start = time.perf_counter()
-    for step in range(steps):
-        rows = torch.tensor([(step * batch_size + i) % s for i in range(batch_size)])
-        logq = F.log_softmax(dense_logits(model, targets.sequences[rows], weight), dim=-1)  # [B, T, V]
-        loss = coarse_kl(targets.logprobs[rows], logq.gather(-1, targets.indices[rows]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        logger.debug("quant tune step %d: KL %.4f", step, losses[-1])
+    try:
+        for step in range(steps):
+            rows = torch.tensor([(step * batch_size + i) % s for i in range(batch_size)])
+            for layer, p in params.items():
+                layer.quant = p.substitute()  # the forward reads the weight through the trainable tensors
+            logq = F.log_softmax(model_logits(model, targets.sequences[rows]), dim=-1)  # [B, T, V]
+            loss = coarse_kl(targets.logprobs[rows], logq.gather(-1, targets.indices[rows]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            logger.debug("quant tune step %d: KL %.4f", step, losses[-1])
+    finally:
+        for layer, p in params.items():
+            layer.quant = p.qw
     for layer, p in params.items():
-        layer.set_quantized(p.result())
+        layer.set_quantized(p.result(), layer.quant_method)
     report = TuneReport(steps, losses[0] if losses else 0.0, losses[-1] if losses else 0.0,
                         time.perf_counter() - start)
     logger.info("tuned the group scales of %d layers: %d steps, KL %.4f -> %.4f (%.0f s)", len(params), steps,

@@ -1,0 +1,156 @@
+"""The worker owns the device: it picks it, loads the model (and a draft model) straight onto it, sizes and
+allocates the KV cache, builds the op set, and owns the model runner and the speculative proposer. The engine
+talks to it only through plain data: :class:`WorkerInfo` once, then ``execute(SchedulerOutput) ->
+ModelRunnerOutput`` every step."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fastinfer.config import EngineConfig, SpeculativeConfig
+from fastinfer.core.kv_cache_manager import cdiv
+from fastinfer.core.outputs import ModelRunnerOutput, SchedulerOutput
+from fastinfer.models.interface import allocate_kv_caches, kv_bytes_per_token
+from fastinfer.models.loader import LoadedModel, load_model
+from fastinfer.ops import OpSet
+from fastinfer.worker.draft_model import DraftModelProposer
+from fastinfer.worker.model_runner import ModelRunner
+from fastinfer.worker.spec_decode import NgramProposer, Proposer, Speculator
+
+logger = logging.getLogger("fastinfer")
+
+
+def select_device(device: str) -> torch.device:
+    """``auto``: CUDA when available, else the CPU. ``cuda`` without a usable GPU is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for but no CUDA device is available to this torch "
+                         f"({torch.__version__}); use device='cpu' or 'auto'")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    return dev
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What the engine needs to know of the loaded model and the cache, as plain data."""
+
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    max_model_len: int
+    num_kv_blocks: int
+    num_lookahead_tokens: int  # slots the scheduler reserves past a request's tokens for draft-model KV
+    device: str
+    dtype: str
+    load_seconds: float
+
+
+class Worker:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = select_device(config.device)
+        self.ops = OpSet(self.device.type, config.attention_backend)
+        loaded = load_model(config.model, config.dtype, self.ops, config.max_model_len, config.tokenizer,
+                            config.load_progress, quantization=config.quantization, device=self.device)
+        self.loaded = loaded
+        self.model, self.model_config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
+        self.max_model_len = config.max_model_len or loaded.config.max_position_embeddings
+        self.spec = (SpeculativeConfig.from_dict(dict(config.speculative_config))
+                     if config.speculative_config is not None else None)
+        draft = self._load_draft(self.spec, loaded) if self.spec is not None else None
+        self.num_kv_blocks = self._num_blocks(loaded, draft)
+        bs = config.block_size
+        kv = allocate_kv_caches(loaded.model.kv_cache_spec(), self.num_kv_blocks, bs, loaded.dtype, self.device)
+        budget = config.max_num_batched_tokens or max(2048, config.max_num_seqs)
+        self.proposer: Proposer | None = None
+        if self.spec is not None and draft is None:
+            self.proposer = NgramProposer(self.spec.prompt_lookup_max, self.spec.prompt_lookup_min)
+        elif draft is not None:
+            draft_kv = allocate_kv_caches(draft.model.kv_cache_spec(), self.num_kv_blocks, bs, draft.dtype,
+                                          self.device)
+            self.proposer = DraftModelProposer(draft.model, draft_kv, bs, self.device, config.seed, budget,
+                                               config.enable_prefix_caching)
+        speculator = None
+        if self.spec is not None and self.proposer is not None:
+            speculator = Speculator(self.spec, self.proposer, self.max_model_len)
+        generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.runner = ModelRunner(loaded.model, kv, bs, self.ops, self.device, generator, speculator)
+        eos = loaded.config.eos_token_ids or tuple(
+            t for t in [getattr(self.tokenizer, "eos_token_id", None)] if t is not None)
+        ahead = (self.spec.num_speculative_tokens
+                 if self.spec is not None and self.proposer is not None and self.proposer.needs_kv_slots else 0)
+        self.info = WorkerInfo(loaded.config.vocab_size, eos, self.max_model_len, self.num_kv_blocks, ahead,
+                               str(self.device), str(loaded.dtype).removeprefix("torch."), loaded.load_seconds)
+
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.runner.execute(sched)
+
+    # -- set-up --------------------------------------------------------------------------------------------
+    def _num_blocks(self, loaded: LoadedModel, draft: LoadedModel | None) -> int:
+        """KV blocks: ``num_kv_blocks`` or ``kv_cache_memory_bytes`` when given; on CUDA, a share
+        (``gpu_memory_utilization``) of the free device memory; on CPU, ``max_num_seqs x max_model_len`` tokens
+        capped at ``DEFAULT_KV_BYTES``. The draft model's cache uses the same blocks: sized together."""
+        config, bs = self.config, self.config.block_size
+        block_bytes = (kv_bytes_per_token(loaded.model.kv_cache_spec(), loaded.dtype)
+                       + (kv_bytes_per_token(draft.model.kv_cache_spec(), draft.dtype) if draft else 0)) * bs
+        wanted = config.max_num_seqs * cdiv(self.max_model_len, bs)
+        if config.num_kv_blocks is not None:
+            num_blocks, why = config.num_kv_blocks, "num_kv_blocks"
+        elif config.kv_cache_memory_bytes is not None:
+            num_blocks, why = config.kv_cache_memory_bytes // block_bytes, "kv_cache_memory_bytes"
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            # what the weights and a forward's activations already hold stays theirs; the KV cache takes the
+            # rest of gpu_memory_utilization x total, at most what is free now
+            budget = min(free - (1 - config.gpu_memory_utilization) * total,
+                         config.gpu_memory_utilization * total - torch.cuda.memory_reserved(self.device))
+            num_blocks = min(wanted, max(0, int(budget)) // block_bytes)
+            why = f"gpu_memory_utilization={config.gpu_memory_utilization} of {total / 2**30:.1f} GiB"
+        else:
+            num_blocks = min(wanted, EngineConfig.DEFAULT_KV_BYTES // block_bytes)
+            why = (f"max_num_seqs x max_model_len = {config.max_num_seqs} x {self.max_model_len}"
+                   + ("" if num_blocks == wanted else f", capped at {EngineConfig.DEFAULT_KV_BYTES >> 30} GiB"))
+        if num_blocks * bs < self.max_model_len:
+            raise ValueError(f"a KV cache of {num_blocks} blocks x {bs} tokens cannot hold one sequence of "
+                             f"max_model_len={self.max_model_len}; give more KV memory or a smaller max_model_len")
+        logger.info("KV cache on %s: %d blocks x %d tokens = %d tokens, %.2f GiB (%s%s); %.1f full-length sequences",
+                    self.device, num_blocks, bs, num_blocks * bs, num_blocks * block_bytes / 2**30, why,
+                    ", with the draft model's" if draft is not None else "", num_blocks * bs / self.max_model_len)
+        return num_blocks
+
+    def _load_draft(self, spec: SpeculativeConfig, target: LoadedModel) -> LoadedModel | None:
+        """The draft model of ``method="draft_model"`` (the target itself, quantized, when no model is given),
+        in the target's dtype; raises ValueError unless it shares the target's vocabulary and context."""
+        if spec.method != "draft_model":
+            return None
+        name = self.config.model if spec.self_draft else spec.model
+        assert name is not None
+        dtype = str(target.dtype).removeprefix("torch.")
+        try:
+            draft = load_model(name, dtype, self.ops, self.max_model_len, None, self.config.load_progress,
+                               quantization=spec.draft_quantization, device=self.device)
+        except ValueError as e:
+            raise ValueError(f"speculative_config: cannot load the draft model {name!r}: {e}") from e
+        tcfg, dcfg = target.config, draft.config
+        if dcfg.vocab_size != tcfg.vocab_size:
+            raise ValueError(f"speculative_config: the draft model {name!r} has a vocabulary of {dcfg.vocab_size} "
+                             f"tokens, the target {tcfg.vocab_size}: a draft model must share the target's "
+                             "tokenizer")
+        if not spec.self_draft:
+            tv, dv = _vocab(target.tokenizer), _vocab(draft.tokenizer)
+            if tv is not None and dv is not None and tv != dv:
+                raise ValueError(f"speculative_config: the draft model {name!r} has a different tokenizer "
+                                 "(token ids map to other strings): a draft model must share the target's tokenizer")
+        logger.info("speculative decoding: draft model %s%s, %d tokens per step", name,
+                    f" ({spec.draft_quantization})" if spec.draft_quantization else "", spec.num_speculative_tokens)
+        return draft
+
+
+def _vocab(tokenizer: Any) -> dict[str, int] | None:
+    get = getattr(tokenizer, "get_vocab", None)
+    return get() if callable(get) else None
