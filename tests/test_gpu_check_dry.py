@@ -16,9 +16,10 @@ def test_gpu_check_dry_run_passes():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--dry"], capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    for name in ("paged_attention", "decode_split_kv", "store_kv+copy_blocks", "norm+rotary+silu", "quant_linear"):
+    for name in ("paged_attention", "decode_split_kv", "store_kv+copy_blocks", "norm+rotary+silu", "quant_linear",
+                 "engine_greedy_cuda_vs_cpu", "engine_seeded_sampling", "engine_mixed_requests_triton"):
         assert f"CHECK {name}: PASS" in out, out[-4000:]
     for case in ('"case": "baseline"', '"case": "decode', '"case": "prefill', '"case": "store_kv',
-                 '"case": "copy_blocks', '"case": "quant_gemv', '"case": "quant_gemm'):
+                 '"case": "copy_blocks', '"case": "quant_gemv', '"case": "quant_gemm', '"case": "engine_decode'):
         assert case in out, out[-4000:]
     assert "OK: 0 failure(s)" in out, out[-4000:]

@@ -82,13 +82,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         blocks = meta.block_table.select(0, i)
         k = _gather_kv(k_cache, blocks, 0, slen).transpose(0, 1)  # [Hkv, L, D]
         v = _gather_kv(v_cache, blocks, 0, slen).transpose(0, 1)
+        # 4-D [1, H, L, D]: SDPA's fused CPU kernel takes batched inputs only (3-D runs the math path, ~4x slower)
         if qlen == slen and (sliding_window is None or slen <= sliding_window):
-            o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale, enable_gqa=True)
+            o = F.scaled_dot_product_attention(qi.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), is_causal=True,
+                                               scale=scale, enable_gqa=True)
         else:
             q_pos = torch.arange(slen - qlen, slen, device=q.device).unsqueeze(1)
             mask = _window_mask(q_pos, torch.arange(slen, device=q.device).unsqueeze(0), sliding_window)
-            o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        parts.append(o.transpose(0, 1))
+            o = F.scaled_dot_product_attention(qi.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask,
+                                               scale=scale, enable_gqa=True)
+        parts.append(o.squeeze(0).transpose(0, 1))
         start += qlen
     if start < q.shape[0]:  # rows past the batch's tokens (padding): zeros
         parts.append(q.new_zeros((q.shape[0] - start, *q.shape[1:])))
