@@ -21,6 +21,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"HF directory, .gguf file or short name (default: {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU) | cpu | cuda | cuda:N")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -58,7 +59,7 @@ def _llm(a: argparse.Namespace):
 
     return LLM(a.model, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs, seed=a.seed,
                enable_prefix_caching=a.enable_prefix_caching, speculative_config=a.speculative_config,
-               quantization=a.quantization, load_progress=sys.stderr.isatty())
+               quantization=a.quantization, device=a.device, load_progress=sys.stderr.isatty())
 
 
 def cmd_generate(a: argparse.Namespace) -> int:

@@ -106,7 +106,11 @@ def _safetensors_weights(path: str, method: QuantMethod | None = None,
 
 def cpu_has_native_bf16() -> bool:
     """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), where bf16 matmuls run
-    several times faster than fp32."""
+    several times faster than fp32. ``FASTINFER_CPU_BF16=0`` (or ``1``) overrides the detection, e.g. to
+    reproduce an AVX2-only machine's choices on a newer CPU."""
+    force = os.environ.get("FASTINFER_CPU_BF16")
+    if force in ("0", "1"):
+        return force == "1"
     try:
         with open("/proc/cpuinfo") as fh:
             flags = fh.read(1 << 16)

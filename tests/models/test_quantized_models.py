@@ -117,18 +117,26 @@ def text_ids(smollm2_path):
     return ids
 
 
+def _ppl_dtype() -> str:
+    """bf16 where the CPU computes it natively (the serving default there), else fp32: an AVX2-only CPU emulates
+    bf16 matmuls several times slower than fp32, which made these gates the slowest tests of the suite."""
+    from fastinfer.models.loader import cpu_has_native_bf16
+
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
 @pytest.fixture(scope="module")
 def float_ppl(smollm2_path, text_ids):
     from fastinfer.evaluate import perplexity
 
-    llm = LLM(smollm2_path, dtype="bfloat16", max_model_len=1024, load_progress=False)
+    llm = LLM(smollm2_path, dtype=_ppl_dtype(), max_model_len=1024, load_progress=False)
     return perplexity(llm.engine.worker.model, text_ids, window=1024)
 
 
 def _quantized_ppl(smollm2_path, text_ids, method: str, group_size: int | None = None) -> float:
     from fastinfer.evaluate import perplexity
 
-    llm = LLM(smollm2_path, dtype="bfloat16", max_model_len=1024, load_progress=False)
+    llm = LLM(smollm2_path, dtype=_ppl_dtype(), max_model_len=1024, load_progress=False)
     model = llm.engine.worker.model
     model.quantize(method, group_size)  # RTN from the float (dequantized) weights, lm_head int8 per channel
     return perplexity(model, text_ids, window=1024).perplexity
