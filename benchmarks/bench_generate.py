@@ -12,8 +12,9 @@ All runs are greedy with ``ignore_eos`` so every engine generates exactly the re
 
 ``--compare-src DIR``: instead, single-stream decode of this tree against another checkout of fastinfer (an
 older commit), fp32 and int4, each in its own subprocess through the public API only, alternating the two trees
-``--rounds`` times (median): ms per decode step, the model forward alone (batch-1 decode through the model's
-own paged forward), and their difference: the per-step overhead (engine, scheduler, inputs, sampling).
+``--rounds`` times (median): ms per decode step, the model's share of it (its
+own forward and logits, timed inside the same run), and their difference: the per-step overhead (engine,
+scheduler, input packing, sampling, detokenization).
 """
 from __future__ import annotations
 
@@ -137,38 +138,37 @@ def plot(rows, path):
 _STEP_PROBE = r"""
 import json, statistics, sys, time
 import torch
+import fastinfer
 from fastinfer import LLM, SamplingParams
-from fastinfer.ops import AttentionMetadata
 model, quant, tokens, repeats = sys.argv[1], (sys.argv[2] or None), int(sys.argv[3]), int(sys.argv[4])
 llm = LLM(model, dtype="float32", quantization=quant, max_model_len=2048, max_num_seqs=8, load_progress=False)
 eng = llm.engine
 net = eng.worker.model if hasattr(eng, "worker") else eng.runner.model
+spent = [0.0]
+def timed(fn):  # the model's own work (forward, logits), timed in the run itself
+    def wrapper(*a, **k):
+        t = time.perf_counter()
+        out = fn(*a, **k)
+        spent[0] += time.perf_counter() - t
+        return out
+    return wrapper
+net.forward = timed(net.forward)
+net.compute_logits = timed(net.compute_logits)
 ids = list(range(1000, 1032))
 greedy = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
 llm.generate({"prompt_token_ids": ids}, greedy, use_tqdm=False)
 one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-steps, prefill = [], []
+steps, model_s = [], []
 for _ in range(repeats):
+    spent[0] = 0.0
     t = time.perf_counter(); llm.generate({"prompt_token_ids": ids}, one, use_tqdm=False)
-    prefill.append(time.perf_counter() - t)
+    t1 = time.perf_counter() - t; m1 = spent[0]
+    spent[0] = 0.0
     t = time.perf_counter(); llm.generate({"prompt_token_ids": ids}, greedy, use_tqdm=False)
-    steps.append(time.perf_counter() - t)
-step_s = (statistics.median(steps) - statistics.median(prefill)) / (tokens - 1)
-# the model forward alone: batch-1 decode at position 32 + tokens / 2 through the model's paged cache
-bs = eng.config.block_size
-pos = 32 + tokens // 2
-meta = AttentionMetadata.build([1], [pos + 1], [list(range(pos // bs + 1))], bs)
-x, p = torch.tensor([7]), torch.tensor([pos])
-fw = []
-with torch.inference_mode():
-    for _ in range(5):
-        net(x, p, meta)
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(20):
-            net.compute_logits(net(x, p, meta))
-        fw.append((time.perf_counter() - t) / 20)
-print(json.dumps({"step_ms": 1e3 * step_s, "forward_ms": 1e3 * statistics.median(fw)}))
+    steps.append((time.perf_counter() - t - t1) / (tokens - 1))
+    model_s.append((spent[0] - m1) / (tokens - 1))
+print(json.dumps({"step_ms": 1e3 * statistics.median(steps), "forward_ms": 1e3 * statistics.median(model_s),
+                  "src": fastinfer.__file__}))
 """
 
 

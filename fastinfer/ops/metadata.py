@@ -49,6 +49,52 @@ class AttentionMetadata:
     def max_seq_len(self) -> int:
         return max(self.seq_lens_cpu, default=0)
 
+    SMALL_BATCH_TOKENS = 128  # up to this many tokens plain Python lists beat numpy's per-call cost
+
+    @classmethod
+    def _build_small(cls, query_lens: list[int], seq_lens: list[int], block_ids: list[list[int]], block_size: int,
+                     device: torch.device | str, input_ids: list[int] | None) -> AttentionMetadata:
+        """:meth:`build` for small steps (decode): the same fields from plain lists, one int64 upload whose
+        tail is cast to int32 on the device."""
+        b = len(query_lens)
+        qsl = [0]
+        for q in query_lens:
+            qsl.append(qsl[-1] + q)
+        t = qsl[-1]
+        width = max((len(x) for x in block_ids), default=1) or 1
+        slots: list[int] = []
+        pos: list[int] = []
+        for i, (q, s, blocks) in enumerate(zip(query_lens, seq_lens, block_ids)):
+            if not 0 <= q <= s:
+                raise ValueError(f"need 0 <= query_len <= seq_len: query_lens={query_lens} seq_lens={seq_lens}")
+            if q and (s - 1) // block_size >= len(blocks):
+                raise ValueError(f"sequence {i}: {len(blocks)} blocks of {block_size} cannot hold position {s - 1}")
+            for p in range(s - q, s):
+                pos.append(p)
+                slots.append(blocks[p // block_size] * block_size + p % block_size)
+        lead: list[int] = []
+        if input_ids is not None:
+            if len(input_ids) != t:
+                raise ValueError(f"{len(input_ids)} input ids for {t} scheduled tokens")
+            lead = [*input_ids, *pos]
+        table = [x for blocks in block_ids for x in (*blocks, *([0] * (width - len(blocks))))]
+        host = torch.tensor([*lead, *slots, *qsl, *seq_lens, *table], dtype=torch.int64)
+        packed = host.to(_resolve_device(device), non_blocking=True)
+        n = len(lead) + t
+        ints = packed.narrow(0, n, packed.shape[0] - n).to(torch.int32)
+        not_decode = next((i for i, q in enumerate(query_lens) if q != 1), b)
+        return cls(
+            input_ids=None if input_ids is None else packed.narrow(0, 0, t),
+            positions=None if input_ids is None else packed.narrow(0, t, t),
+            query_start_loc=ints.narrow(0, 0, b + 1),
+            seq_lens=ints.narrow(0, b + 1, b),
+            block_table=ints.narrow(0, 2 * b + 1, b * width).view(b, width),
+            slot_mapping=packed.narrow(0, len(lead), t),
+            query_lens_cpu=list(query_lens),
+            seq_lens_cpu=list(seq_lens),
+            num_decodes=not_decode,
+        )
+
     @classmethod
     def build(cls, query_lens: list[int], seq_lens: list[int], block_ids: list[list[int]], block_size: int,
               device: torch.device | str = "cpu", input_ids: list[int] | None = None) -> AttentionMetadata:
@@ -64,6 +110,8 @@ class AttentionMetadata:
         b = len(query_lens)
         if len(seq_lens) != b or len(block_ids) != b:
             raise ValueError(f"{b} query_lens, {len(seq_lens)} seq_lens and {len(block_ids)} block lists")
+        if sum(query_lens) <= cls.SMALL_BATCH_TOKENS:
+            return cls._build_small(query_lens, seq_lens, block_ids, block_size, device, input_ids)
         qlen = np.asarray(query_lens, dtype=np.int64).reshape(b)
         slen = np.asarray(seq_lens, dtype=np.int64).reshape(b)
         nblocks = np.fromiter(map(len, block_ids), dtype=np.int64, count=b)

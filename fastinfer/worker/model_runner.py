@@ -187,6 +187,8 @@ class StepDeviceOutput:
 def _nonfinite_per_chunk(hidden: torch.Tensor, first_rows: list[int], last_rows: list[int]) -> torch.Tensor:
     """[B] bool: whether any hidden row of chunk b (rows first_rows[b]..last_rows[b]) has a NaN/inf. Such requests
     must never publish KV blocks to the prefix cache."""
+    if len(first_rows) == hidden.shape[0]:  # one row per chunk (decode): the rows are the chunks, in order
+        return torch.isfinite(hidden).all(dim=-1).logical_not()
     bad = torch.isfinite(hidden).all(dim=-1).logical_not().to(torch.int32)  # [T]
     csum = torch.cat([bad.new_zeros(1), bad.cumsum(0)])  # [T + 1]
     lo = torch.tensor(first_rows, dtype=torch.int64).to(hidden.device)

@@ -69,16 +69,22 @@ def _per_token(query_lens, seq_lens, block_ids, block_size):
             for q, s, blocks in zip(query_lens, seq_lens, block_ids) for p in range(s - q, s)]
 
 
-def test_metadata_build_matches_the_per_token_definition():
+@pytest.mark.parametrize("small", [0, 10**9], ids=["numpy", "lists"])  # both builders: large and small steps
+def test_metadata_build_matches_the_per_token_definition(small, monkeypatch):
+    monkeypatch.setattr(AttentionMetadata, "SMALL_BATCH_TOKENS", small)
     rng = random.Random(0)
     for _ in range(200):
         bs = rng.choice([1, 4, 16])
         seq_lens = [rng.randint(0, 50) for _ in range(rng.randint(0, 6))]
         query_lens = [rng.choice([1, rng.randint(0, s)]) if s else 0 for s in seq_lens]
         blocks = [[rng.randint(0, 999) for _ in range(-(-s // bs) + rng.randint(0, 2))] for s in seq_lens]
-        meta = AttentionMetadata.build(query_lens, seq_lens, blocks, bs)
+        ids = [rng.randint(0, 9999) for _ in range(sum(query_lens))]
+        meta = AttentionMetadata.build(query_lens, seq_lens, blocks, bs, input_ids=ids)
         assert meta.slot_mapping.dtype == torch.int64
         assert meta.slot_mapping.tolist() == _per_token(query_lens, seq_lens, blocks, bs)
+        assert meta.input_ids is not None and meta.input_ids.tolist() == ids
+        assert meta.positions is not None and meta.positions.tolist() == [
+            p for q, s in zip(query_lens, seq_lens) for p in range(s - q, s)]
         width = max((len(b) for b in blocks), default=1)
         assert meta.block_table.dtype == torch.int32 and meta.block_table.shape == (len(blocks), width)
         assert meta.block_table.tolist() == [b + [0] * (width - len(b)) for b in blocks]
@@ -91,7 +97,9 @@ def test_metadata_build_matches_the_per_token_definition():
         assert meta.num_decodes == nd
 
 
-def test_metadata_build_rejects_bad_lists():
+@pytest.mark.parametrize("small", [0, 10**9], ids=["numpy", "lists"])
+def test_metadata_build_rejects_bad_lists(small, monkeypatch):
+    monkeypatch.setattr(AttentionMetadata, "SMALL_BATCH_TOKENS", small)
     with pytest.raises(ValueError, match="query_len <= seq_len"):
         AttentionMetadata.build([5], [3], [[0]], 4)
     with pytest.raises(ValueError, match="block lists"):
