@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastinfer.core.kv_cache_utils import hash_block_tokens
+from fastinfer.core.kv_cache_utils import extend_block_hashes
 from fastinfer.core.outputs import NewRequestData
 from fastinfer.ops import AttentionMetadata
 from fastinfer.sampling_params import SamplingParams
@@ -51,12 +51,7 @@ class CachedRequestState:
 
     def update_block_hashes(self, block_size: int) -> None:
         """Extend the hash chain over every full block of known tokens (the scheduler's chain, recomputed)."""
-        n_full = self.num_tokens // block_size
-        while len(self.block_hashes) < n_full:
-            i = len(self.block_hashes)
-            parent = self.block_hashes[-1] if i else None
-            tokens = self.all_token_ids[i * block_size:(i + 1) * block_size]
-            self.block_hashes.append(hash_block_tokens(parent, tokens, self.cache_salt))
+        extend_block_hashes(self.block_hashes, self.all_token_ids, block_size, self.cache_salt)
 
 
 @dataclass
