@@ -55,3 +55,15 @@ def small_vocab_model(out_dir: str, seed: int, num_layers: int = 2, hidden: int 
     with open(os.path.join(out_dir, "config.json")) as fh:
         assert json.load(fh)["vocab_size"] == SMALL_VOCAB
     return out_dir
+
+
+def chi2(counts: torch.Tensor, expected: torch.Tensor, n: int) -> tuple[float, int]:
+    """Pearson statistic and degrees of freedom, cells expecting < 5 pooled; infinite for an impossible one."""
+    if counts[expected == 0].sum() > 0:
+        return float("inf"), 0
+    small = expected * n < 5
+    e = torch.cat([expected[~small] * n, (expected[small].sum() * n).reshape(1)])
+    c = torch.cat([counts[~small], counts[small].sum().reshape(1)])
+    if e[-1] < 1e-9:
+        e, c = e[:-1], c[:-1]
+    return float(((c - e) ** 2 / e).sum()), len(e) - 1

@@ -22,7 +22,7 @@ from fastinfer.worker.draft_model import DraftModelProposer
 from fastinfer.worker.rejection_sampler import VerifyOutput, verify
 from fastinfer.worker.sampler import filtered_probs
 from fastinfer.worker.spec_decode import Speculator
-from tests.engine.spec_models import SMALL_VOCAB, perturbed_copy, small_vocab_model
+from tests.engine.spec_models import SMALL_VOCAB, chi2, perturbed_copy, small_vocab_model
 
 PASSAGE = ("The printing press spread across Europe in the fifteenth century. The printing press made books "
            "cheaper. Books became cheaper and the printing press spread. ")
@@ -245,18 +245,6 @@ def _cell(seq) -> int:
     return sum(t * SMALL_VOCAB ** (len(seq) - 1 - i) for i, t in enumerate(seq))
 
 
-def _chi2(counts: torch.Tensor, expected: torch.Tensor, n: int) -> tuple[float, int]:
-    """Pearson statistic and degrees of freedom, cells expecting < 5 pooled; infinite for an impossible one."""
-    if counts[expected == 0].sum() > 0:
-        return float("inf"), 0
-    small = expected * n < 5
-    e = torch.cat([expected[~small] * n, (expected[small].sum() * n).reshape(1)])
-    c = torch.cat([counts[~small], counts[small].sum().reshape(1)])
-    if e[-1] < 1e-9:
-        e, c = e[:-1], c[:-1]
-    return float(((c - e) ** 2 / e).sum()), len(e) - 1
-
-
 def _resample_from_p(logits, draft, req, generator, draft_probs=None):
     """Wrong: the right acceptance test min(1, p/q), but a rejected token is redrawn from p, not from the
     residual max(0, p - q): the draft's choices are over-weighted."""
@@ -300,7 +288,7 @@ def test_sampled_distribution_with_a_real_draft_is_the_target(small_pair, params
             counts[_cell(o.outputs[0].token_ids)] += 1
         st = llm.engine.spec_stats
         acc = (st["accepted_tokens"] - before["accepted_tokens"]) / (st["draft_tokens"] - before["draft_tokens"])
-        return (*_chi2(counts, expected, n), acc)
+        return (*chi2(counts, expected, n), acc)
 
     stat, dof, acc = run()
     assert 0.2 < acc < 0.9  # a real draft: often right, often wrong (q differs from p)
@@ -348,7 +336,7 @@ def test_verify_with_draft_probs_is_lossless(params):
             c[toks[0] * vocab + toks[1] if len(toks) > 1 else vocab * vocab + toks[0]] += 1
         return c
 
-    stat, dof = _chi2(counts(verify), expected, n)
+    stat, dof = chi2(counts(verify), expected, n)
     assert stat < dof + 5 * (2 * dof) ** 0.5
-    bad, bad_dof = _chi2(counts(_inverted_ratio), expected, n)
+    bad, bad_dof = chi2(counts(_inverted_ratio), expected, n)
     assert bad > bad_dof + 10 * (2 * bad_dof) ** 0.5

@@ -19,6 +19,7 @@ from fastinfer.sampling_params import SamplingParams
 from fastinfer.worker import rejection_sampler
 from fastinfer.worker.rejection_sampler import draft_sample, rejection_sample, verify
 from fastinfer.worker.sampler import filtered_probs
+from tests.engine.spec_models import chi2
 
 PARAMS = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=3),
           SamplingParams(temperature=1.3, top_p=0.8)]
@@ -29,18 +30,6 @@ def _req(rid="r", seed=None, outputs=(), **kw) -> Request:
     for t in outputs:
         r.append_output_token(t)
     return r
-
-
-def _chi2(counts: torch.Tensor, expected: torch.Tensor, n: int) -> tuple[float, int]:
-    """Pearson statistic and degrees of freedom, cells expecting < 5 pooled; infinite for an impossible one."""
-    if counts[expected == 0].sum() > 0:
-        return float("inf"), 0
-    small = expected * n < 5
-    e = torch.cat([expected[~small] * n, (expected[small].sum() * n).reshape(1)])
-    c = torch.cat([counts[~small], counts[small].sum().reshape(1)])
-    if e[-1] < 1e-9:
-        e, c = e[:-1], c[:-1]
-    return float(((c - e) ** 2 / e).sum()), len(e) - 1
 
 
 def _within(stat: float, dof: int) -> bool:
@@ -129,9 +118,9 @@ def test_batched_verification_with_sampled_drafts_is_the_target(params):
     expected = _expected(p, q, None, cells)
     assert abs(expected.sum().item() - 1) < 1e-6
     outs = rejection_sample(logits, drafts, reqs, [q] * n).to_lists()
-    assert _within(*_chi2(_counts(outs, cells), expected, n))
+    assert _within(*chi2(_counts(outs, cells), expected, n))
     wrong = rejection_sample(logits, drafts, reqs, None).to_lists()  # q ignored: acceptance p(d)
-    bad, bad_dof = _chi2(_counts(wrong, cells), expected, n)
+    bad, bad_dof = chi2(_counts(wrong, cells), expected, n)
     assert bad > bad_dof + 10 * (2 * bad_dof) ** 0.5
 
 
@@ -145,7 +134,7 @@ def test_batched_verification_with_fixed_drafts_is_the_target(params):
     reqs = [_req(f"r{i}", seed=i, temperature=params.temperature, top_k=params.top_k) for i in range(n)]
     outs = rejection_sample(p_logits.repeat(n, 1), [d] * n, reqs).to_lists()
     cells = _cells(vocab, k)
-    assert _within(*_chi2(_counts(outs, cells), _expected(p, None, d, cells), n))
+    assert _within(*chi2(_counts(outs, cells), _expected(p, None, d, cells), n))
 
 
 def test_seeded_verification_does_not_depend_on_batch_mates():
@@ -209,7 +198,7 @@ def test_draft_sample_follows_q_and_returns_it():
     assert q is not None and torch.allclose(q, filtered_probs(logits, [params] * n))
     expected = q[0].double()
     counts = torch.bincount(tokens, minlength=vocab).double()
-    assert _within(*_chi2(counts, expected, n))
+    assert _within(*chi2(counts, expected, n))
     again, _ = draft_sample(logits, reqs, step=1)
     assert torch.equal(tokens, again)  # seeded: a pure function of (seed, index, step)
     other, _ = draft_sample(logits, reqs, step=2)
