@@ -83,17 +83,7 @@ class AttentionMetadata:
         n = len(lead) + t
         ints = packed.narrow(0, n, packed.shape[0] - n).to(torch.int32)
         not_decode = next((i for i, q in enumerate(query_lens) if q != 1), b)
-        return cls(
-            input_ids=None if input_ids is None else packed.narrow(0, 0, t),
-            positions=None if input_ids is None else packed.narrow(0, t, t),
-            query_start_loc=ints.narrow(0, 0, b + 1),
-            seq_lens=ints.narrow(0, b + 1, b),
-            block_table=ints.narrow(0, 2 * b + 1, b * width).view(b, width),
-            slot_mapping=packed.narrow(0, len(lead), t),
-            query_lens_cpu=list(query_lens),
-            seq_lens_cpu=list(seq_lens),
-            num_decodes=not_decode,
-        )
+        return cls._from_packed(packed, ints, input_ids is not None, t, width, query_lens, seq_lens, not_decode)
 
     @classmethod
     def build(cls, query_lens: list[int], seq_lens: list[int], block_ids: list[list[int]], block_size: int,
@@ -152,9 +142,18 @@ class AttentionMetadata:
         packed = torch.from_numpy(buf).to(_resolve_device(device), non_blocking=True)
         # narrow/view, not Python indexing: indexing a fake CUDA tensor needs a CUDA runtime
         ints = packed.narrow(0, lead + t, buf.shape[0] - lead - t).view(torch.int32)
+        return cls._from_packed(packed, ints, input_ids is not None, t, width, query_lens, seq_lens, num_decodes)
+
+    @classmethod
+    def _from_packed(cls, packed: torch.Tensor, ints: torch.Tensor, with_inputs: bool, t: int, width: int,
+                     query_lens: list[int], seq_lens: list[int], num_decodes: int) -> AttentionMetadata:
+        """Views of the one uploaded buffer: int64 ``packed`` = [input_ids | positions (``with_inputs``) | slots
+        | ...] and int32 ``ints`` = [query_start_loc | seq_lens | block_table]."""
+        b = len(query_lens)
+        lead = 2 * t if with_inputs else 0
         return cls(
-            input_ids=None if input_ids is None else packed.narrow(0, 0, t),
-            positions=None if input_ids is None else packed.narrow(0, t, t),
+            input_ids=packed.narrow(0, 0, t) if with_inputs else None,
+            positions=packed.narrow(0, t, t) if with_inputs else None,
             query_start_loc=ints.narrow(0, 0, b + 1),
             seq_lens=ints.narrow(0, b + 1, b),
             block_table=ints.narrow(0, 2 * b + 1, b * width).view(b, width),
