@@ -29,7 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit, make_workload, median_time, table  # noqa: E402
+from common import emit, machine_line, make_workload, median_time, table  # noqa: E402
 
 from fastinfer import LLM, SamplingParams  # noqa: E402
 from fastinfer.models.loader import load_tokenizer, resolve_model_path  # noqa: E402
@@ -174,17 +174,11 @@ print(json.dumps({"step_ms": 1e3 * statistics.median(steps), "forward_ms": 1e3 *
 
 def compare_trees(args) -> None:
     """Single-stream decode: this tree vs ``args.compare_src`` (an older checkout), alternated, medians."""
-    import platform
     import statistics
 
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     trees = {"before": os.path.abspath(args.compare_src), "after": here}
-    with open("/proc/cpuinfo") as fh:
-        info = fh.read()
-    isa = sorted({f for f in info.split() if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")})
-    cpu = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
-               platform.machine())
-    print(f"# {cpu}; ISA {' '.join(isa)}; {args.single_tokens} tokens, "
+    print(f"{machine_line()}; {args.single_tokens} tokens, "
           f"{args.rounds} alternated rounds", flush=True)
     rows: list[dict] = []
     for quant in ("", "int4"):

@@ -17,17 +17,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit, make_workload, median_time, table  # noqa: E402
+from common import decode_rate, emit, llama_cpp_rate, make_workload, table  # noqa: E402
 
 from fastinfer import LLM, SamplingParams  # noqa: E402
 from fastinfer.models.loader import load_tokenizer, resolve_model_path  # noqa: E402
-
-
-def decode_rate(gen_n, gen_1, n: int, repeats: int) -> tuple[float, float, float]:
-    """(tok/s, seconds for n tokens, seconds for 1 token) from median timings."""
-    t_n = median_time(gen_n, repeats)
-    t_1 = median_time(gen_1, repeats)
-    return (n - 1) / (t_n - t_1), t_n, t_1
 
 
 def fastinfer_rate(model: str, dtype: str, quantization: str | None, ids: list[int], n: int, repeats: int,
@@ -42,39 +35,6 @@ def fastinfer_rate(model: str, dtype: str, quantization: str | None, ids: list[i
     gen(n)()  # warm-up
     rate, _, _ = decode_rate(gen(n), gen(1), n, repeats)
     return rate, llm.engine.worker.ops.chosen.get("quant_linear", "-")
-
-
-def llama_cpp_rate(path: str, ids: list[int], n: int, repeats: int, threads: int) -> float | None:
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        print("llama-cpp-python is not installed: no llama.cpp row (see ../shared/ENVIRONMENT.md)", file=sys.stderr)
-        return None
-    llm = Llama(model_path=path, n_ctx=2048, n_threads=threads, n_threads_batch=threads, n_batch=512,
-                verbose=False)
-    from llama_cpp import LogitsProcessorList
-
-    eos = llm.token_eos()
-
-    def no_eos(_ids, scores):  # fixed-length generations, like ignore_eos on our side
-        scores[eos] = -float("inf")
-        return scores
-
-    def gen(k: int):
-        def run():
-            llm.reset()
-            out = []
-            for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True,
-                                    logits_processor=LogitsProcessorList([no_eos])):
-                out.append(tok)
-                if len(out) == k:
-                    break
-            return out
-        return run
-
-    gen(n)()  # warm-up
-    rate, _, _ = decode_rate(gen(n), gen(1), n, repeats)
-    return rate
 
 
 def main() -> None:

@@ -43,6 +43,59 @@ def median_time(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
+def decode_rate(gen_n: Callable[[], Any], gen_1: Callable[[], Any], n: int, repeats: int,
+                ) -> tuple[float, float, float]:
+    """(decode tok/s, seconds for n tokens, seconds for 1 token) from median timings: prefill excluded."""
+    t_n = median_time(gen_n, repeats)
+    t_1 = median_time(gen_1, repeats)
+    return (n - 1) / (t_n - t_1), t_n, t_1
+
+
+def machine_line() -> str:
+    """``# CPU model; ISA ...`` for the head of a benchmark's output (figures mean nothing without it)."""
+    import platform
+
+    with open("/proc/cpuinfo") as fh:
+        info = fh.read()
+    isa = sorted({f for f in info.split() if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")})
+    cpu = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
+               platform.machine())
+    return f"# {cpu}; ISA {' '.join(isa)}"
+
+
+def llama_cpp_rate(path: str, ids: list[int], n: int, repeats: int, threads: int) -> float | None:
+    """llama.cpp (``llama-cpp-python``) single-stream greedy decode tok/s on a GGUF file, prefill excluded and
+    EOS masked (fixed lengths); None when the package is not installed. The prompt cache is reset per call."""
+    try:
+        from llama_cpp import Llama, LogitsProcessorList
+    except ImportError:
+        print("llama-cpp-python is not installed: no llama.cpp row (see ../shared/ENVIRONMENT.md)", file=sys.stderr)
+        return None
+    llm = Llama(model_path=path, n_ctx=2048, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                verbose=False)
+    eos = llm.token_eos()
+
+    def no_eos(_ids, scores):  # fixed-length generations, like ignore_eos on our side
+        scores[eos] = -float("inf")
+        return scores
+
+    def gen(k: int):
+        def run():
+            llm.reset()
+            out = []
+            for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True,
+                                    logits_processor=LogitsProcessorList([no_eos])):
+                out.append(tok)
+                if len(out) == k:
+                    break
+            return out
+        return run
+
+    gen(n)()  # warm-up
+    rate, _, _ = decode_rate(gen(n), gen(1), n, repeats)
+    return rate
+
+
 def emit(row: dict, sink: list[dict]) -> None:
     """Print one JSON object per case (machine-readable) and keep it for the table."""
     sink.append(row)
