@@ -1,7 +1,8 @@
-"""RMSNorm with an optional fused residual add."""
+"""RMSNorm and LayerNorm, each with an optional fused residual add."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastinfer.ops import OpSet
@@ -19,3 +20,21 @@ class RMSNorm(nn.Module):
         if residual is None:
             return self.ops.rms_norm(x, self.weight, self.eps)
         return self.ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias (GPT-2, GPT-NeoX), the same call shape as :class:`RMSNorm` (optional
+    fused residual add). Plain torch ``layer_norm``: the op set has no LayerNorm kernel yet."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+        s = residual + x
+        return F.layer_norm(s, self.weight.shape, self.weight, self.bias, self.eps), s

@@ -1,72 +1,35 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM): GQA, RoPE, RMSNorm, SwiGLU, tied embeddings.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM, Phi-3): GQA, RoPE, RMSNorm, SwiGLU, tied embeddings.
 
-q/k/v and gate/up projections are fused into one matmul each; attention reads and writes the paged KV
-cache through the op set.
+q/k/v and gate/up projections are fused into one matmul each (Phi-3 checkpoints store them fused already);
+attention reads and writes the paged KV cache through the op set. Qwen3 (:mod:`fastinfer.models.qwen3`) is this
+class with per-head q/k norms.
 """
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastinfer.config import ModelConfig
-from fastinfer.layers.linear import Linear
+from fastinfer.layers.attention import SelfAttention
+from fastinfer.layers.mlp import GatedMLP
 from fastinfer.layers.norm import RMSNorm
-from fastinfer.layers.rotary import RotaryEmbedding
-from fastinfer.models.interface import KVCaches, LayerKVSpec, ResidualBlock, RotationPlan, ValueHeads
+from fastinfer.layers.rotary import RotaryEmbedding, rotary_from_config
+from fastinfer.models.base import DecoderForCausalLM, layer_sliding_window
+from fastinfer.models.interface import ResidualBlock, RotationPlan, ValueHeads
 from fastinfer.ops import AttentionMetadata, OpSet
-from fastinfer.quantization.format import QuantizedWeight
-from fastinfer.quantization.methods import QuantMethod, get_method, parse_method
-
-
-class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: OpSet, dtype: torch.dtype, rotary: RotaryEmbedding) -> None:
-        super().__init__()
-        self.ops = ops
-        self.num_heads, self.num_kv_heads, self.head_dim = (cfg.num_attention_heads, cfg.num_key_value_heads,
-                                                            cfg.head_dim)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.attention_bias, dtype=dtype,
-                               shard_sizes=(q_size, kv_size, kv_size), ops=ops)
-        self.o_proj = Linear(q_size, cfg.hidden_size, dtype=dtype, ops=ops)
-        self.rotary = rotary  # shared by all layers
-        self.scale = self.head_dim ** -0.5
-        self.sliding_window = cfg.sliding_window
-        self.k_cache = torch.empty(0)
-        self.v_cache = torch.empty(0)
-
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.shard_sizes, dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        self.ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        o = self.ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
-        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
-
-
-class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: OpSet, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.ops = ops
-        n = cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * n, dtype=dtype, shard_sizes=(n, n), ops=ops)
-        self.down_proj = Linear(n, cfg.hidden_size, dtype=dtype, ops=ops)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: OpSet, dtype: torch.dtype, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, ops: OpSet, dtype: torch.dtype, rotary: RotaryEmbedding, index: int,
+                 qk_norm: bool = False, o_bias: bool = False) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, ops, dtype, rotary)
-        self.mlp = LlamaMLP(cfg, ops, dtype)
+        self.self_attn = SelfAttention(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                                       cfg.head_dim, ops, dtype, rotary, qkv_bias=cfg.attention_bias,
+                                       o_bias=o_bias, qk_norm_eps=cfg.rms_norm_eps if qk_norm else None,
+                                       sliding_window=layer_sliding_window(cfg, index))
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, ops, dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops, dtype)
 
@@ -82,43 +45,27 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(DecoderForCausalLM):
     """The model interface (:class:`fastinfer.models.interface.CausalLM`) for the Llama family: ``forward``
     maps packed token ids [T] and positions [T] to hidden states [T, hidden]; ``compute_logits`` maps selected
-    hidden states to fp32 logits [S, vocab]."""
+    hidden states to fp32 logits [S, vocab]. ``QK_NORM`` adds RMSNorm over each head's q and k, and
+    ``O_PROJ_BIAS`` gives the output projection a bias when the config has ``attention_bias`` (Qwen3)."""
 
-    # checkpoint name fragment -> (our module name fragment, shard index)
     STACKED = {
         "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
+    QK_NORM: ClassVar[bool] = False
+    O_PROJ_BIAS: ClassVar[bool] = False
 
     def __init__(self, cfg: ModelConfig, ops: OpSet, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.config = cfg
-        max_position = cfg.max_position_embeddings
-        self.kv_caches: KVCaches = []
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, _weight=torch.empty(
-            cfg.vocab_size, cfg.hidden_size, dtype=dtype))
-        self.embed_tokens.weight.requires_grad_(False)
-        self.rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling, ops)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, ops, dtype, self.rotary)
-                                    for _ in range(cfg.num_hidden_layers))
+        super().__init__(cfg, ops, dtype)
+        self.rotary = rotary_from_config(cfg, ops)
+        o_bias = self.O_PROJ_BIAS and cfg.attention_bias
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, ops, dtype, self.rotary, i, self.QK_NORM, o_bias)
+                                    for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops, dtype)
-        self.ops, self.dtype = ops, dtype
-        # Tied models have no lm_head until quantization gives them a quantized copy of the embedding.
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype,
-                                                                   ops=ops)
-
-    def kv_cache_spec(self) -> list[LayerKVSpec]:
-        c = self.config
-        return [LayerKVSpec(c.num_key_value_heads, c.head_dim, c.sliding_window) for _ in range(c.num_hidden_layers)]
-
-    def bind_kv_cache(self, caches: KVCaches) -> None:
-        for layer, (k, v) in zip(self.layers, caches, strict=True):
-            assert isinstance(layer, LlamaDecoderLayer)
-            layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
-        self.kv_caches = caches
+        self.lm_head = self.new_lm_head()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, hidden]
@@ -127,58 +74,6 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(positions, x, residual, meta)
         x, _ = self.norm(x, residual)
         return x
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.lm_head is None:
-            return F.linear(hidden, self.embed_tokens.weight).float()  # [S, vocab]
-        return self.lm_head(hidden).float()  # [S, vocab]
-
-    def quantizable_layers(self) -> dict[str, Linear]:
-        return {name: m for name, m in self.named_modules() if isinstance(m, Linear)}
-
-    def quantize(self, method: str, group_size: int | None = None, lm_head: str | None = "int8") -> None:
-        """Quantize every still-dense projection with ``method`` (a registered method or spec: "int8" per
-        channel, "int4" group ``group_size`` (default 128), "int4-g64", ...); the lm_head (for tied models: a
-        quantized copy of the embedding, which itself stays dense for lookups) gets ``lm_head`` (int8 per
-        channel by default, None keeps it float)."""
-        spec = parse_method(method)
-        assert spec.method is not None
-        qm = get_method(spec.method)
-        for name, m in self.quantizable_layers().items():
-            if m.quantized or name == "lm_head":
-                continue
-            assert m.weight is not None
-            qw = qm.quantize_weight(m.weight.data, group_size or spec.group_size)
-            if qw is not None:
-                m.set_quantized(qw, qm)
-        if lm_head is None or (self.lm_head is not None and self.lm_head.quantized):
-            return
-        head_spec = parse_method(lm_head)
-        assert head_spec.method is not None
-        hm = get_method(head_spec.method)
-        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        assert w is not None
-        qw = hm.quantize_weight(w.data, head_spec.group_size)
-        if qw is not None:
-            self._set_lm_head(qw, hm)
-
-    def _new_lm_head(self) -> Linear:
-        with torch.device(self.embed_tokens.weight.device):  # beside the model, wherever it lives
-            return Linear(self.config.hidden_size, self.config.vocab_size, dtype=self.dtype, ops=self.ops)
-
-    def _set_lm_head(self, qw: QuantizedWeight, method: QuantMethod | None = None) -> None:
-        if self.lm_head is None:
-            self.lm_head = self._new_lm_head()
-        self.lm_head.set_quantized(qw, method)
-
-    def _untied_lm_head(self) -> Linear:
-        """The dense lm_head; a tied model gets its own copy of the embedding first (and an untied config)."""
-        if self.lm_head is None:
-            self.lm_head = self._new_lm_head()
-            assert self.lm_head.weight is not None
-            self.lm_head.weight.data.copy_(self.embed_tokens.weight.data)
-            self.config = dataclasses.replace(self.config, tie_word_embeddings=False)
-        return self.lm_head
 
     def rotation_plan(self) -> RotationPlan:
         blocks: list[ResidualBlock] = []
@@ -191,52 +86,3 @@ class LlamaForCausalLM(nn.Module):
             blocks.append(ResidualBlock(layer.input_layernorm.weight, (attn.qkv_proj,), (attn.o_proj,), values))
             blocks.append(ResidualBlock(layer.post_attention_layernorm.weight, (mlp.gate_up_proj,), (mlp.down_proj,)))
         return RotationPlan(self.embed_tokens.weight, tuple(blocks), self.norm.weight, self._untied_lm_head)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named checkpoint tensors (``model.layers.0.self_attn.q_proj.weight``...) into the fused
-        parameters; raises on unknown names, shape mismatches or missing weights."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        shards_seen: dict[str, set[int]] = {}
-        for name, tensor in weights:
-            name = name.removeprefix("model.")
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if name == "lm_head.weight" and self.lm_head is None:
-                if isinstance(tensor, QuantizedWeight):  # a quantized copy of a tied embedding
-                    self._set_lm_head(tensor)
-                continue  # tied: some checkpoints store the copy anyway
-            for src, (dst, shard) in self.STACKED.items():
-                if f".{src}." in name:
-                    target = name.replace(f".{src}.", f".{dst}.")
-                    module_name, kind = target.rsplit(".", 1)
-                    module = self.get_submodule(module_name)
-                    assert isinstance(module, Linear)
-                    module.load_shard(kind, shard, tensor)
-                    shards_seen.setdefault(target, set()).add(shard)
-                    break
-            else:
-                if isinstance(tensor, QuantizedWeight):
-                    module = self.get_submodule(name.rsplit(".", 1)[0]) if name.endswith(".weight") else None
-                    if not isinstance(module, Linear):
-                        raise ValueError(f"checkpoint tensor {name!r} is quantized but is not a linear weight")
-                    module.set_quantized(tensor)
-                    loaded.add(name)
-                    continue
-                if name not in params:
-                    raise ValueError(f"checkpoint tensor {name!r} has no place in {self.config.architecture}")
-                p = params[name]
-                if tuple(p.shape) != tuple(tensor.shape):
-                    raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, "
-                                     f"model expects {tuple(p.shape)}")
-                p.data.copy_(tensor)
-                loaded.add(name)
-        for target, seen in shards_seen.items():
-            module = self.get_submodule(target.rsplit(".", 1)[0])
-            assert isinstance(module, Linear)
-            if len(seen) == len(module.shard_sizes):
-                loaded.add(target)
-        params = dict(self.named_parameters())  # quantized layers have dropped their float weight
-        missing = sorted(set(params) - loaded)
-        if missing:
-            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:4]}")

@@ -1,0 +1,56 @@
+"""Self-attention over the paged KV cache: the fused q/k/v projection, optional per-head q/k RMSNorm, RoPE, the
+op set's ``store_kv`` + ``paged_attention`` and the output projection. Every native family builds its attention
+from this module (the model's ``bind_kv_cache`` hands each one its (k, v) cache pair)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastinfer.layers.linear import Linear
+from fastinfer.layers.norm import RMSNorm
+from fastinfer.layers.rotary import RotaryEmbedding
+from fastinfer.ops import AttentionMetadata, OpSet
+
+
+class SelfAttention(nn.Module):
+    """``o_proj(attention(rope(q), rope(k), v))`` for packed tokens [T, hidden]. ``qkv_proj`` is one
+    :class:`Linear` with shards (q, k, v); ``rotary`` None means no RoPE (learned absolute positions);
+    ``qk_norm_eps`` adds RMSNorm over each head's q and k before RoPE (Qwen3); ``scale`` defaults to
+    head_dim ** -0.5."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, ops: OpSet,
+                 dtype: torch.dtype, rotary: RotaryEmbedding | None, *, qkv_bias: bool = False,
+                 o_bias: bool = False, qk_norm_eps: float | None = None, sliding_window: int | None = None,
+                 scale: float | None = None) -> None:
+        super().__init__()
+        self.ops = ops
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        self.qkv_proj = Linear(hidden_size, q_size + 2 * kv_size, bias=qkv_bias, dtype=dtype,
+                               shard_sizes=(q_size, kv_size, kv_size), ops=ops)
+        self.o_proj = Linear(q_size, hidden_size, bias=o_bias, dtype=dtype, ops=ops)
+        self.q_norm = self.k_norm = None
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps, ops, dtype)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps, ops, dtype)
+        self.rotary = rotary  # shared by all layers
+        self.scale = head_dim ** -0.5 if scale is None else scale
+        self.sliding_window = sliding_window
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.shard_sizes, dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
+        if self.rotary is not None:
+            q, k = self.rotary(positions, q, k)
+        meta = meta.for_window(self.sliding_window)  # this layer's KV cache group: its block table and slots
+        self.ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        o = self.ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
+        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))

@@ -1,0 +1,45 @@
+"""Feed-forward blocks: the gated MLP (SwiGLU and friends, gate/up fused) and the plain two-layer MLP."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastinfer.layers.activation import get_activation
+from fastinfer.layers.linear import Linear
+from fastinfer.ops import OpSet
+
+
+class GatedMLP(nn.Module):
+    """``down_proj(act(gate) * up)`` with gate and up fused into ``gate_up_proj`` (shards (gate, up)). SiLU runs
+    the op set's ``silu_and_mul``; other activations (e.g. Gemma's ``gelu_pytorch_tanh``) run in plain torch."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, ops: OpSet, dtype: torch.dtype,
+                 activation: str = "silu", bias: bool = False) -> None:
+        super().__init__()
+        self.ops = ops
+        n = intermediate_size
+        self.gate_up_proj = Linear(hidden_size, 2 * n, bias=bias, dtype=dtype, shard_sizes=(n, n), ops=ops)
+        self.down_proj = Linear(n, hidden_size, bias=bias, dtype=dtype, ops=ops)
+        self.activation = activation
+        self.act = get_activation(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.gate_up_proj(x)
+        if self.activation == "silu":
+            return self.down_proj(self.ops.silu_and_mul(h))
+        gate, up = h.chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class MLP(nn.Module):
+    """``fc_out(act(fc_in(x)))`` (GPT-2, GPT-NeoX); the activation runs in plain torch."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str, ops: OpSet, dtype: torch.dtype,
+                 bias: bool = True) -> None:
+        super().__init__()
+        self.fc_in = Linear(hidden_size, intermediate_size, bias=bias, dtype=dtype, ops=ops)
+        self.fc_out = Linear(intermediate_size, hidden_size, bias=bias, dtype=dtype, ops=ops)
+        self.act = get_activation(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(self.act(self.fc_in(x)))

@@ -1,0 +1,209 @@
+"""What every native family shares: HF-named checkpoint tensors into (fused) :class:`Linear` layers, weight
+quantization, the (tied) lm_head, the KV-cache spec and binding through its :class:`SelfAttention` layers, and
+logits. A family subclasses :class:`DecoderForCausalLM`, builds its modules and ``forward``, and describes how
+its checkpoint names map to its modules with four class attributes:
+
+- ``PREFIXES``: stripped from the front of checkpoint names (the first that matches), e.g. ``"model."``;
+- ``IGNORED``: regexes of checkpoint tensors that have no place (RoPE buffers, causal-mask buffers);
+- ``RENAMES``: ``(regex, replacement)`` pairs applied in order, HF module names to ours. Our own names (what
+  ``state_dict`` and :func:`fastinfer.models.loader.save_quantized` write) must pass through unchanged, so a saved
+  model loads back;
+- ``STACKED``: checkpoint name fragment -> (our fused module's fragment, shard index), e.g. ``q_proj`` -> shard
+  0 of ``qkv_proj``.
+
+``convert_tensor`` (default: identity) rewrites a checkpoint tensor's layout by its HF name, e.g. GPT-2's Conv1D
+weights ([in, out]) or GPT-NeoX's per-head interleaved q/k/v rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastinfer.config import ModelConfig
+from fastinfer.layers.attention import SelfAttention
+from fastinfer.layers.embedding import embedding
+from fastinfer.layers.linear import Linear
+from fastinfer.models.interface import KVCaches, LayerKVSpec, RotationPlan
+from fastinfer.ops import OpSet
+from fastinfer.quantization.format import QuantizedWeight
+from fastinfer.quantization.methods import QuantMethod, get_method, parse_method
+
+
+class DecoderForCausalLM(nn.Module):
+    """Base of the native families (see the module docstring). ``__init__`` creates ``embed_tokens``; the
+    subclass creates its layers, then assigns ``self.lm_head = self.new_lm_head()`` (None for tied models)."""
+
+    PREFIXES: ClassVar[tuple[str, ...]] = ("model.",)
+    IGNORED: ClassVar[tuple[str, ...]] = (r"rotary_emb\.inv_freq$",)
+    RENAMES: ClassVar[tuple[tuple[str, str], ...]] = ()
+    STACKED: ClassVar[dict[str, tuple[str, int]]] = {}
+
+    def __init__(self, cfg: ModelConfig, ops: OpSet, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = cfg
+        self.ops, self.dtype = ops, dtype
+        self.kv_caches: KVCaches = []
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.lm_head: Linear | None = None
+
+    def new_lm_head(self) -> Linear | None:
+        """The untied lm_head; None when the config ties it to the embedding (until quantization gives the model
+        a quantized copy of the embedding)."""
+        return None if self.config.tie_word_embeddings else Linear(
+            self.config.hidden_size, self.config.vocab_size, dtype=self.dtype, ops=self.ops)
+
+    # -- the KV cache ---------------------------------------------------------------------------------------------
+
+    def attention_layers(self) -> list[SelfAttention]:
+        return [m for m in self.modules() if isinstance(m, SelfAttention)]
+
+    def kv_cache_spec(self) -> list[LayerKVSpec]:
+        return [LayerKVSpec(a.num_kv_heads, a.head_dim, a.sliding_window) for a in self.attention_layers()]
+
+    def bind_kv_cache(self, caches: KVCaches) -> None:
+        for attn, (k, v) in zip(self.attention_layers(), caches, strict=True):
+            attn.k_cache, attn.v_cache = k, v
+        self.kv_caches = caches
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed_tokens.weight).float()  # [S, vocab]
+        return self.lm_head(hidden).float()  # [S, vocab]
+
+    def rotation_plan(self) -> RotationPlan:
+        raise ValueError(f"{self.config.architecture} does not support Hadamard rotation (only RMSNorm pre-norm "
+                         "families describe their residual stream)")
+
+    # -- quantization ---------------------------------------------------------------------------------------------
+
+    def quantizable_layers(self) -> dict[str, Linear]:
+        return {name: m for name, m in self.named_modules() if isinstance(m, Linear)}
+
+    def quantize(self, method: str, group_size: int | None = None, lm_head: str | None = "int8") -> None:
+        """Quantize every still-dense projection with ``method`` (a registered method or spec: "int8" per
+        channel, "int4" group ``group_size`` (default 128), "int4-g64", ...); the lm_head (for tied models: a
+        quantized copy of the embedding, which itself stays dense for lookups) gets ``lm_head`` (int8 per
+        channel by default, None keeps it float)."""
+        spec = parse_method(method)
+        assert spec.method is not None
+        qm = get_method(spec.method)
+        for name, m in self.quantizable_layers().items():
+            if m.quantized or name == "lm_head":
+                continue
+            assert m.weight is not None
+            qw = qm.quantize_weight(m.weight.data, group_size or spec.group_size)
+            if qw is not None:
+                m.set_quantized(qw, qm)
+        if lm_head is None or (self.lm_head is not None and self.lm_head.quantized):
+            return
+        head_spec = parse_method(lm_head)
+        assert head_spec.method is not None
+        hm = get_method(head_spec.method)
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        assert w is not None
+        qw = hm.quantize_weight(w.data, head_spec.group_size)
+        if qw is not None:
+            self._set_lm_head(qw, hm)
+
+    def _new_lm_head(self) -> Linear:
+        with torch.device(self.embed_tokens.weight.device):  # beside the model, wherever it lives
+            return Linear(self.config.hidden_size, self.config.vocab_size, dtype=self.dtype, ops=self.ops)
+
+    def _set_lm_head(self, qw: QuantizedWeight, method: QuantMethod | None = None) -> None:
+        if self.lm_head is None:
+            self.lm_head = self._new_lm_head()
+        self.lm_head.set_quantized(qw, method)
+
+    def _untied_lm_head(self) -> Linear:
+        """The dense lm_head; a tied model gets its own copy of the embedding first (and an untied config)."""
+        if self.lm_head is None:
+            self.lm_head = self._new_lm_head()
+            assert self.lm_head.weight is not None
+            self.lm_head.weight.data.copy_(self.embed_tokens.weight.data)
+            self.config = dataclasses.replace(self.config, tie_word_embeddings=False)
+        return self.lm_head
+
+    # -- loading --------------------------------------------------------------------------------------------------
+
+    def checkpoint_name(self, name: str) -> str | None:
+        """Our parameter name for checkpoint tensor ``name`` (None: a tensor to skip)."""
+        for prefix in self.PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                break
+        if any(re.search(p, name) for p in self.IGNORED):
+            return None
+        for pattern, repl in self.RENAMES:
+            name = re.sub(pattern, repl, name)
+        return name
+
+    def convert_tensor(self, hf_name: str, tensor: Any) -> Any:
+        """Rewrite checkpoint tensor ``hf_name``'s layout into ours (default: as stored)."""
+        return tensor
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        """Copy HF-named checkpoint tensors (``model.layers.0.self_attn.q_proj.weight``...) into the fused
+        parameters; raises on unknown names, shape mismatches or missing weights."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        shards_seen: dict[str, set[int]] = {}
+        for hf_name, tensor in weights:
+            name = self.checkpoint_name(hf_name)
+            if name is None:
+                continue
+            tensor = self.convert_tensor(hf_name, tensor)
+            if name == "lm_head.weight" and self.lm_head is None:
+                if isinstance(tensor, QuantizedWeight):  # a quantized copy of a tied embedding
+                    self._set_lm_head(tensor)
+                continue  # tied: some checkpoints store the copy anyway
+            for src, (dst, shard) in self.STACKED.items():
+                if f".{src}." in name:
+                    target = name.replace(f".{src}.", f".{dst}.")
+                    module_name, kind = target.rsplit(".", 1)
+                    module = self.get_submodule(module_name)
+                    assert isinstance(module, Linear)
+                    module.load_shard(kind, shard, tensor)
+                    shards_seen.setdefault(target, set()).add(shard)
+                    break
+            else:
+                self._load_whole(name, tensor, params)
+                loaded.add(name)
+        for target, seen in shards_seen.items():
+            module = self.get_submodule(target.rsplit(".", 1)[0])
+            assert isinstance(module, Linear)
+            if len(seen) == len(module.shard_sizes):
+                loaded.add(target)
+        params = dict(self.named_parameters())  # quantized layers have dropped their float weight
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:4]}")
+
+    def _load_whole(self, name: str, tensor: Any, params: dict[str, nn.Parameter]) -> None:
+        if isinstance(tensor, QuantizedWeight):
+            module = self.get_submodule(name.rsplit(".", 1)[0]) if name.endswith(".weight") else None
+            if not isinstance(module, Linear):
+                raise ValueError(f"checkpoint tensor {name!r} is quantized but is not a linear weight")
+            module.set_quantized(tensor)
+            return
+        if name not in params:
+            raise ValueError(f"checkpoint tensor {name!r} has no place in {self.config.architecture}")
+        p = params[name]
+        if tuple(p.shape) != tuple(tensor.shape):
+            raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, "
+                             f"model expects {tuple(p.shape)}")
+        p.data.copy_(tensor)
+
+
+def layer_sliding_window(cfg: ModelConfig, index: int) -> int | None:
+    """Layer ``index``'s attention window: ``cfg.sliding_window``, except for layers that the HF config's
+    ``layer_types`` marks ``"full_attention"`` (Qwen2/3 with ``max_window_layers``, Gemma's global layers)."""
+    types = cfg.hf_config.get("layer_types")
+    if isinstance(types, list) and index < len(types) and types[index] == "full_attention":
+        return None
+    return cfg.sliding_window
