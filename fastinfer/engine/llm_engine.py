@@ -156,6 +156,15 @@ class LLMEngine:
             for i in ids:
                 self._owner.pop(i, None)
 
+    def prompt_logits(self, prompt: PromptType) -> Any:
+        """Teacher-forced next-token logits at every position of one prompt: a float32 CPU tensor [T, vocab]
+        from the served model (its dtype, quantization, attention backend and paged attention, with a KV cache
+        of the call's own). Synchronous; call it between steps."""
+        _, ids = self.tokenize_prompt(prompt)
+        if not ids or len(ids) > self.max_model_len:
+            raise ValueError(f"prompt_logits needs 1 to max_model_len={self.max_model_len} tokens, got {len(ids)}")
+        return self.worker.prompt_logits(ids)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)
 

@@ -1,5 +1,6 @@
 """The ``fastinfer`` command: ``generate`` one completion, ``chat`` interactively in the terminal, ``serve`` an
-OpenAI-compatible API, ``quantize`` a model to int8/int4 safetensors."""
+OpenAI-compatible API, ``verify`` a model and its settings against HF transformers, ``quantize`` a model to
+int8/int4 safetensors."""
 from __future__ import annotations
 
 import argparse
@@ -169,6 +170,45 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"want a positive integer, got {v}")
+    return v
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want a number >= 0, got {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"want a finite number >= 0, got {text!r}")
+    return v
+
+
+def _prompts_file(path: str) -> list[str]:
+    from fastinfer.verify import load_prompts
+
+    try:
+        return load_prompts(path)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from fastinfer.verify import DEFAULT_PROMPTS, format_report, verify
+
+    llm = _llm(a)
+    settings = {"quantization": a.quantization, "speculative_config": a.speculative_config}
+    report = verify(llm, a.model, a.prompts or list(DEFAULT_PROMPTS), a.max_new_tokens, a.max_kl, settings)
+    print(json.dumps(report.to_dict()) if a.json else format_report(report))
+    return 0 if report.passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fastinfer", description="Fast LLM inference: generate, chat, serve.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -194,6 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-pending", type=int, default=256, help="requests queued beyond max-num-seqs; then 429")
     s.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM")
     s.set_defaults(func=cmd_serve, max_num_seqs=64)
+    v = sub.add_parser("verify", help="compare the model under these settings with HF transformers (KL, top-k "
+                       "agreement, greedy divergence)")
+    _add_engine_args(v)
+    v.add_argument("--prompts", type=_prompts_file, default=None, metavar="FILE",
+                   help="one prompt per line, or a .jsonl file of strings / {\"prompt\": ...} (default: 5 built-in)")
+    v.add_argument("--max-new-tokens", type=_positive_int, default=32, help="greedy tokens generated per prompt")
+    v.add_argument("--max-kl", type=_non_negative_float, default=None,
+                   help="exit with status 1 when the mean KL(HF || ours) over all positions exceeds this")
+    v.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    v.set_defaults(func=cmd_verify)
     q = sub.add_parser("quantize", help="quantize a model's weights and save them (safetensors) for fast reloads")
     q.add_argument("model", help="HF directory, .gguf file or short name")
     q.add_argument("--quantization", "-q", required=True, help="int8 | int4 | int4-g32 | int4-g64 | int4-g128 | gguf")

@@ -44,6 +44,13 @@ class LLM:
         """Drop all cached KV blocks (between benchmark passes, say); False while requests are running."""
         return self.engine.kv.pool.reset_cache()
 
+    def prompt_logits(self, prompt: PromptType) -> Any:
+        """Full-vocabulary next-token logits at every position of one prompt (text, token ids or a prompt
+        dict), teacher-forced through the served model with this engine's settings (dtype, quantization,
+        attention backend, paged KV cache): a float32 CPU tensor [T, vocab], for comparing against a reference
+        (``fastinfer verify``). Raw logits, before any sampling parameter; call it between generate calls."""
+        return self.engine.prompt_logits(prompt)
+
     def _next_id(self) -> str:
         return f"llm-{next(self._ids)}"
 

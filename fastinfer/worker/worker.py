@@ -13,7 +13,7 @@ import torch
 from fastinfer.config import EngineConfig, SpeculativeConfig
 from fastinfer.core.kv_cache_manager import cdiv
 from fastinfer.core.outputs import ModelRunnerOutput, SchedulerOutput
-from fastinfer.models.interface import allocate_kv_caches, kv_bytes_per_token
+from fastinfer.models.interface import allocate_kv_caches, forward_sequence, kv_bytes_per_token, scratch_kv_cache
 from fastinfer.models.loader import LoadedModel, load_model
 from fastinfer.ops import OpSet
 from fastinfer.worker.draft_model import DraftModelProposer
@@ -89,6 +89,17 @@ class Worker:
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(sched)
+
+    @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Teacher-forced fp32 logits [n, vocab] (on the CPU) at every position of one whole sequence from
+        position 0: the served model and op set, with a paged KV cache of its own (the model's dtype and the
+        engine's block size) for the call, so the engine's cache and its prefix cache stay untouched. For
+        ``LLMEngine.prompt_logits``."""
+        bs = self.config.block_size
+        with scratch_kv_cache(self.model, len(token_ids), bs):
+            hidden = forward_sequence(self.model, token_ids, bs)
+            return self.model.compute_logits(hidden).float().cpu()
 
     # -- set-up --------------------------------------------------------------------------------------------
     def _num_blocks(self, loaded: LoadedModel, draft: LoadedModel | None) -> int:
