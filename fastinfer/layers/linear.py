@@ -2,12 +2,14 @@
 from a checkpoint (or from quantizing the loaded float weight)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastinfer.ops import OpSet
-from fastinfer.quantization.format import QuantizedWeight
+from fastinfer.quantization.format import QuantizedWeight, widen
 from fastinfer.quantization.methods import QuantMethod, method_for
 
 
@@ -99,16 +101,18 @@ class Linear(nn.Module):
 
 
 def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
-    """Stack quantized weights along the output dimension (fused q/k/v or gate/up). All parts must share
-    bits, group size and scale dtype (true for one checkpoint / one quantization method)."""
+    """Stack quantized weights along the output dimension (fused q/k/v or gate/up). Parts in different formats
+    (a GGUF file may mix types within a fused projection) are first widened, losslessly, to the narrowest
+    format that holds them all (:func:`~fastinfer.quantization.format.widen`)."""
     first = parts[0]
     if len(parts) == 1:
         return first
-    for p in parts[1:]:
-        if (p.bits, p.group_size, p.scales.dtype, p.mins is None) != (
-                first.bits, first.group_size, first.scales.dtype, first.mins is None):
-            raise ValueError("fused projections must share one quantization format (bits, group size, scale "
-                             f"dtype): got int{first.bits} g{first.group_size} and int{p.bits} g{p.group_size}")
+    if len({(p.bits, p.group_size, p.scales.dtype, p.mins is None) for p in parts}) > 1:
+        bits, group = max(p.bits for p in parts), math.gcd(*(p.group_size for p in parts))
+        f32 = any(p.scales.dtype == torch.float32 for p in parts)
+        with_mins = any(p.mins is not None for p in parts)
+        parts = [widen(p, bits, group, torch.float32 if f32 else torch.float16, with_mins) for p in parts]
+        first = parts[0]
     mins = None if first.mins is None else torch.cat([p.mins for p in parts if p.mins is not None])
     return QuantizedWeight(first.bits, first.group_size, torch.cat([p.qweight for p in parts]),
                            torch.cat([p.scales for p in parts]), mins)

@@ -1,20 +1,21 @@
 """Read a GGUF file: model config, tensors (HF names, HF layout) and the tokenizer description.
 
-Parsing uses the ``gguf`` package. Q8_0 / Q4_0 / Q4_1 blocks are dequantized here in torch (bit-exact with
-``gguf.dequantize``, several times faster); other quantized types go through ``gguf.dequantize``.
+Parsing uses the ``gguf`` package; the quantized blocks are decoded in torch by
+:mod:`fastinfer.models.gguf_quants` (bit-exact with ``gguf.quants.dequantize``).
 """
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 
 from fastinfer.config import ModelConfig
-from fastinfer.quantization.format import QuantizedWeight, pack_int4
+from fastinfer.models.gguf_quants import dequantize, to_quantized
+from fastinfer.quantization.format import QuantizedWeight
+
+__all__ = ["GGUFFile", "dequantize", "hf_name", "to_quantized", "unpermute_qk"]
 
 _ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _LAYER_NAMES = {
@@ -90,9 +91,10 @@ class GGUFFile:
         """(HF name, tensor [out, in] in ``dtype``) for every tensor; Q/K rows un-permuted back to HF's
         rotate-half order for llama-arch files (llama.cpp's converter interleaves them).
 
-        ``keep_quantized``: Q8_0 / Q4_0 / Q4_1 projection weights come as :class:`QuantizedWeight` (int8 / int4,
-        group 32, the file's own f16 scales: lossless); a quantized tied embedding also yields a quantized
-        ``lm_head.weight`` beside its dense copy (the embedding lookup needs float rows)."""
+        ``keep_quantized``: quantized projection weights come as :class:`QuantizedWeight` (lossless; int4 g32
+        for Q4_0 / Q4_1 / Q4_K, int8 for the other types, see :func:`~fastinfer.models.gguf_quants.to_quantized`);
+        a quantized tied embedding also yields a quantized ``lm_head.weight`` beside its dense copy (the
+        embedding lookup needs float rows)."""
         for t in self.reader.tensors:
             name = hf_name(t.name)
             qw = to_quantized(t) if keep_quantized and (name.endswith("proj.weight") or name == "lm_head.weight"
@@ -149,72 +151,3 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's Q/K row permutation (per head: interleaved pairs -> two halves)."""
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def _blocks(t: Any, block_bytes: int) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # read-only memmap: we never write to it
-        raw = torch.from_numpy(np.asarray(t.data))
-    return raw.reshape(-1, block_bytes)  # [n_blocks, block_bytes] uint8
-
-
-def _f16(b: torch.Tensor) -> torch.Tensor:
-    return b.contiguous().view(torch.float16).float()  # [n, 1]
-
-
-def to_quantized(t: Any) -> QuantizedWeight | None:
-    """A Q8_0 / Q4_0 / Q4_1 tensor in our int8 / int4 group-32 format without loss (None for other types):
-    the int values and the f16 scales are kept as they are; Q4_0's ``d * (q - 8)`` becomes min ``-8 * d``
-    (exact in f16). Dequantizing the result in fp32 equals ``gguf.dequantize`` bit for bit."""
-    import gguf
-
-    qt = gguf.GGMLQuantizationType
-    kind = t.tensor_type
-    if kind not in (qt.Q8_0, qt.Q4_0, qt.Q4_1) or len(t.shape) != 2:
-        return None
-    k, n = (int(x) for x in t.shape)
-    if kind == qt.Q8_0:
-        b = _blocks(t, 34)  # [n * k / 32, 34]: f16 d, 32 x int8
-        q8 = b[:, 2:].contiguous().view(torch.int8).reshape(n, k)
-        return QuantizedWeight(8, 32, q8, b[:, :2].contiguous().view(torch.float16).reshape(n, k // 32), None)
-    off = 2 if kind == qt.Q4_0 else 4
-    b = _blocks(t, off + 16)
-    qs = b[:, off:]  # [nb, 16]: low nibbles are weights 0-15 of the block, high nibbles 16-31
-    q = torch.cat([qs & 0x0F, qs >> 4], dim=1).reshape(n, k)  # [N, K] values 0..15
-    d = b[:, :2].contiguous().view(torch.float16).reshape(n, k // 32)
-    m = (d * -8.0) if kind == qt.Q4_0 else b[:, 2:4].contiguous().view(torch.float16).reshape(n, k // 32)
-    return QuantizedWeight(4, 32, pack_int4(q), d, m)
-
-
-def dequantize(t: Any) -> torch.Tensor:
-    """Dequantize one GGUF tensor to fp32 [out, in] (the reverse of GGUF's [in, out] shape)."""
-    import gguf
-
-    qt = gguf.GGMLQuantizationType
-    shape = tuple(int(x) for x in reversed(t.shape))
-    kind = t.tensor_type
-    if kind in (qt.F32, qt.F16, qt.BF16):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            raw = torch.from_numpy(np.asarray(t.data))
-        if kind == qt.BF16:
-            raw = raw.view(torch.bfloat16)
-        return raw.reshape(shape).float()
-    if kind == qt.Q8_0:
-        b = _blocks(t, 34)
-        out = b[:, 2:].view(torch.int8).float().mul_(_f16(b[:, :2]))
-    elif kind in (qt.Q4_0, qt.Q4_1):
-        off = 2 if kind == qt.Q4_0 else 4
-        b = _blocks(t, off + 16)
-        qs = b[:, off:]
-        out = torch.empty(b.shape[0], 2, 16)  # [n, 2, 16]: low nibbles are weights 0-15, high 16-31
-        out[:, 0] = qs & 0x0F
-        out[:, 1] = qs >> 4
-        out = out.view(-1, 32)
-        if kind == qt.Q4_0:
-            out.sub_(8).mul_(_f16(b[:, :2]))
-        else:
-            out.mul_(_f16(b[:, :2])).add_(_f16(b[:, 2:4]))
-    else:
-        out = torch.from_numpy(gguf.dequantize(t.data, kind).astype(np.float32))
-    return out.reshape(shape)

@@ -2,8 +2,9 @@
 
 One format for every backend (the kernels read it as is), described by :class:`QuantizedWeight`:
 
-- ``bits=8``: ``qweight`` int8 [N, K], values -127..127 (GGUF Q8_0 may also hold -128), ``mins`` is None.
-  ``group_size == K`` is per-output-channel (our ``quantization="int8"``); 32 is GGUF Q8_0.
+- ``bits=8``: ``qweight`` int8 [N, K], values -127..127 (GGUF Q8_0 may also hold -128); ``mins`` None for
+  our own int8 and GGUF's symmetric types. ``group_size == K`` is per-output-channel (our
+  ``quantization="int8"``); 32 is GGUF Q8_0 / Q5_0 / Q5_1 / Q5_K, 16 is Q6_K / Q3_K / Q2_K.
 - ``bits=4``: ``qweight`` uint8 [N, K // 2]; byte ``(n, j)`` holds ``q[n, 2j]`` in its low nibble and
   ``q[n, 2j + 1]`` in its high nibble, values 0..15.
 - ``scales`` and ``mins`` are [N, K // group_size], float32 or float16 (GGUF's own f16 ``d``/``m`` are kept
@@ -12,8 +13,9 @@ One format for every backend (the kernels read it as is), described by :class:`Q
       w[n, k] = q[n, k] * scales[n, g] + mins[n, g]      (g = k // group_size; + 0 when mins is None)
 
   computed in fp32. An asymmetric zero point ``z`` is ``mins = -z * scales``; GGUF Q4_0 (``d * (q - 8)``) is
-  ``mins = -8 * d`` and Q4_1 (``d * q + m``) is ``mins = m``. Both products ``q * d`` are exact in fp32, so
-  this equals the ``gguf`` package's dequantization bit for bit.
+  ``mins = -8 * d`` and Q4_1 (``d * q + m``) is ``mins = m``; Q4_K's super-block scales multiply out to fp32
+  ``scales = d * sc`` and ``mins = -dmin * m`` per 32 (exact in fp32, not in f16). Every product ``q * scale``
+  is exact in fp32, so this equals the ``gguf`` package's dequantization bit for bit.
 
 Quantizers: :mod:`fastinfer.quantization.rtn` (data-free round-to-nearest) and
 :mod:`fastinfer.quantization.gptq` (calibrated); :mod:`fastinfer.quantization.methods` says which method a
@@ -90,7 +92,7 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int,
                group_size: int) -> torch.Tensor:
-    """fp32 [N, K]: ``q * scale + min`` per group, in fp32 (bit-exact with GGUF's Q8_0/Q4_0/Q4_1)."""
+    """fp32 [N, K]: ``q * scale + min`` per group, in fp32 (bit-exact with the GGUF block types)."""
     q = unpack_int4(qweight) if bits == 4 else qweight
     n, k = q.shape
     qf = q.float().view(n, k // group_size, group_size)  # [N, G, g]
@@ -98,6 +100,25 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor |
     if mins is not None:
         w = w + mins.float().unsqueeze(-1)
     return w.view(n, k)
+
+
+def widen(qw: QuantizedWeight, bits: int, group_size: int, scale_dtype: torch.dtype, with_mins: bool,
+          ) -> QuantizedWeight:
+    """The same weight in a format at least as wide, without loss: int4 -> int8 (the values 0..15 and the
+    mins kept), groups split into ``group_size`` (which must divide the group; scales repeated), fp16 -> fp32
+    scales, and zero mins added (a ``-0.0`` weight then reads ``+0.0``). Lets fused projections whose GGUF
+    tensors have different types (Q4_K q/k with a Q6_K v) share one format."""
+    if qw.group_size % group_size or (bits < qw.bits) or (qw.mins is not None and not with_mins):
+        raise ValueError(f"cannot widen int{qw.bits} g{qw.group_size} to int{bits} g{group_size}"
+                         f"{'' if with_mins else ' without mins'}")
+    if qw.scales.dtype == torch.float32 and scale_dtype == torch.float16:
+        raise ValueError("cannot widen fp32 scales to fp16")
+    q = qw.qweight if bits == qw.bits else unpack_int4(qw.qweight).to(torch.int8)
+    rep = qw.group_size // group_size
+    scales = qw.scales.to(scale_dtype).repeat_interleave(rep, dim=1)
+    mins = qw.mins if qw.mins is not None or not with_mins else torch.zeros_like(qw.scales)
+    mins = None if mins is None else mins.to(scale_dtype).repeat_interleave(rep, dim=1)
+    return QuantizedWeight(bits, group_size, q, scales, mins)
 
 
 def from_tensors(parts: dict[str, torch.Tensor]) -> QuantizedWeight:

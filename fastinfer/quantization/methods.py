@@ -42,7 +42,7 @@ class QuantMethod:
     spellings: ClassVar[tuple[str, ...]] = ()  # how to write it, for error messages (default: the name)
     bits: ClassVar[int | None] = None  # bits of the weights it creates (None: it creates none)
     quantize_at_load: ClassVar[bool] = True  # load_model(quantization=...) quantizes the float projections
-    keeps_file_quantization: ClassVar[bool] = True  # a GGUF file's Q8_0/Q4_0/Q4_1 tensors are kept as they are
+    keeps_file_quantization: ClassVar[bool] = True  # a GGUF file's quantized tensors are kept as they are
     supports_calibration: ClassVar[bool] = False  # GPTQ + tuning (``fastinfer quantize --calibrate``) apply
 
     def parse(self, spec: str) -> QuantSpec | None:
@@ -121,7 +121,7 @@ def get_method(name: str) -> QuantMethod:
 
 def parse_method(spec: str | None) -> QuantSpec:
     """``None``/"int8"/"int4"/"int4-g32"/"int4-g64"/"int4-g128"/"gguf" (or a registered method's spelling) ->
-    (method, group_size). "gguf" keeps a GGUF file's Q8_0/Q4_0/Q4_1 tensors as they are (lossless) and leaves
+    (method, group_size). "gguf" keeps a GGUF file's quantized tensors as they are (lossless) and leaves
     its float tensors float. Imports no torch."""
     if spec is None:
         return QuantSpec(None, None)
