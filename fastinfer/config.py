@@ -53,6 +53,7 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
         """Build from the dict of an HF ``config.json``."""
+        cfg = _with_key_aliases(cfg)
         archs = cfg.get("architectures") or []
         arch = next((a for a in archs if registry.is_supported(a)), archs[0] if archs else
                     f"<model_type={cfg.get('model_type')!r}>")
@@ -68,7 +69,7 @@ class ModelConfig:
             if rope_params.get("rope_type", "default") != "default":
                 rope_scaling = rope_params
         sliding = cfg.get("sliding_window")
-        if arch == "Qwen2ForCausalLM" and not cfg.get("use_sliding_window", False):
+        if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not cfg.get("use_sliding_window", False):
             sliding = None
         return cls(
             architecture=arch,
@@ -110,6 +111,29 @@ class ModelConfig:
             "bos_token_id": self.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
             "torch_dtype": self.torch_dtype,
         }
+
+
+# The common sizes under the names some families give them (GPT-2: n_embd, ...; LayerNorm families' epsilon;
+# older GPT-NeoX configs' rotary_emb_base); the first alias present fills a missing key.
+_KEY_ALIASES = {
+    "hidden_size": ("n_embd",), "num_attention_heads": ("n_head",), "num_hidden_layers": ("n_layer",),
+    "intermediate_size": ("n_inner",), "max_position_embeddings": ("n_positions",),
+    "rms_norm_eps": ("layer_norm_eps", "layer_norm_epsilon"), "rope_theta": ("rotary_emb_base",),
+}
+
+
+def _with_key_aliases(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` with every key of :data:`_KEY_ALIASES` that it lacks read from an alias; GPT-2's ``n_inner``
+    of null means 4 x hidden."""
+    out = dict(cfg)
+    for key, aliases in _KEY_ALIASES.items():
+        if out.get(key) is None:
+            value = next((cfg[a] for a in aliases if cfg.get(a) is not None), None)
+            if value is not None:
+                out[key] = value
+    if out.get("intermediate_size") is None and "n_inner" in cfg and out.get("hidden_size") is not None:
+        out["intermediate_size"] = 4 * out["hidden_size"]
+    return out
 
 
 @dataclass(frozen=True)

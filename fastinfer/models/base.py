@@ -30,9 +30,31 @@ from fastinfer.layers.attention import SelfAttention
 from fastinfer.layers.embedding import embedding
 from fastinfer.layers.linear import Linear
 from fastinfer.models.interface import KVCaches, LayerKVSpec, RotationPlan
-from fastinfer.ops import OpSet
+from fastinfer.ops import AttentionMetadata, OpSet
 from fastinfer.quantization.format import QuantizedWeight
 from fastinfer.quantization.methods import QuantMethod, get_method, parse_method
+
+
+class PreNormDecoderLayer(nn.Module):
+    """``x += attn(norm1(x)); x += mlp(norm2(x))`` with the residual carried beside the stream, so each norm
+    fuses the add (RMSNorm's ``fused_add_rms_norm``). Subclasses create ``input_layernorm``, ``self_attn``,
+    ``post_attention_layernorm`` and ``mlp``; the model applies its final norm to (x, residual)."""
+
+    input_layernorm: nn.Module
+    self_attn: nn.Module
+    post_attention_layernorm: nn.Module
+    mlp: nn.Module
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(positions, h, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderForCausalLM(nn.Module):

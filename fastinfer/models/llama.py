@@ -16,12 +16,17 @@ from fastinfer.layers.attention import SelfAttention
 from fastinfer.layers.mlp import GatedMLP
 from fastinfer.layers.norm import RMSNorm
 from fastinfer.layers.rotary import RotaryEmbedding, rotary_from_config
-from fastinfer.models.base import DecoderForCausalLM, layer_sliding_window
+from fastinfer.models.base import DecoderForCausalLM, PreNormDecoderLayer, layer_sliding_window
 from fastinfer.models.interface import ResidualBlock, RotationPlan, ValueHeads
 from fastinfer.ops import AttentionMetadata, OpSet
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(PreNormDecoderLayer):
+    self_attn: SelfAttention
+    mlp: GatedMLP
+    input_layernorm: RMSNorm
+    post_attention_layernorm: RMSNorm
+
     def __init__(self, cfg: ModelConfig, ops: OpSet, dtype: torch.dtype, rotary: RotaryEmbedding, index: int,
                  qk_norm: bool = False, o_bias: bool = False) -> None:
         super().__init__()
@@ -32,17 +37,6 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, ops, dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops, dtype)
-
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
-                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = x
-            h = self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(positions, h, meta)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(DecoderForCausalLM):

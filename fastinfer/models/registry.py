@@ -10,6 +10,10 @@ _MODELS: dict[str, Any] = {
     "LlamaForCausalLM": "fastinfer.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "fastinfer.models.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "fastinfer.models.llama:LlamaForCausalLM",
+    "Qwen3ForCausalLM": "fastinfer.models.qwen3:Qwen3ForCausalLM",
+    "Phi3ForCausalLM": "fastinfer.models.llama:LlamaForCausalLM",
+    "GPT2LMHeadModel": "fastinfer.models.gpt2:GPT2LMHeadModel",
+    "GPTNeoXForCausalLM": "fastinfer.models.gpt_neox:GPTNeoXForCausalLM",
 }
 
 
