@@ -23,6 +23,11 @@ class BlockPool:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._cached: dict[bytes, int] = {}
         self.num_evictions = 0
+        self.peak_in_use = 0  # most blocks referenced at once (a sliding-window group's bound is read here)
+
+    @property
+    def num_in_use(self) -> int:
+        return self.num_blocks - len(self._free)
 
     @property
     def num_free_blocks(self) -> int:
@@ -45,6 +50,7 @@ class BlockPool:
             self._evict(block_id)
             self.ref_cnt[block_id] = 1
             out.append(block_id)
+        self.peak_in_use = max(self.peak_in_use, self.num_in_use)
         return out
 
     def touch(self, block_ids: Iterable[int]) -> None:
@@ -53,6 +59,7 @@ class BlockPool:
             if self.ref_cnt[b] == 0:
                 del self._free[b]
             self.ref_cnt[b] += 1
+        self.peak_in_use = max(self.peak_in_use, self.num_in_use)
 
     def free(self, block_ids: Iterable[int]) -> None:
         """Drop one reference on each block, in the given order; blocks reaching zero join the free queue."""

@@ -25,18 +25,20 @@ class NewRequestData:
 @dataclass
 class SchedulerOutput:
     """What to compute this step: ``num_scheduled_tokens[i]`` tokens of request ``req_ids[i]`` from position
-    ``num_computed_tokens[i]``, into the blocks ``block_ids[i]`` (which include any lookahead slots reserved for
-    a draft model). Tokens past the request's known ones are the drafts ``spec_token_ids[req_id]``."""
+    ``num_computed_tokens[i]``, into the blocks ``block_ids[i]`` (one list per KV cache group, see
+    :mod:`fastinfer.core.kv_cache_manager`; they include any lookahead slots reserved for a draft model; in a
+    sliding-window group, blocks wholly before the window are the group's null block, never read). Tokens past
+    the request's known ones are the drafts ``spec_token_ids[req_id]``."""
 
     req_ids: list[str] = field(default_factory=list)
     num_scheduled_tokens: list[int] = field(default_factory=list)
     num_computed_tokens: list[int] = field(default_factory=list)
-    block_ids: list[list[int]] = field(default_factory=list)
+    block_ids: list[tuple[list[int], ...]] = field(default_factory=list)
     new_reqs: list[NewRequestData] = field(default_factory=list)
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)  # drafts scheduled for verification
     preempted_req_ids: list[str] = field(default_factory=list)  # the worker drops their state
     finished_req_ids: list[str] = field(default_factory=list)  # ... and theirs (since the previous step)
-    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
+    blocks_to_copy: list[tuple[int, int, int]] = field(default_factory=list)  # (group, src, dst), before the forward
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from fastinfer.core.kv_cache_manager import KVCacheManager
+from fastinfer.core.kv_cache_manager import KVCacheManager, KVGroupStats
 from fastinfer.core.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from fastinfer.core.request import Request, RequestStatus
 
@@ -29,6 +29,7 @@ class SchedulerStats:
     prefix_hits: int
     num_cached_blocks: int = 0
     num_evictions: int = 0
+    kv_groups: list[KVGroupStats] = field(default_factory=list)  # per KV cache group (sliding window)
 
 
 class Scheduler:
@@ -45,7 +46,7 @@ class Scheduler:
         self.num_preemptions = 0
         # n > 1: samples 1.. wait for sample 0's prefill, then share its prompt blocks (copy-on-write)
         self.pending_forks: dict[str, list[Request]] = {}
-        self._copies: list[tuple[int, int]] = []
+        self._copies: list[tuple[int, int, int]] = []
         self._on_worker: set[str] = set()  # requests whose state the worker holds
         self._finished_ids: list[str] = []  # finished since the last schedule (the worker drops them)
 
@@ -94,8 +95,8 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(len(self.running), len(self.waiting), self.kv.usage(), self.num_preemptions,
-                              self.kv.prefix_queries, self.kv.prefix_hits, self.kv.pool.num_cached_blocks,
-                              self.kv.pool.num_evictions)
+                              self.kv.prefix_queries, self.kv.prefix_hits, self.kv.num_cached_blocks,
+                              self.kv.num_evictions, self.kv.group_stats())
 
     # -- one step --------------------------------------------------------------------------------------
     def _lookahead(self, req: Request, n: int) -> int:
@@ -132,7 +133,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             hits = self.kv.get_computed_blocks(req)
-            num_hit = len(hits) * self.kv.block_size
+            num_hit = hits.num_tokens
             n = min(req.num_tokens - req.num_computed_tokens - num_hit, budget)
             req.num_computed_tokens += num_hit  # for the lookahead; undone below when it does not fit
             ahead = self._lookahead(req, n)
@@ -164,7 +165,7 @@ class Scheduler:
         out.req_ids.append(req.request_id)
         out.num_scheduled_tokens.append(n)
         out.num_computed_tokens.append(req.num_computed_tokens)
-        out.block_ids.append(list(self.kv.req_blocks[req.request_id]))
+        out.block_ids.append(self.kv.block_ids(req.request_id))
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.kv.free(req)
@@ -201,6 +202,7 @@ class Scheduler:
             if req.request_id in self.pending_forks and req.num_computed_tokens >= req.num_prompt_tokens:
                 for child in self.pending_forks.pop(req.request_id):
                     self._fork(req, child)
+            self.kv.remove_skipped_blocks(req)  # after the forks: they read the window of the last prompt token
             if status is not None:
                 self.finish_requests([req.request_id], status)
             if new_ids:
@@ -224,11 +226,11 @@ class Scheduler:
         if len(self.running) >= self.max_num_seqs:
             self.waiting.append(child)
             return
-        pair = self.kv.fork(parent, child, last // self.kv.block_size)
-        if pair is None:
+        copies = self.kv.fork(parent, child, last // self.kv.block_size)
+        if copies is None:
             self.waiting.append(child)
             return
-        self._copies.append(pair)
+        self._copies.extend(copies)
         child.num_computed_tokens = last
         child.status = RequestStatus.RUNNING
         self.running.append(child)

@@ -71,7 +71,8 @@ class LLMEngine:
         self.spec = (SpeculativeConfig.from_dict(dict(config.speculative_config))
                      if config.speculative_config is not None else None)
         self.num_kv_blocks = info.num_kv_blocks
-        self.kv = KVCacheManager(info.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = KVCacheManager(info.kv_group_blocks or info.num_kv_blocks, config.block_size,
+                                 config.enable_prefix_caching, info.kv_group_windows)
         budget = config.max_num_batched_tokens or max(2048, config.max_num_seqs)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, budget, self.max_model_len,
                                    info.num_lookahead_tokens)

@@ -42,7 +42,7 @@ class LLM:
 
     def reset_prefix_cache(self) -> bool:
         """Drop all cached KV blocks (between benchmark passes, say); False while requests are running."""
-        return self.engine.kv.pool.reset_cache()
+        return self.engine.kv.reset_cache()
 
     def prompt_logits(self, prompt: PromptType) -> Any:
         """Full-vocabulary next-token logits at every position of one prompt (text, token ids or a prompt

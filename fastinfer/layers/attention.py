@@ -50,6 +50,7 @@ class SelfAttention(nn.Module):
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
         if self.rotary is not None:
             q, k = self.rotary(positions, q, k)
+        meta = meta.for_window(self.sliding_window)  # this layer's KV cache group: its block table and slots
         self.ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         o = self.ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))

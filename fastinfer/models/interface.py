@@ -115,14 +115,19 @@ def kv_bytes_per_token(spec: list[LayerKVSpec], dtype: torch.dtype) -> int:
     return sum(2 * s.num_kv_heads * s.head_size * elem for s in spec)
 
 
-def allocate_kv_caches(spec: list[LayerKVSpec], num_blocks: int, block_size: int, dtype: torch.dtype,
-                       device: torch.device | str = "cpu") -> KVCaches:
-    """One (k, v) pair of paged caches per layer, each [num_blocks, block_size, Hkv, D]. Uninitialised (pages
-    are touched lazily): every attention backend reads only slots below seq_len, which store_kv has written,
-    and the kernel tests poison the rest with NaN to prove it."""
+def allocate_kv_caches(spec: list[LayerKVSpec], num_blocks: int | Sequence[int], block_size: int,
+                       dtype: torch.dtype, device: torch.device | str = "cpu") -> KVCaches:
+    """One (k, v) pair of paged caches per layer, each [num_blocks, block_size, Hkv, D] (``num_blocks``: one count
+    for every layer, or one per layer, as KV cache groups of sliding-window layers have their own). Uninitialised
+    (pages are touched lazily): every attention backend reads only slots below seq_len that store_kv has
+    written, never a block wholly before a sliding window, and the kernel tests poison the rest with NaN to
+    prove it."""
+    counts = [num_blocks] * len(spec) if isinstance(num_blocks, int) else list(num_blocks)
+    if len(counts) != len(spec):
+        raise ValueError(f"{len(counts)} block counts for {len(spec)} layers")
     caches = []
-    for s in spec:
-        shape = (num_blocks, block_size, s.num_kv_heads, s.head_size)
+    for s, n in zip(spec, counts):
+        shape = (n, block_size, s.num_kv_heads, s.head_size)
         caches.append((torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)))
     return caches
 

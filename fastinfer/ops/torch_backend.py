@@ -80,15 +80,17 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             continue
         qi = q.narrow(0, start, qlen).transpose(0, 1)  # [H, q, D]
         blocks = meta.block_table.select(0, i)
-        k = _gather_kv(k_cache, blocks, 0, slen).transpose(0, 1)  # [Hkv, L, D]
-        v = _gather_kv(v_cache, blocks, 0, slen).transpose(0, 1)
+        # keys from the first query's window on: blocks before it may be a sliding-window group's null block
+        lo = 0 if sliding_window is None else max(0, slen - qlen - sliding_window + 1)
+        k = _gather_kv(k_cache, blocks, lo, slen).transpose(0, 1)  # [Hkv, L, D]
+        v = _gather_kv(v_cache, blocks, lo, slen).transpose(0, 1)
         # 4-D [1, H, L, D]: SDPA's fused CPU kernel takes batched inputs only (3-D runs the math path, ~4x slower)
         if qlen == slen and (sliding_window is None or slen <= sliding_window):
             o = F.scaled_dot_product_attention(qi.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), is_causal=True,
                                                scale=scale, enable_gqa=True)
         else:
             q_pos = torch.arange(slen - qlen, slen, device=q.device).unsqueeze(1)
-            mask = _window_mask(q_pos, torch.arange(slen, device=q.device).unsqueeze(0), sliding_window)
+            mask = _window_mask(q_pos, torch.arange(lo, slen, device=q.device).unsqueeze(0), sliding_window)
             o = F.scaled_dot_product_attention(qi.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask,
                                                scale=scale, enable_gqa=True)
         parts.append(o.squeeze(0).transpose(0, 1))

@@ -112,10 +112,15 @@ class DraftModelProposer:
 
     # -- proposing ---------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def propose(self, reqs: list[Request], ks: list[int], block_ids: list[list[int]]) -> list[Draft]:
-        """``ks[i]`` draft tokens for ``reqs[i]`` (fewer only if the draft produced non-finite logits)."""
+    def propose(self, reqs: list[Request], ks: list[int], block_ids: list[tuple[list[int], ...]]) -> list[Draft]:
+        """``ks[i]`` draft tokens for ``reqs[i]`` (fewer only if the draft produced non-finite logits), given each
+        one's block ids per KV cache group: with a draft model there is one group (no window block is freed,
+        see :func:`fastinfer.worker.kv_cache.plan_kv_cache`)."""
         self._prune()
-        states = [self._state(r, b) for r, b in zip(reqs, block_ids)]
+        if any(len(b) != 1 for b in block_ids):
+            raise ValueError("the draft model shares the target's block tables: it needs one KV cache group")
+        tables = [b[0] for b in block_ids]
+        states = [self._state(r, b) for r, b in zip(reqs, tables)]
         ends = [r.num_tokens for r in reqs]  # T: draft 1 comes from the logits at position T - 1
         items: list[tuple[int, list[int], int]] = []  # (request index, tokens, first position)
         for i, (req, st) in enumerate(zip(reqs, states)):
@@ -128,11 +133,11 @@ class DraftModelProposer:
                 st.pending = []
             start = min(st.num_computed, ends[i] - 1)  # at least the last token: its logits give draft 1
             items.append((i, req.all_token_ids[start:ends[i]], start))
-        hidden = self._catch_up(items, block_ids, ends)  # [B, hidden]
+        hidden = self._catch_up(items, tables, ends)  # [B, hidden]
         t0 = time.perf_counter()
         for (i, _, start), req, st in zip(items, reqs, states):
             st.num_computed = ends[i]
-            self._record_blocks(req, st, block_ids[i], start)
+            self._record_blocks(req, st, tables[i], start)
         tokens: list[list[int]] = [[] for _ in reqs]
         probs: list[list[torch.Tensor]] = [[] for _ in reqs]
         alive = list(range(len(reqs)))
@@ -157,7 +162,7 @@ class DraftModelProposer:
                 break
             for i in alive:
                 states[i].pending.append(tokens[i][-1])
-            hidden = self._forward([(i, [tokens[i][-1]], ends[i] + step) for i in alive], block_ids)[1]
+            hidden = self._forward([(i, [tokens[i][-1]], ends[i] + step) for i in alive], tables)[1]
         # cost of one draft step without the catch-up (a new prompt or tokens decoded while drafting was off
         # would make drafting look dearer than it is); a single-step proposal has no forward to time
         self.last_step_s = (time.perf_counter() - t0) / max(ks) if max(ks) > 1 else None

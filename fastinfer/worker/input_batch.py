@@ -3,6 +3,7 @@ to date from what the worker samples), and the one input-packing helper shared b
 draft proposer."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -56,11 +57,12 @@ class CachedRequestState:
 
 @dataclass
 class Chunk:
-    """Tokens of one sequence to run this forward, from position ``start``, cached in ``block_ids``."""
+    """Tokens of one sequence to run this forward, from position ``start``, cached in ``block_ids`` (a list, or
+    one list per KV cache group)."""
 
     token_ids: list[int]
     start: int
-    block_ids: list[int]
+    block_ids: list[int] | tuple[list[int], ...]
 
 
 @dataclass
@@ -72,9 +74,12 @@ class PackedInputs:
     first_rows: list[int] = field(default_factory=list)  # row of each chunk's first token
 
 
-def pack_inputs(chunks: list[Chunk], block_size: int, device: torch.device) -> PackedInputs:
+def pack_inputs(chunks: list[Chunk], block_size: int, device: torch.device,
+                group_of_window: Mapping[int | None, int] | None = None) -> PackedInputs:
     """One packed varlen batch of ``chunks``, decode rows (one token) first as the attention backends expect.
-    Token ids, positions and the attention metadata reach the device in one host-to-device copy."""
+    Token ids, positions and the attention metadata reach the device in one host-to-device copy; with several
+    KV cache groups, ``group_of_window`` maps a layer's sliding window to its group (see
+    :meth:`AttentionMetadata.for_window`)."""
     order = sorted(range(len(chunks)), key=lambda j: len(chunks[j].token_ids) != 1)
     input_ids: list[int] = []
     query_lens, seq_lens, tables = [], [], []
@@ -88,6 +93,7 @@ def pack_inputs(chunks: list[Chunk], block_size: int, device: torch.device) -> P
         seq_lens.append(c.start + len(c.token_ids))
         tables.append(c.block_ids)
         last_rows[j] = len(input_ids) - 1
-    meta = AttentionMetadata.build(query_lens, seq_lens, tables, block_size, device, input_ids=input_ids)
+    meta = AttentionMetadata.build(query_lens, seq_lens, tables, block_size, device, input_ids=input_ids,
+                                   group_of_window=group_of_window)
     assert meta.input_ids is not None and meta.positions is not None
     return PackedInputs(meta.input_ids, meta.positions, meta, last_rows, first_rows)

@@ -14,6 +14,7 @@ from fastinfer.core.outputs import ModelRunnerOutput, SchedulerOutput
 from fastinfer.models.interface import CausalLM, KVCaches
 from fastinfer.ops import OpSet
 from fastinfer.worker.input_batch import CachedRequestState, Chunk, PackedInputs, pack_inputs
+from fastinfer.worker.kv_cache import KVCacheLayout
 from fastinfer.worker.rejection_sampler import VerifyOutput, rejection_sample
 from fastinfer.worker.sampler import SamplerOutput, sample
 from fastinfer.worker.spec_decode import Speculator
@@ -26,9 +27,12 @@ class ModelRunner:
 
     def __init__(self, model: CausalLM, kv_caches: KVCaches, block_size: int, ops: OpSet,
                  device: torch.device, generator: torch.Generator | None = None,
-                 speculator: Speculator | None = None) -> None:
-        """``generator`` draws the random keys of unseeded requests (None: the device's default generator)."""
+                 speculator: Speculator | None = None, kv_layout: KVCacheLayout | None = None) -> None:
+        """``generator`` draws the random keys of unseeded requests (None: the device's default generator);
+        ``kv_layout`` gives the KV cache groups (None: one group for every layer)."""
         self.model, self.kv_caches, self.block_size, self.ops, self.device = model, kv_caches, block_size, ops, device
+        self.group_of_window = None if kv_layout is None or len(kv_layout.windows) == 1 else kv_layout.group_of_window
+        self.layer_groups = kv_layout.layer_groups if kv_layout is not None else (0,) * len(kv_caches)
         model.bind_kv_cache(kv_caches)
         self.generator = generator
         self.speculator = speculator
@@ -73,9 +77,13 @@ class ModelRunner:
         """Copy-on-write block copies, then this step's packed inputs and attention metadata (built once)."""
         self._update_states(sched)
         if sched.blocks_to_copy:  # copy-on-write forks, before anything writes this step
-            pairs = torch.tensor(sched.blocks_to_copy, dtype=torch.int64).to(self.device)  # [N, 2]
-            for k, v in self.kv_caches:
-                self.ops.copy_blocks(k, v, pairs)
+            by_group: dict[int, list[tuple[int, int]]] = {}
+            for g, src, dst in sched.blocks_to_copy:
+                by_group.setdefault(g, []).append((src, dst))
+            pairs = {g: torch.tensor(p, dtype=torch.int64).to(self.device) for g, p in by_group.items()}  # [N, 2]
+            for (k, v), g in zip(self.kv_caches, self.layer_groups):
+                if g in pairs:
+                    self.ops.copy_blocks(k, v, pairs[g])
         states = [self.requests[rid] for rid in sched.req_ids]
         chunks, sample_idx, spec_idx = [], [], []
         for i, (st, n, start) in enumerate(zip(states, sched.num_scheduled_tokens, sched.num_computed_tokens)):
@@ -87,7 +95,7 @@ class ModelRunner:
                 spec_idx.append(i)
             elif start + n == st.num_tokens:  # caught up: the last position's logits give the next token
                 sample_idx.append(i)
-        packed = pack_inputs(chunks, self.block_size, self.device)
+        packed = pack_inputs(chunks, self.block_size, self.device, self.group_of_window)
         return StepInputs(sched, states, packed, sample_idx, spec_idx)
 
     def run(self, step: StepInputs) -> StepDeviceOutput:

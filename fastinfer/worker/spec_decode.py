@@ -34,8 +34,8 @@ class Proposer(Protocol):
     """Everything the worker asks of a speculative proposer (n-gram lookup, draft model).
 
     ``propose`` gets requests whose computed tokens are one behind their total (the last token is the next
-    input), ``ks[i]`` >= 1 tokens to propose for ``reqs[i]`` and its KV block ids. A proposer with
-    ``needs_kv_slots`` writes its own KV at positions up to ``num_tokens + k - 2``: the scheduler reserves
+    input), ``ks[i]`` >= 1 tokens to propose for ``reqs[i]`` and its KV block ids (one list per KV cache
+    group). A proposer with ``needs_kv_slots`` writes its own KV at positions up to ``num_tokens + k - 2``: the scheduler reserves
     those as lookahead slots. It may return fewer tokens than asked (none at all). ``last_step_s`` is the
     measured time of one draft step of the last proposal without its catch-up (None when not measured) and
     ``lag(req)`` the tokens of ``req`` the proposer has not seen yet (0 for a stateless proposer)."""
@@ -43,7 +43,7 @@ class Proposer(Protocol):
     needs_kv_slots: bool
     last_step_s: float | None
 
-    def propose(self, reqs: list[Any], ks: list[int], block_ids: list[list[int]]) -> list[Draft]: ...
+    def propose(self, reqs: list[Any], ks: list[int], block_ids: list[tuple[list[int], ...]]) -> list[Draft]: ...
 
     def lag(self, req: Any) -> int: ...
 
@@ -60,7 +60,7 @@ class NgramProposer:
     def lag(self, req: Any) -> int:
         return 0
 
-    def propose(self, reqs: list[Any], ks: list[int], block_ids: list[list[int]]) -> list[Draft]:
+    def propose(self, reqs: list[Any], ks: list[int], block_ids: list[tuple[list[int], ...]]) -> list[Draft]:
         return [Draft(propose_ngram(r.all_token_ids, k, self.n_max, self.n_min)) for r, k in zip(reqs, ks)]
 
 
@@ -122,7 +122,8 @@ class Speculator:
         probs = entry[1].probs
         return None if probs is None else probs[:len(draft)]
 
-    def propose(self, reqs: list[Any], block_ids: list[list[int]], batch_size: int) -> dict[str, list[int]]:
+    def propose(self, reqs: list[Any], block_ids: list[tuple[list[int], ...]], batch_size: int,
+                ) -> dict[str, list[int]]:
         """Drafts for ``reqs`` (each just sampled its next token) given their block ids (lookahead included)."""
         if batch_size > self.spec.disable_by_batch_size:
             return {}

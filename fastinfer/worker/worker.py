@@ -11,12 +11,12 @@ from typing import Any
 import torch
 
 from fastinfer.config import EngineConfig, SpeculativeConfig
-from fastinfer.core.kv_cache_manager import cdiv
 from fastinfer.core.outputs import ModelRunnerOutput, SchedulerOutput
-from fastinfer.models.interface import allocate_kv_caches, forward_sequence, kv_bytes_per_token, scratch_kv_cache
+from fastinfer.models.interface import allocate_kv_caches, forward_sequence, scratch_kv_cache
 from fastinfer.models.loader import LoadedModel, load_model
 from fastinfer.ops import OpSet
 from fastinfer.worker.draft_model import DraftModelProposer
+from fastinfer.worker.kv_cache import plan_kv_cache
 from fastinfer.worker.model_runner import ModelRunner
 from fastinfer.worker.spec_decode import NgramProposer, Proposer, Speculator
 
@@ -43,11 +43,14 @@ class WorkerInfo:
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     max_model_len: int
-    num_kv_blocks: int
+    num_kv_blocks: int  # of the first KV cache group (the only one without sliding-window groups)
     num_lookahead_tokens: int  # slots the scheduler reserves past a request's tokens for draft-model KV
     device: str
     dtype: str
     load_seconds: float
+    kv_group_windows: tuple[int | None, ...] = (None,)  # sliding window of each KV cache group
+    kv_group_blocks: tuple[int, ...] = ()  # blocks of each group's pool
+
 
 
 class Worker:
@@ -63,9 +66,12 @@ class Worker:
         self.spec = (SpeculativeConfig.from_dict(dict(config.speculative_config))
                      if config.speculative_config is not None else None)
         draft = self._load_draft(self.spec, loaded) if self.spec is not None else None
-        self.num_kv_blocks = self._num_blocks(loaded, draft)
+        spec = loaded.model.kv_cache_spec()
+        self.kv_layout = plan_kv_cache(config, self.max_model_len, self.device, spec, loaded.dtype,
+                                       None if draft is None else (draft.model.kv_cache_spec(), draft.dtype))
+        self.num_kv_blocks = self.kv_layout.num_blocks[0]
         bs = config.block_size
-        kv = allocate_kv_caches(loaded.model.kv_cache_spec(), self.num_kv_blocks, bs, loaded.dtype, self.device)
+        kv = self.kv_layout.allocate(spec, bs, loaded.dtype, self.device)
         budget = config.max_num_batched_tokens or max(2048, config.max_num_seqs)
         self.proposer: Proposer | None = None
         if self.spec is not None and draft is None:
@@ -79,13 +85,14 @@ class Worker:
         if self.spec is not None and self.proposer is not None:
             speculator = Speculator(self.spec, self.proposer, self.max_model_len)
         generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.runner = ModelRunner(loaded.model, kv, bs, self.ops, self.device, generator, speculator)
+        self.runner = ModelRunner(loaded.model, kv, bs, self.ops, self.device, generator, speculator, self.kv_layout)
         eos = loaded.config.eos_token_ids or tuple(
             t for t in [getattr(self.tokenizer, "eos_token_id", None)] if t is not None)
         ahead = (self.spec.num_speculative_tokens
                  if self.spec is not None and self.proposer is not None and self.proposer.needs_kv_slots else 0)
         self.info = WorkerInfo(loaded.config.vocab_size, eos, self.max_model_len, self.num_kv_blocks, ahead,
-                               str(self.device), str(loaded.dtype).removeprefix("torch."), loaded.load_seconds)
+                               str(self.device), str(loaded.dtype).removeprefix("torch."), loaded.load_seconds,
+                               self.kv_layout.windows, self.kv_layout.num_blocks)
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(sched)
@@ -102,38 +109,6 @@ class Worker:
             return self.model.compute_logits(hidden).float().cpu()
 
     # -- set-up --------------------------------------------------------------------------------------------
-    def _num_blocks(self, loaded: LoadedModel, draft: LoadedModel | None) -> int:
-        """KV blocks: ``num_kv_blocks`` or ``kv_cache_memory_bytes`` when given; on CUDA, a share
-        (``gpu_memory_utilization``) of the free device memory; on CPU, ``max_num_seqs x max_model_len`` tokens
-        capped at ``DEFAULT_KV_BYTES``. The draft model's cache uses the same blocks: sized together."""
-        config, bs = self.config, self.config.block_size
-        block_bytes = (kv_bytes_per_token(loaded.model.kv_cache_spec(), loaded.dtype)
-                       + (kv_bytes_per_token(draft.model.kv_cache_spec(), draft.dtype) if draft else 0)) * bs
-        wanted = config.max_num_seqs * cdiv(self.max_model_len, bs)
-        if config.num_kv_blocks is not None:
-            num_blocks, why = config.num_kv_blocks, "num_kv_blocks"
-        elif config.kv_cache_memory_bytes is not None:
-            num_blocks, why = config.kv_cache_memory_bytes // block_bytes, "kv_cache_memory_bytes"
-        elif self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            # what the weights and a forward's activations already hold stays theirs; the KV cache takes the
-            # rest of gpu_memory_utilization x total, at most what is free now
-            budget = min(free - (1 - config.gpu_memory_utilization) * total,
-                         config.gpu_memory_utilization * total - torch.cuda.memory_reserved(self.device))
-            num_blocks = min(wanted, max(0, int(budget)) // block_bytes)
-            why = f"gpu_memory_utilization={config.gpu_memory_utilization} of {total / 2**30:.1f} GiB"
-        else:
-            num_blocks = min(wanted, EngineConfig.DEFAULT_KV_BYTES // block_bytes)
-            why = (f"max_num_seqs x max_model_len = {config.max_num_seqs} x {self.max_model_len}"
-                   + ("" if num_blocks == wanted else f", capped at {EngineConfig.DEFAULT_KV_BYTES >> 30} GiB"))
-        if num_blocks * bs < self.max_model_len:
-            raise ValueError(f"a KV cache of {num_blocks} blocks x {bs} tokens cannot hold one sequence of "
-                             f"max_model_len={self.max_model_len}; give more KV memory or a smaller max_model_len")
-        logger.info("KV cache on %s: %d blocks x %d tokens = %d tokens, %.2f GiB (%s%s); %.1f full-length sequences",
-                    self.device, num_blocks, bs, num_blocks * bs, num_blocks * block_bytes / 2**30, why,
-                    ", with the draft model's" if draft is not None else "", num_blocks * bs / self.max_model_len)
-        return num_blocks
-
     def _load_draft(self, spec: SpeculativeConfig, target: LoadedModel) -> LoadedModel | None:
         """The draft model of ``method="draft_model"`` (the target itself, quantized, when no model is given),
         in the target's dtype; raises ValueError unless it shares the target's vocabulary and context."""

@@ -37,12 +37,12 @@ def test_chunked_prefill_budget_and_block_ids():
     s.add_request(b)
     out = s.schedule()
     assert out.req_ids == ["A"] and out.num_scheduled_tokens == [8]
-    assert out.block_ids == [[0, 1]]
+    assert out.block_ids == [([0, 1],)]
     s.update(out, sample_all(out))
     assert a.num_computed_tokens == 8 and a.num_output_tokens == 0  # mid-prefill: nothing sampled
     out = s.schedule()
     assert out.req_ids == ["A", "B"] and out.num_scheduled_tokens == [2, 5]
-    assert out.block_ids == [[0, 1, 2], [3, 4]]
+    assert out.block_ids == [([0, 1, 2],), ([3, 4],)]
     s.update(out, sample_all(out))
     assert a.output_token_ids == [7] and b.output_token_ids == [7]
     out = s.schedule()  # both decode: one token each
@@ -65,7 +65,7 @@ def test_preempts_newest_running_and_recomputes():
     s.add_request(a)
     s.add_request(b)
     out = s.schedule()
-    assert out.block_ids == [[0, 1], [2, 3]]
+    assert out.block_ids == [([0, 1],), ([2, 3],)]
     s.update(out, sample_all(out))  # 8 tokens each, 7 computed
     out = s.schedule()
     assert out.num_scheduled_tokens == [1, 1] and not out.preempted_req_ids  # slot 8 fits block 2
@@ -73,7 +73,7 @@ def test_preempts_newest_running_and_recomputes():
     out = s.schedule()
     assert out.preempted_req_ids == ["B"]
     assert out.req_ids == ["A"]
-    assert out.block_ids == [[0, 1, 2]]  # B freed tail-first (3, then 2), each to the queue front: 2 comes first
+    assert out.block_ids == [([0, 1, 2],)]  # B freed tail-first (3, then 2), each to the queue front: 2 comes first
     assert b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 0 and b.num_preemptions == 1
     assert s.waiting[0] is b
     assert b.output_token_ids == [7, 7]  # kept: recomputed as part of the prefill later
@@ -82,7 +82,7 @@ def test_preempts_newest_running_and_recomputes():
     assert kv.pool.num_free_blocks == 4
     out = s.schedule()
     assert out.req_ids == ["B"] and out.num_scheduled_tokens == [9]
-    assert out.block_ids == [[0, 1, 2]]  # A freed 2, 1, 0 to the front in turn
+    assert out.block_ids == [([0, 1, 2],)]  # A freed 2, 1, 0 to the front in turn
 
 
 def test_stop_conditions():
@@ -117,13 +117,13 @@ def test_prefix_hits_share_blocks_and_never_cover_last_token():
     s.add_request(b)
     out = s.schedule()
     i = out.req_ids.index("B")
-    assert out.block_ids[i][:2] == [0, 1] and out.num_scheduled_tokens[i] == 2
+    assert out.block_ids[i][0][:2] == [0, 1] and out.num_scheduled_tokens[i] == 2
     assert b.num_cached_tokens == 8
     c = req("C", 8)  # exactly two blocks: the hit may cover only the first (last token is recomputed)
     s.add_request(c)
     out = s.schedule()
     i = out.req_ids.index("C")
-    assert out.block_ids[i][0] == 0 and out.num_scheduled_tokens[i] == 4
+    assert out.block_ids[i][0][0] == 0 and out.num_scheduled_tokens[i] == 4
     assert kv.pool.ref_cnt[0] == 3
 
 
