@@ -98,7 +98,7 @@ def test_scheduler_output_holds_plain_data_only(tiny_llm, monkeypatch):
 
 
 def test_the_plain_data_check_catches_a_request():
-    sched = SchedulerOutput(req_ids=["a"], num_scheduled_tokens=[1], num_computed_tokens=[0], block_ids=[[0]])
+    sched = SchedulerOutput(req_ids=["a"], num_scheduled_tokens=[1], num_computed_tokens=[0], block_ids=[([0],)])
     sched.spec_token_ids["a"] = [Request("a", [1], SamplingParams())]  # type: ignore[list-item]
     try:
         _assert_plain(sched)

@@ -37,7 +37,7 @@ def _runner(backend: str | None) -> ModelRunner:
 
 
 def _prefill() -> SchedulerOutput:
-    blocks = [[0, 1], [2], [3, 4]]
+    blocks = [([0, 1],), ([2],), ([3, 4],)]  # one KV cache group
     new = [NewRequestData(f"r{i}", p, [], sp, 0, (2,), None) for i, (p, sp) in enumerate(zip(PROMPTS, PARAMS))]
     return SchedulerOutput(req_ids=[n.req_id for n in new], num_scheduled_tokens=[len(p) for p in PROMPTS],
                            num_computed_tokens=[0, 0, 0], block_ids=blocks, new_reqs=new)
@@ -72,11 +72,11 @@ def test_one_step_runs_on_cuda_under_fake_tensors(backend):
         # n-gram proposer drafts for request 0 (its prompt repeats) and the next step verifies the drafts
         for st, tok in zip(step.states, [4, 12, 33]):
             st.append_output_tokens([tok])
-        drafts = runner.speculator.propose(step.states, [[0, 1], [2], [3, 4]], 3)
+        drafts = runner.speculator.propose(step.states, [([0, 1],), ([2],), ([3, 4],)], 3)
         assert drafts and "r0" in drafts
         sched = SchedulerOutput(req_ids=["r0", "r1", "r2"], num_computed_tokens=[len(p) for p in PROMPTS],
                                 num_scheduled_tokens=[1 + len(drafts.get(f"r{i}", [])) for i in range(3)],
-                                block_ids=[[0, 1], [2, 5], [3, 4]], spec_token_ids=drafts)
+                                block_ids=[([0, 1],), ([2, 5],), ([3, 4],)], spec_token_ids=drafts)
         dev = runner.run(runner.prepare(sched))
         _assert_on_cuda(dev)
         assert dev.verified is not None
