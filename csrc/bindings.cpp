@@ -46,7 +46,8 @@ void check_rows(const at::Tensor& t, const char* name) {
 
 void paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                          const at::Tensor& block_table, const at::Tensor& seq_lens,
-                         const at::Tensor& query_start_loc, double scale, int64_t window, at::Tensor& out) {
+                         const at::Tensor& query_start_loc, double scale, int64_t window, at::Tensor& out,
+                         double softcap) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k_cache, &v_cache, &out})
     TORCH_CHECK(t->device().is_cpu(), "fastinfer::paged_attention: all tensors must be on the CPU");
   const fc::DType dt = cpu_dtype(q, "q");
@@ -95,6 +96,8 @@ void paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const a
   p.out_stride = out.stride(0);
   p.scale = static_cast<float>(scale);
   p.window = window;
+  TORCH_CHECK(softcap >= 0, "fastinfer::paged_attention: softcap must be >= 0 (0: none), got ", softcap);
+  p.softcap = static_cast<float>(softcap);
   p.num_threads = at::get_num_threads();  // follow torch.set_num_threads
   const int rc = fc::paged_attention(p);
   TORCH_CHECK(rc == 0, "fastinfer::paged_attention: ", fc::error_string(rc));
@@ -250,7 +253,7 @@ std::string cpu_isa(std::string force) {
 
 TORCH_LIBRARY(fastinfer, m) {
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
-        "Tensor query_start_loc, float scale, int window, Tensor(a!) out) -> ()");
+        "Tensor query_start_loc, float scale, int window, Tensor(a!) out, float softcap=0.0) -> ()");
   m.def("store_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
   m.def("cpu_isa(str force='') -> str", &cpu_isa);
   m.def("quant_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int bits, int group_size, "

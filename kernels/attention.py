@@ -6,7 +6,9 @@ Both kernels read keys and values through the block table one key position at a 
 non-contiguous block ids work. Keys at positions ``>= seq_len`` (and outside the tile's visible range) are
 never loaded: masked loads return zeros, so stale or NaN cache slots cannot leak into the output.
 
-Softmax runs online in fp32 in the log2 domain (``exp2`` with ``scale * log2(e)`` folded into the scores).
+Softmax runs online in fp32 in the log2 domain (``exp2`` with ``scale * log2(e)`` folded into the scores);
+with ``softcap`` (Gemma 2) the scores are capped first, ``softcap * tanh(score / softcap)`` (the cap in the log2
+domain too, tanh from exp2).
 Both kernels put the ``G = H / Hkv`` query heads of one KV head into the rows of one tile, so each key and
 value block is loaded once per KV head (GQA / MQA); in prefill, a tile holds ``BLOCK_M // G`` query tokens
 times ``G`` heads.
@@ -25,6 +27,7 @@ _LOG2E = 1.4426950408889634
 # Running max before any key is seen. Finite, so a tile whose keys are all masked for a row keeps
 # ``exp2(m_old - m_new) == 1`` instead of producing NaN from ``-inf - -inf``.
 _NEG_BIG = tl.constexpr(-1.0e30)
+_TWO_LOG2E = tl.constexpr(2.0 * _LOG2E)
 
 
 @triton.jit
@@ -47,9 +50,10 @@ def _load_rows(ptr, row, n_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.const
 @triton.jit
 def _attend_tiles(
     q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, pos, base, hi, window, j_lo, j_hi,
-    scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    scale_log2, softcap_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """Online softmax of q [M, D] over key tiles ``j_lo .. j_hi - 1``; tile j holds positions
     ``base + j * BLOCK_N + [0, BLOCK_N)``, gathered through the block table. Unmasked tiles must be fully
@@ -68,6 +72,8 @@ def _attend_tiles(
         v = _load_rows(v_cache_ptr, blk * stride_vb + (offs_n % PAGE) * stride_vs + kv_head * stride_vh, n_ok,
                        offs_d, HEAD_DIM, BLOCK_D, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [M, N]
+        if SOFTCAP:  # c tanh(s / c) = c (1 - 2 / (e^(2 s / c) + 1)): +-c at the extremes, never NaN
+            s = softcap_log2 * (1.0 - 2.0 / (tl.exp2(s * (_TWO_LOG2E / softcap_log2)) + 1.0))
         if MASKED:
             visible = n_ok[None, :]
             if CAUSAL:
@@ -88,12 +94,12 @@ def _attend_tiles(
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_table_ptr,
-    seq_offset, scale_log2, window,
+    seq_offset, scale_log2, softcap_log2, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, TOKENS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, USE_WINDOW: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Grid (query tiles, sequences, KV heads). Row r of a tile is query token ``tile * TOKENS + r // GROUP``
     of head ``kv_head * GROUP + r % GROUP``. Tiles run last-first: the late ones see the most keys, so they
@@ -139,14 +145,14 @@ def _prefill_kernel(
     strides = (stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh)
     if USE_WINDOW:
         m_i, l_i, acc = _attend_tiles(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, pos, lo, hi,
-                                      window, 0, j_win, scale_log2, *strides, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE,
-                                      True, True, True, DOT_PRECISION)
+                                      window, 0, j_win, scale_log2, softcap_log2, *strides, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                      PAGE, True, True, True, DOT_PRECISION, SOFTCAP)
     m_i, l_i, acc = _attend_tiles(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, pos, lo, hi,
-                                  window, j_win, j_full, scale_log2, *strides, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE,
-                                  False, False, False, DOT_PRECISION)
+                                  window, j_win, j_full, scale_log2, softcap_log2, *strides, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                  PAGE, False, False, False, DOT_PRECISION, SOFTCAP)
     m_i, l_i, acc = _attend_tiles(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, pos, lo, hi,
-                                  window, j_full, n_tiles, scale_log2, *strides, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE,
-                                  True, True, USE_WINDOW, DOT_PRECISION)
+                                  window, j_full, n_tiles, scale_log2, softcap_log2, *strides, HEAD_DIM, BLOCK_D,
+                                  BLOCK_N, PAGE, True, True, USE_WINDOW, DOT_PRECISION, SOFTCAP)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_off = (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
@@ -157,12 +163,12 @@ def _prefill_kernel(
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
-    seq_lens_ptr, block_table_ptr, scale_log2, window, split_len, num_heads, num_splits,
+    seq_lens_ptr, block_table_ptr, scale_log2, softcap_log2, window, split_len, num_heads, num_splits,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, USE_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Grid (sequences, KV heads, splits). One query token per sequence; the tile rows are the GROUP query
     heads of one KV head. With SPLIT each program covers ``split_len`` keys and writes an unnormalised
@@ -193,11 +199,11 @@ def _decode_kernel(
     n_keys = tl.maximum(end - start, 0)
     full = n_keys // BLOCK_N  # whole tiles run unmasked, then one masked tail
     m_i, l_i, acc = _attend_tiles(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, rows, start, end,
-                                  window, 0, full, scale_log2, *strides, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE,
-                                  False, False, False, DOT_PRECISION)
+                                  window, 0, full, scale_log2, softcap_log2, *strides, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                  PAGE, False, False, False, DOT_PRECISION, SOFTCAP)
     m_i, l_i, acc = _attend_tiles(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, rows, start, end,
-                                  window, full, tl.cdiv(n_keys, BLOCK_N), scale_log2, *strides, HEAD_DIM, BLOCK_D,
-                                  BLOCK_N, PAGE, True, False, False, DOT_PRECISION)
+                                  window, full, tl.cdiv(n_keys, BLOCK_N), scale_log2, softcap_log2, *strides, HEAD_DIM,
+                                  BLOCK_D, BLOCK_N, PAGE, True, False, False, DOT_PRECISION, SOFTCAP)
 
     mask = g_ok[:, None] & d_ok[None, :]
     if not SPLIT:
@@ -309,18 +315,18 @@ def _decode_config(head_dim: int, on_gpu: bool) -> tuple[int, int, int]:
 
 def paged_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                          meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
-                         first_seq: int = 0) -> None:
+                         first_seq: int = 0, softcap: float | None = None) -> None:
     """Varlen causal flash attention of sequences ``first_seq..`` of ``meta`` over the paged cache, written into
     ``out`` [T, H, D] at the rows given by ``meta.query_start_loc``. Any query lengths (prefill, chunked
     prefill with earlier context, decode rows) are valid."""
     paged_prefill_varlen(q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_table,
-                         max(meta.query_lens_cpu[first_seq:], default=0), scale, sliding_window, first_seq)
+                         max(meta.query_lens_cpu[first_seq:], default=0), scale, sliding_window, first_seq, softcap)
 
 
 def paged_prefill_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                          query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
                          max_query_len: int, scale: float, sliding_window: int | None = None,
-                         first_seq: int = 0) -> None:
+                         first_seq: int = 0, softcap: float | None = None) -> None:
     """:func:`paged_prefill_triton` on the metadata tensors: sequences ``first_seq .. B - 1`` (B =
     ``seq_lens.shape[0]``); ``max_query_len`` (a host int, the longest of their query lengths) sizes the grid."""
     check_attention_inputs(q, k_cache, v_cache, block_table, seq_lens, query_start_loc)
@@ -336,12 +342,12 @@ def paged_prefill_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     grid = (triton.cdiv(max_query_len, tokens), num_seqs, num_kv)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_table,
-        first_seq, scale * _LOG2E, sliding_window or 0,
+        first_seq, scale * _LOG2E, (softcap or 1.0) * _LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *_cache_strides(k_cache, v_cache), block_table.stride(0),
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), GROUP=group, TOKENS=tokens,
         BLOCK_M=block_m, BLOCK_N=block_n, PAGE=k_cache.shape[1], USE_WINDOW=sliding_window is not None,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+        DOT_PRECISION=_dot_precision(q.dtype), SOFTCAP=softcap is not None, num_warps=warps, num_stages=stages,
     )
 
 
@@ -358,7 +364,8 @@ def _decode_splits(num_seqs: int, num_kv: int, max_keys: int, block_n: int, devi
 
 def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                         block_table: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int, scale: float,
-                        sliding_window: int | None = None, num_splits: int | None = None) -> None:
+                        sliding_window: int | None = None, num_splits: int | None = None,
+                        softcap: float | None = None) -> None:
     """Decode attention: one query per sequence, ``q`` and ``out`` [B, H, D], row i attends to the first
     ``seq_lens[i]`` cached positions of ``block_table[i]`` (the last ``sliding_window`` of them with a window).
     ``max_seq_len`` (a host int) sizes the splits; ``num_splits`` overrides the split-KV heuristic
@@ -384,12 +391,12 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         part_acc = part_m = part_l = out  # unused
     _decode_kernel[(num_seqs, num_kv, splits)](
         q, k_cache, v_cache, out, part_acc, part_m, part_l, seq_lens, block_table,
-        scale * _LOG2E, sliding_window or 0, split_len, num_heads, splits,
+        scale * _LOG2E, (softcap or 1.0) * _LOG2E, sliding_window or 0, split_len, num_heads, splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *_cache_strides(k_cache, v_cache), block_table.stride(0),
         HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n, PAGE=k_cache.shape[1], USE_WINDOW=sliding_window is not None, SPLIT=splits > 1,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+        DOT_PRECISION=_dot_precision(q.dtype), SOFTCAP=softcap is not None, num_warps=warps, num_stages=stages,
     )
     if splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
@@ -402,7 +409,7 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 def paged_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                            block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                            num_decodes: int, max_decode_seq_len: int, max_prefill_query_len: int, scale: float,
-                           sliding_window: int | None = None) -> None:
+                           sliding_window: int | None = None, softcap: float | None = None) -> None:
     """Causal attention of packed queries ``q`` [T, H, D] over the paged caches [num_blocks, block_size, Hkv, D]
     into ``out`` [T, H, D]: the semantics of :func:`fastinfer.ops.reference.paged_attention`, on the metadata
     tensors plus host ints. The ``num_decodes`` leading decode rows (their longest context
@@ -411,10 +418,10 @@ def paged_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     nd = num_decodes
     if nd:
         paged_decode_triton(q.narrow(0, 0, nd), k_cache, v_cache, out.narrow(0, 0, nd), block_table, seq_lens,
-                            max_decode_seq_len, scale, sliding_window)
+                            max_decode_seq_len, scale, sliding_window, softcap=softcap)
     if nd < seq_lens.shape[0]:
         paged_prefill_varlen(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_table,
-                             max_prefill_query_len, scale, sliding_window, first_seq=nd)
+                             max_prefill_query_len, scale, sliding_window, first_seq=nd, softcap=softcap)
 
 
 def attention_flops(meta: AttentionMetadata, num_heads: int, head_dim: int, sliding_window: int | None = None

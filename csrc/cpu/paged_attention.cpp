@@ -196,6 +196,15 @@ struct GenericOps {
     }
     return r;
   }
+  // c * tanh(x / c) (c > 0) as sign(x) c (1 - e) / (1 + e), e = exp(-2 |x| / c): no overflow for any x.
+  static FI_INLINE V softcap(const V& x, float c) {
+    V a;
+    for (int i = 0; i < 16; ++i) a.v[i] = std::fabs(x.v[i]) * (-2.f * kLog2e / c);
+    const V e = exp2_maskz(0xffffu, a);
+    V r;
+    for (int i = 0; i < 16; ++i) r.v[i] = std::copysign(c * (1.f - e.v[i]) / (1.f + e.v[i]), x.v[i]);
+    return r;
+  }
   static FI_INLINE void transpose16(V* r) {
     for (int i = 0; i < 16; ++i)
       for (int j = i + 1; j < 16; ++j) std::swap(r[i].v[j], r[j].v[i]);
@@ -285,6 +294,12 @@ struct Avx512Ops {
     y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.931471805599453e-01f));
     y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
     return _mm512_maskz_mov_ps(__mmask16(mask), _mm512_scalef_ps(y, n));
+  }
+  static FI_INLINE V softcap(V x, float c) {  // as GenericOps::softcap
+    const V e = exp2_maskz(0xffffu, _mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(-2.f * kLog2e / c)));
+    const V one = _mm512_set1_ps(1.f);
+    const V t = _mm512_mul_ps(_mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e)), _mm512_set1_ps(c));
+    return _mm512_or_ps(t, _mm512_and_ps(x, _mm512_castsi512_ps(_mm512_set1_epi32(int(0x80000000u)))));
   }
   static FI_INLINE V lo_pd(V a, V b) {
     return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));

@@ -129,6 +129,7 @@ void run_item(const PagedAttentionParams& p, const Item& it, const Scratch& sc, 
   const int64_t M = Mh * it.nkvh;            // query m: KV head kvh + m / Mh, row (m % Mh) / G, head g = m % G
   const int64_t kv_row = Hkv * D;            // elements between consecutive slots of the cache
   const float qscale = p.scale * kLog2e;     // scores in the log2 domain: exp2 instead of exp
+  const float cap = p.softcap > 0.f ? p.softcap * kLog2e : 0.f;  // the soft-cap in the log2 domain
   const float neg_inf = -std::numeric_limits<float>::infinity();
   // Scores from the cache rows directly (dot products + a 16-way reduction) instead of a transposed fp32
   // copy of K, where the vector API says that is cheaper for this many queries per KV head.
@@ -255,6 +256,8 @@ void run_item(const PagedAttentionParams& p, const Item& it, const Scratch& sc, 
         } else {
           qk_any(nq, sc.qf + m0 * D, D, sc.kt, s);
         }
+        if (cap > 0.f)
+          for (int j = 0; j < nq; ++j) s[j] = Ops::softcap(s[j], cap);
         for (int j = 0; j < nq; ++j) {
           const int64_t m = m0 + j;
           const uint32_t mk = sc.mask[m];

@@ -4,8 +4,9 @@ for their device); :mod:`fastinfer.ops.reference` is the plain-torch spec that e
 Ops (shapes: T tokens, H query heads, Hkv KV heads, D head dim):
 
 - ``store_kv(key, value, k_cache, v_cache, slot_mapping)``: scatter [T, Hkv, D] into the paged caches.
-- ``paged_attention(q, k_cache, v_cache, meta, scale, sliding_window=None) -> [T, H, D]``: causal attention
-  of packed variable-length queries over the paged cache (prefill, chunked prefill and decode alike).
+- ``paged_attention(q, k_cache, v_cache, meta, scale, sliding_window=None, softcap=None) -> [T, H, D]``: causal
+  attention of packed variable-length queries over the paged cache (prefill, chunked prefill and decode alike);
+  ``softcap`` caps the scores to ``softcap * tanh(score / softcap)`` before the softmax (Gemma 2).
 - ``rms_norm(x, weight, eps)``, ``fused_add_rms_norm(x, residual, weight, eps) -> (normed, residual)``.
 - ``rotary_embedding(positions, q, k, cos_sin_cache) -> (q, k)``: NeoX-style RoPE.
 - ``silu_and_mul(x) -> silu(x[..., :d]) * x[..., d:]``.

@@ -29,7 +29,8 @@ logger = logging.getLogger("fastinfer.ops")
 
 # Shape-only versions for tracing (torch.compile / FakeTensor): both ops only mutate their outputs.
 @torch.library.register_fake("fastinfer::paged_attention")
-def _paged_attention_fake(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, scale, window, out) -> None:
+def _paged_attention_fake(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, scale, window, out,
+                          softcap=0.0) -> None:
     return None
 
 
@@ -96,20 +97,23 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float, sliding_window: int | None = None) -> torch.Tensor:
+                    scale: float, sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Causal attention of packed queries ``q`` [T, H, D] over the paged cache; same contract as
     :func:`fastinfer.ops.reference.paged_attention`. Every row (decode, prefill, chunked prefill) runs in the
     kernel, which reads the cache blocks in place and only slots below each seq_len."""
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"paged_attention: softcap must be positive (or None), got {softcap}")
     why = _unsupported(q, k_cache, v_cache)
     if why is not None:
         _fallback(why)
-        return torch_backend.paged_attention(q, k_cache, v_cache, meta, scale, sliding_window)
+        return torch_backend.paged_attention(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
     if not _rows_ok(q):
         q = q.contiguous()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     window = 0 if sliding_window is None else int(sliding_window)
     torch.ops.fastinfer.paged_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens,
-                                        meta.query_start_loc, float(scale), window, out)
+                                        meta.query_start_loc, float(scale), window, out,
+                                        0.0 if softcap is None else float(softcap))
     return out
 
 

@@ -27,11 +27,13 @@ def gather_kv(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.T
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float, sliding_window: int | None = None) -> torch.Tensor:
+                    scale: float, sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Causal attention of packed queries ``q`` [T, H, D] over each sequence's paged context.
 
     Query ``r`` of sequence ``i`` sits at position ``p = seq_len - query_len + r`` and sees keys
     ``max(0, p - sliding_window + 1) .. p``. GQA: query head ``h`` reads KV head ``h // (H // Hkv)``.
+    Scores are ``scale * q . k``, soft-capped to ``softcap * tanh(score / softcap)`` when ``softcap`` is given
+    (Gemma 2), before the softmax.
     """
     out = torch.empty_like(q)
     num_heads, num_kv = q.shape[1], k_cache.shape[2]
@@ -47,6 +49,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             lo = 0 if sliding_window is None else max(0, p - sliding_window + 1)
             qi = q[qsl[i] + r].float()  # [H, D]
             scores = torch.einsum("hd,lhd->hl", qi, k[lo:p + 1]) * scale  # [H, p+1-lo]
+            if softcap is not None:
+                scores = softcap * torch.tanh(scores / softcap)
             probs = torch.softmax(scores, dim=-1)
             out[qsl[i] + r] = torch.einsum("hl,lhd->hd", probs, v[lo:p + 1]).to(q.dtype)
     return out

@@ -45,8 +45,25 @@ def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int |
     return ok
 
 
+def _softcap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """``softcap * tanh(scores / softcap)`` (Gemma 2's attention logit cap); the scores as they are without one."""
+    return scores if softcap is None else softcap * torch.tanh(scores / softcap)
+
+
+def _capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                      softcap: float) -> torch.Tensor:
+    """Soft-capped attention (SDPA has no cap) of q [H, Q, D] over k, v [Hkv, L, D] with a boolean mask [Q, L];
+    fp32 math, [H, Q, D] in q's dtype."""
+    h, n, d = q.shape
+    hkv = k.shape[0]
+    qg = q.reshape(hkv, h // hkv, n, d).float()  # [Hkv, G, Q, D]
+    scores = _softcap(torch.einsum("hgqd,hld->hgql", qg, k.float()) * scale, softcap)
+    scores = torch.where(mask, scores, float("-inf"))
+    return torch.einsum("hgql,hld->hgqd", scores.softmax(dim=-1), v.float()).reshape(h, n, d).to(q.dtype)
+
+
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-            seq_lens: list[int], scale: float, sliding_window: int | None) -> torch.Tensor:
+            seq_lens: list[int], scale: float, sliding_window: int | None, softcap: float | None) -> torch.Tensor:
     """One query per sequence. A loop over sequences with exact slicing beats one padded batched call on
     CPU (no padding work, no mask, stale or NaN slots past ``seq_len`` are never read); fp32 math."""
     b, num_heads, d = q.shape
@@ -58,21 +75,21 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block
         blocks = block_table.select(0, i)
         k = _gather_kv(k_cache, blocks, lo, slen).float()  # [L, Hkv, D]
         v = _gather_kv(v_cache, blocks, lo, slen).float()
-        probs = (torch.einsum("hgd,lhd->hgl", qg.select(0, i), k) * scale).softmax(dim=-1)
+        probs = _softcap(torch.einsum("hgd,lhd->hgl", qg.select(0, i), k) * scale, softcap).softmax(dim=-1)
         outs.append(torch.einsum("hgl,lhd->hgd", probs, v).reshape(num_heads, d))
     return torch.stack(outs).to(q.dtype)  # [B, H, D]
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float, sliding_window: int | None = None) -> torch.Tensor:
+                    scale: float, sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Causal attention of packed queries ``q`` [T, H, D] over the paged cache; same contract as
-    :func:`fastinfer.ops.reference.paged_attention`. Decode rows loop in fp32, prefill rows go to SDPA; the
-    host lists of ``meta`` drive the slicing (no device read)."""
+    :func:`fastinfer.ops.reference.paged_attention`. Decode rows loop in fp32, prefill rows go to SDPA (with a
+    ``softcap``, which SDPA lacks: fp32 einsums); the host lists of ``meta`` drive the slicing (no device read)."""
     nd = meta.num_decodes
     parts = []
     if nd:
         parts.append(_decode(q.narrow(0, 0, nd), k_cache, v_cache, meta.block_table, meta.seq_lens_cpu[:nd], scale,
-                             sliding_window))
+                             sliding_window, softcap))
     start = nd
     for i in range(nd, meta.num_seqs):
         qlen, slen = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
@@ -85,15 +102,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         k = _gather_kv(k_cache, blocks, lo, slen).transpose(0, 1)  # [Hkv, L, D]
         v = _gather_kv(v_cache, blocks, lo, slen).transpose(0, 1)
         # 4-D [1, H, L, D]: SDPA's fused CPU kernel takes batched inputs only (3-D runs the math path, ~4x slower)
-        if qlen == slen and (sliding_window is None or slen <= sliding_window):
+        if softcap is None and qlen == slen and (sliding_window is None or slen <= sliding_window):
             o = F.scaled_dot_product_attention(qi.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), is_causal=True,
-                                               scale=scale, enable_gqa=True)
+                                               scale=scale, enable_gqa=True).squeeze(0)
         else:
             q_pos = torch.arange(slen - qlen, slen, device=q.device).unsqueeze(1)
             mask = _window_mask(q_pos, torch.arange(lo, slen, device=q.device).unsqueeze(0), sliding_window)
-            o = F.scaled_dot_product_attention(qi.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask,
-                                               scale=scale, enable_gqa=True)
-        parts.append(o.squeeze(0).transpose(0, 1))
+            o = (_capped_attention(qi, k, v, mask, scale, softcap) if softcap is not None else
+                 F.scaled_dot_product_attention(qi.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask,
+                                                scale=scale, enable_gqa=True).squeeze(0))
+        parts.append(o.transpose(0, 1))
         start += qlen
     if start < q.shape[0]:  # rows past the batch's tokens (padding): zeros
         parts.append(q.new_zeros((q.shape[0] - start, *q.shape[1:])))

@@ -53,16 +53,16 @@ def _store_kv_fake(key, value, k_cache, v_cache, slot_mapping) -> None:
 @torch.library.custom_op("fastinfer::triton_paged_attention", mutates_args=())
 def _paged_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
                         query_start_loc: Tensor, scale: float, sliding_window: int | None, num_decodes: int,
-                        max_decode_seq_len: int, max_prefill_query_len: int) -> Tensor:
+                        max_decode_seq_len: int, max_prefill_query_len: int, softcap: float | None = None) -> Tensor:
     out = q.new_empty(q.shape)  # [T, H, D]
     _attn.paged_attention_varlen(q, k_cache, v_cache, out, block_table, seq_lens, query_start_loc, num_decodes,
-                                 max_decode_seq_len, max_prefill_query_len, scale, sliding_window)
+                                 max_decode_seq_len, max_prefill_query_len, scale, sliding_window, softcap)
     return out
 
 
 @_paged_attention_op.register_fake
 def _paged_attention_fake(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, scale, sliding_window,
-                          num_decodes, max_decode_seq_len, max_prefill_query_len) -> Tensor:
+                          num_decodes, max_decode_seq_len, max_prefill_query_len, softcap=None) -> Tensor:
     _attn.check_attention_inputs(q, k_cache, v_cache, block_table, seq_lens, query_start_loc)
     assert 0 <= num_decodes <= seq_lens.shape[0], f"num_decodes {num_decodes} of {seq_lens.shape[0]} sequences"
     return q.new_empty(q.shape)
@@ -145,16 +145,18 @@ def store_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_
 
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, scale: float,
-                    sliding_window: int | None = None) -> Tensor:
+                    sliding_window: int | None = None, softcap: float | None = None) -> Tensor:
     """Causal attention of packed queries ``q`` [T, H, D] over the paged caches [num_blocks, block_size, Hkv, D]:
     the semantics of :func:`fastinfer.ops.reference.paged_attention`. The ``meta.num_decodes`` leading decode
     rows go to the split-KV decode kernel, the other sequences to the varlen prefill kernel; the host lists of
     ``meta`` size the grids (no device read)."""
     nd = meta.num_decodes
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"paged_attention: softcap must be positive (or None), got {softcap}")
     return torch.ops.fastinfer.triton_paged_attention.default(
         q, k_cache, v_cache, meta.block_table, meta.seq_lens, meta.query_start_loc, float(scale),
         None if sliding_window is None else int(sliding_window), nd, max(meta.seq_lens_cpu[:nd], default=0),
-        max(meta.query_lens_cpu[nd:], default=0))
+        max(meta.query_lens_cpu[nd:], default=0), None if softcap is None else float(softcap))
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -17,14 +17,14 @@ from fastinfer.ops.registry import OpSet, backend_status  # noqa: E402
 from tests.ops.paged_cases import paged_case  # noqa: E402
 
 
-def check(q, k_cache, v_cache, meta, window, kernel_meta=None):
+def check(q, k_cache, v_cache, meta, window, kernel_meta=None, softcap=None):
     """Kernel output vs the reference computed in fp32 from the same (possibly bf16/fp16) inputs: fp32 must
     agree to ~1e-5, lower precisions to about one rounding of the output."""
     scale = q.shape[-1] ** -0.5
-    out = cpp.paged_attention(q, k_cache, v_cache, kernel_meta or meta, scale, window)
+    out = cpp.paged_attention(q, k_cache, v_cache, kernel_meta or meta, scale, window, softcap)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert torch.isfinite(out).all(), "non-finite output: a NaN slot leaked"
-    ref = reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, scale, window)
+    ref = reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, scale, window, softcap)
     tol = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-3, 8e-3), torch.float16: (5e-4, 1e-3)}[q.dtype]
     torch.testing.assert_close(out.float(), ref, atol=tol[0], rtol=tol[1])
     return out
@@ -56,8 +56,21 @@ def test_mixed_decode_and_prefill(heads, block_size, head_dim, dtype, window):
 def test_every_isa(isa, threads, dtype):
     query_lens = [1, 1, 1, 12, 40]
     seq_lens = [3, 700, 2100, 12, 1000]  # the long rows get split into parts when threads > 1
-    for window in (None, 300):
-        check(*paged_case(query_lens, seq_lens, 12, 3, 64, 16, dtype, seed=2), window)
+    for window, softcap in ((None, None), (300, None), (300, 2.0)):
+        check(*paged_case(query_lens, seq_lens, 12, 3, 64, 16, dtype, seed=2), window, softcap=softcap)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("heads", [(8, 2), (8, 1)], ids=["gqa4", "gqa8"])
+@pytest.mark.parametrize("window", [None, 7], ids=["full", "window7"])
+def test_softcap(isa, heads, dtype, window):
+    """Attention logit soft-capping (Gemma 2) on decode rows (scores from the cache rows) and prefill chunks
+    (transposed keys), in every instruction-set variant; scores of size ~1 against a cap of 1.5 bend hard."""
+    case = paged_case([1, 1, 9, 20], [1, 40, 30, 20], *heads, 64, 16, dtype, seed=9)
+    capped = check(*case, window, softcap=1.5)
+    assert not torch.allclose(capped.float(), cpp.paged_attention(*case, 0.125, window).float(), atol=0.05)
+    with pytest.raises(ValueError, match="softcap"):
+        cpp.paged_attention(*case, 0.125, window, 0.0)
 
 
 @pytest.mark.parametrize("head_dim", [16, 80, 96, 256])

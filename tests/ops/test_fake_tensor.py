@@ -90,8 +90,8 @@ def test_every_op_traces_on_fake_cuda(backend):
         assert (q2.shape, k2.shape, q2.dtype, q2.device) == (q.shape, k.shape, dt, CUDA)
         be.store_kv(k2, v, k_cache, v_cache, meta.slot_mapping)
         called.append("store_kv")
-        for window in (None, 8):
-            out = be.paged_attention(q2, k_cache, v_cache, meta, D ** -0.5, window)
+        for window, softcap in ((None, None), (8, None), (8, 30.0)):
+            out = be.paged_attention(q2, k_cache, v_cache, meta, D ** -0.5, window, softcap)
             assert (out.shape, out.dtype, out.device) == ((T, H, D), dt, CUDA)
         called.append("paged_attention")
 
@@ -191,7 +191,7 @@ def _opcheck_cases(dev: str) -> dict:
     return {
         "store_kv": (o.triton_store_kv, (rand(t, 2, 16), rand(t, 2, 16), kc.clone(), vc.clone(), meta.slot_mapping)),
         "paged_attention": (o.triton_paged_attention, (q, kc, vc, meta.block_table, meta.seq_lens,
-                                                       meta.query_start_loc, 0.25, None, 1, 6, 3)),
+                                                       meta.query_start_loc, 0.25, 2, 1, 6, 3, 0.5)),
         "rms_norm": (o.triton_rms_norm, (rand(3, 32), rand(32), 1e-6)),
         "fused_add_rms_norm": (o.triton_fused_add_rms_norm, (rand(3, 32), rand(3, 32), rand(32), 1e-6)),
         "rotary_embedding": (o.triton_rotary_embedding, (torch.tensor([0, 3, 5], device=dev), rand(3, 4, 16),
@@ -232,7 +232,7 @@ def test_cpp_op_opcheck(op):
         "store_kv": (o.store_kv, (torch.randn(t, 2, 16, generator=gen), torch.randn(t, 2, 16, generator=gen),
                                   kc.clone(), vc.clone(), meta.slot_mapping)),
         "paged_attention": (o.paged_attention, (q, kc, vc, meta.block_table, meta.seq_lens, meta.query_start_loc,
-                                                0.25, 0, torch.empty_like(q))),
+                                                0.25, 2, torch.empty_like(q), 0.5)),
         "quant_linear": (o.quant_linear, (torch.randn(2, 64, generator=gen), qw.qweight, qw.scales, qw.mins, 4, 32,
                                           None)),
     }[op]

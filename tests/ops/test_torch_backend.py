@@ -14,14 +14,17 @@ from tests.ops.paged_cases import paged_case
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("window", [None, 4], ids=["full", "window4"])
-def test_paged_attention(dtype, window):
+@pytest.mark.parametrize("softcap", [None, 1.5], ids=["nocap", "softcap"])
+def test_paged_attention(dtype, window, softcap):
     # two decodes, a chunked prefill, an empty row, a full prefill
     q, kc, vc, meta = paged_case([1, 1, 4, 0, 6], [20, 7, 30, 3, 6], 4, 2, 32, 4, dtype)
-    out = tb.paged_attention(q, kc, vc, meta, 0.2, window)
-    ref = reference.paged_attention(q, kc, vc, meta, 0.2, window)
+    out = tb.paged_attention(q, kc, vc, meta, 0.2, window, softcap)
+    ref = reference.paged_attention(q, kc, vc, meta, 0.2, window, softcap)
     assert out.shape == ref.shape and out.dtype == dtype and out.is_contiguous()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    if softcap is not None:  # the cap is active at these score sizes
+        assert not torch.allclose(out, tb.paged_attention(q, kc, vc, meta, 0.2, window), atol=10 * tol)
     single = paged_case([5], [5], 4, 2, 32, 4, dtype)  # one prefill: the output is still contiguous
     assert tb.paged_attention(*single, 0.2).is_contiguous()
 

@@ -57,6 +57,31 @@ def test_paged_attention(case):
     _close(out, reference.paged_attention(q, kc, vc, meta, d ** -0.5, window), dtype)
 
 
+SOFTCAP_CASES = {
+    "mixed-gqa4-fp32": ([1, 1, 17], [17, 33, 40], 8, 2, 64, 16, torch.float32, None),
+    "window-gqa4-fp16": ([1, 1, 20], [40, 5, 45], 8, 2, 64, 8, torch.float16, 7),
+    "prefill-ctx-d80-fp32": ([1, 9, 3], [50, 9, 41], 4, 2, 80, 16, torch.float32, 16),
+}
+
+
+@pytest.mark.parametrize("case", SOFTCAP_CASES.values(), ids=SOFTCAP_CASES.keys())
+def test_paged_attention_softcap(case):
+    """Attention logit soft-capping (Gemma 2) in the prefill and decode kernels; the cap of 1.5 bends scores of
+    size ~1 hard, so a kernel that ignored it would fail."""
+    qlens, slens, h, hkv, d, bs, dtype, window = case
+    q, kc, vc, meta = paged_case(qlens, slens, h, hkv, d, bs, dtype)
+    out = tb.paged_attention(q, kc, vc, meta, d ** -0.5, window, 1.5)
+    _close(out, reference.paged_attention(q, kc, vc, meta, d ** -0.5, window, 1.5), dtype)
+    assert not torch.allclose(out.float(), tb.paged_attention(q, kc, vc, meta, d ** -0.5, window).float(), atol=0.05)
+    nd = meta.num_decodes  # the split-KV decode path with its reduction
+    dec = torch.empty_like(q[:nd])
+    paged_decode_triton(q[:nd], kc, vc, dec, meta.block_table, meta.seq_lens, max(slens[:nd]), d ** -0.5, window,
+                        num_splits=3, softcap=1.5)
+    _close(dec, out[:nd], dtype)
+    with pytest.raises(ValueError, match="softcap"):
+        tb.paged_attention(q, kc, vc, meta, d ** -0.5, window, 0.0)
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_paged_attention_random_batches(seed):
     """Random mixes: 0-3 decode rows, 0-2 prefill rows with or without earlier context, random shapes,
@@ -214,7 +239,7 @@ except ImportError as e:
     print("SKIP", e); sys.exit(77)
 from fastinfer.kernels import activation, cache, norm, rotary, attention as A
 
-def build(fn, dtype, consts, ptrs={}, floats=("scale_log2", "eps"), warps=4, stages=1):
+def build(fn, dtype, consts, ptrs={}, floats=("scale_log2", "softcap_log2", "eps"), warps=4, stages=1):
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -233,12 +258,14 @@ for dt, tdt, d, g, win in [("*bf16", torch.bfloat16, 128, 4, True), ("*fp16", to
                            ("*bf16", torch.bfloat16, 256, 8, False), ("*fp32", torch.float32, 64, 1, True)]:
     bm, bn, w, st = A._prefill_config(d, g, tdt, True)
     build(A._prefill_kernel, dt, dict(HEAD_DIM=d, BLOCK_D=A._block_d(d), GROUP=g, TOKENS=bm // g, BLOCK_M=bm,
-          BLOCK_N=bn, PAGE=16, USE_WINDOW=win, DOT_PRECISION=A._dot_precision(tdt)), idx, warps=w, stages=st)
+          BLOCK_N=bn, PAGE=16, USE_WINDOW=win, DOT_PRECISION=A._dot_precision(tdt), SOFTCAP=win), idx, warps=w,
+          stages=st)
 part = {**idx, "part_acc_ptr": "*fp32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32"}
 for dt, tdt, d, g, split in [("*bf16", torch.bfloat16, 128, 8, True), ("*fp16", torch.float16, 256, 1, False)]:
     bn, w, st = A._decode_config(d, True)
     build(A._decode_kernel, dt, dict(HEAD_DIM=d, BLOCK_D=A._block_d(d), GROUP=g, BLOCK_G=max(16, g), BLOCK_N=bn,
-          PAGE=16, USE_WINDOW=False, SPLIT=split, DOT_PRECISION=A._dot_precision(tdt)), part, warps=w, stages=st)
+          PAGE=16, USE_WINDOW=False, SPLIT=split, DOT_PRECISION=A._dot_precision(tdt), SOFTCAP=split), part, warps=w,
+          stages=st)
 build(A._decode_reduce_kernel, "*bf16", dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=32), part)
 build(cache._store_kv_kernel, "*bf16", dict(NUM_KV=8, HEAD_DIM=128, BLOCK_H=8, BLOCK_D=128, PAGE=16),
       {"slot_ptr": "*i64"})

@@ -19,7 +19,8 @@ enum class Isa : int { kAuto = -1, kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512
 // at position p = seq_lens[i] - query_len + r and attends to keys max(0, p - window + 1) .. p (window <= 0:
 // no window). Query head h reads KV head h / (num_heads / num_kv_heads). Position pos of sequence i lives
 // in cache block block_table[i * block_table_stride + pos / block_size], slot pos % block_size. Slots at or
-// beyond seq_lens[i] are never read. Softmax runs in fp32 (online); out = softmax(scale * q k^T) v.
+// beyond seq_lens[i] are never read. Softmax runs in fp32 (online); out = softmax(cap(scale * q k^T)) v, where
+// cap(x) = softcap * tanh(x / softcap) when softcap > 0 (Gemma 2's attention logit soft-capping), else x.
 struct PagedAttentionParams {
   DType dtype = DType::kFloat32;  // of q, k_cache, v_cache and out alike
   const void* q = nullptr;        // [num_tokens, num_heads, head_dim]; token stride q_stride (elements)
@@ -41,6 +42,7 @@ struct PagedAttentionParams {
   int64_t out_stride = 0;  // same for out
   float scale = 1.0f;
   int64_t window = 0;      // sliding window; <= 0 means none
+  float softcap = 0.0f;    // attention logit soft-cap; <= 0 means none
   int num_threads = 0;     // <= 0: the OpenMP default
 };
 
