@@ -14,7 +14,7 @@ from fastinfer.models.interface import forward_sequence, scratch_kv_cache
 from fastinfer.models.loader import describe_quantization, load_model, save_quantized
 from tests.models.test_hf_parity import PROMPTS, _hf_model, _prefill_logits
 
-# one prompt past Phi-3's 24-token window (and several 16-token blocks / prefill chunks)
+# one prompt past the 24-token windows (and several 16-token blocks / prefill chunks)
 BATCH = [*PROMPTS, "Rivers carry water from the mountains down to the sea, and along the way they shape valleys, "
          "feed farms and give cities a reason to exist"]
 COMMON = dict(vocab_size=49152, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
@@ -27,6 +27,9 @@ def _config(family: str):
     if family == "qwen3":  # q/k norms, head_dim != hidden / heads, GQA, output bias
         return transformers.Qwen3Config(**COMMON, intermediate_size=128, num_key_value_heads=2, head_dim=32,
                                         attention_bias=True, tie_word_embeddings=True)
+    if family == "qwen3_window":  # layer 0 full attention, layer 1 a 24-token window (layer_types)
+        return transformers.Qwen3Config(**COMMON, intermediate_size=128, num_key_value_heads=2, head_dim=16,
+                                        use_sliding_window=True, sliding_window=24, max_window_layers=1)
     if family == "phi3":  # fused checkpoint projections, longrope + partial rotary, sliding window
         half_rot = 16 * 3 // 4 // 2
         return transformers.Phi3Config(**COMMON, intermediate_size=128, num_key_value_heads=2, sliding_window=24,
@@ -44,7 +47,7 @@ def _config(family: str):
     raise ValueError(family)
 
 
-FAMILIES = ("qwen3", "phi3", "gpt2", "neox", "neox_sequential")
+FAMILIES = ("qwen3", "qwen3_window", "phi3", "gpt2", "neox", "neox_sequential")
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +91,9 @@ def test_family_matches_hf_logits_and_greedy(family, family_dir):
     llm = _llm(path, enable_prefix_caching=True, max_num_batched_tokens=16)  # prompts prefill in chunks
     tok = llm.get_tokenizer()
     ids = [tok.encode(p) for p in BATCH]
-    assert max(len(i) for i in ids) > 24  # past the Phi-3 window and over several chunks
+    assert max(len(i) for i in ids) > 24  # past the 24-token windows and over several chunks
+    windows = [s.sliding_window for s in llm.engine.worker.model.kv_cache_spec()]
+    assert windows == {"qwen3_window": [None, 24], "phi3": [24, 24]}.get(family, [None, None])
     for prompt_ids in ids:
         with torch.inference_mode():
             ref = hf(torch.tensor([prompt_ids])).logits[0].float()  # [T, V]
