@@ -165,6 +165,21 @@ def first_divergence(ours: list[int], ref: list[int]) -> int | None:
     return None if len(ours) == len(ref) else min(len(ours), len(ref))
 
 
+def compare_prompt(llm: LLM, hf: Any, prompt: str, ids: list[int], tokens: list[int], max_new_tokens: int,
+                   ) -> tuple[PromptReport, dict[str, torch.Tensor]]:
+    """One prompt: HF's greedy continuation, both models' teacher-forced logits over prompt + continuation, and
+    our greedy ``tokens`` against HF's. Returns the row and the per-position statistics."""
+    ref_tokens = hf_greedy(hf, ids, max_new_tokens)
+    seq = ids + ref_tokens
+    with torch.inference_mode():
+        ref_logits = hf(torch.tensor([seq], device=next(hf.parameters()).device)).logits[0].float().cpu()
+    s = position_stats(ref_logits, llm.prompt_logits({"prompt_token_ids": seq}))
+    row = PromptReport(prompt, len(ids), len(seq), s["kl"].mean().item(), s["kl"].max().item(),
+                       s["top1"].mean().item(), s["top5"].mean().item(), first_divergence(tokens, ref_tokens),
+                       tokens, ref_tokens)
+    return row, s
+
+
 def verify(llm: LLM, model: str, prompts: list[str], max_new_tokens: int = 32, max_kl: float | None = None,
            settings: dict[str, Any] | None = None) -> VerifyReport:
     """Compare ``llm`` (the served ``model``) with HF transformers on ``prompts`` (see the module docstring).
@@ -173,26 +188,15 @@ def verify(llm: LLM, model: str, prompts: list[str], max_new_tokens: int = 32, m
         raise ValueError("verify needs at least one prompt")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    tok = llm.get_tokenizer()
-    ids = [tok.encode(p) for p in prompts]
+    ids = [llm.get_tokenizer().encode(p) for p in prompts]
     sp = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": i} for i in ids], sp, use_tqdm=False)
     for p, o in zip(prompts, outs):
         if o.error:
             raise ValueError(f"prompt {p[:40]!r}: {o.error}")
     hf = load_reference(model, llm.engine.device)
-    rows, stats = [], []
-    for p, pid, out in zip(prompts, ids, outs):
-        ref_tokens = hf_greedy(hf, pid, max_new_tokens)
-        seq = pid + ref_tokens
-        with torch.inference_mode():
-            ref_logits = hf(torch.tensor([seq], device=llm.engine.device)).logits[0].float().cpu()
-        s = position_stats(ref_logits, llm.prompt_logits({"prompt_token_ids": seq}))
-        stats.append(s)
-        ours = list(out.outputs[0].token_ids)
-        rows.append(PromptReport(p, len(pid), len(seq), s["kl"].mean().item(), s["kl"].max().item(),
-                                 s["top1"].mean().item(), s["top5"].mean().item(), first_divergence(ours, ref_tokens),
-                                 ours, ref_tokens))
+    rows, stats = zip(*(compare_prompt(llm, hf, p, i, list(o.outputs[0].token_ids), max_new_tokens)
+                        for p, i, o in zip(prompts, ids, outs)))
     every = {k: torch.cat([s[k] for s in stats]) for k in ("kl", "top1", "top5")}
     divs = [r.first_divergence for r in rows if r.first_divergence is not None]
     summary = Summary(len(rows), len(every["kl"]), every["kl"].mean().item(), every["kl"].max().item(),
@@ -200,7 +204,7 @@ def verify(llm: LLM, model: str, prompts: list[str], max_new_tokens: int = 32, m
     passed = max_kl is None or summary.mean_kl <= max_kl  # NaN fails
     info = {"model": model, "dtype": llm.engine.dtype, "device": llm.engine.device, "reference": "transformers float32",
             "max_new_tokens": max_new_tokens, **(settings or {})}
-    return VerifyReport(info, rows, summary, max_kl, passed)
+    return VerifyReport(info, list(rows), summary, max_kl, passed)
 
 
 def _kl(x: float) -> str:
