@@ -50,6 +50,12 @@ class _EngineCollector:
             g = GaugeMetricFamily(name, doc, labels=["model_name"])
             g.add_metric([self.model], float(value))
             yield g
+        g = GaugeMetricFamily("fastinfer_kv_cache_group_blocks_in_use", "KV blocks in use per KV cache group "
+                              "(by sliding window; 'full': full attention)", labels=["model_name", "sliding_window"])
+        for grp in s.kv_groups:
+            g.add_metric([self.model, "full" if grp.sliding_window is None else str(grp.sliding_window)],
+                         float(grp.num_in_use))
+        yield g
 
 
 class ServerMetrics:

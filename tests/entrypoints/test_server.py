@@ -86,6 +86,7 @@ def test_models_tokenize_detokenize_health_metrics(served):
                  "fastinfer_kv_cache_usage_perc", "fastinfer_num_preemptions_total",
                  "fastinfer_prefix_cache_hits_total", "fastinfer_generation_tokens_total"):
         assert name in body
+    assert 'fastinfer_kv_cache_group_blocks_in_use{model_name="tiny",sliding_window="full"}' in body
 
 
 BAD = [
