@@ -124,6 +124,24 @@ def test_jsonl_prompts_and_default_prompts(tiny_model_dir, tmp_path):
     assert rc == 0 and [p["prompt"] for p in report["prompts"]] == list(DEFAULT_PROMPTS)
 
 
+def test_llm_prompt_logits_is_the_served_models_and_leaves_the_engine_serving(tiny_llm):
+    from fastinfer import SamplingParams
+
+    llm = tiny_llm("llama", max_model_len=64)
+    ids = llm.get_tokenizer().encode("The quick brown fox jumps over the lazy dog")
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    before = llm.generate([ids], sp, use_tqdm=False)[0].outputs[0].token_ids  # its blocks now in the prefix cache
+    seq = ids + list(before)
+    logits = llm.prompt_logits(seq)
+    assert logits.dtype == torch.float32 and logits.shape == (len(seq), llm.engine.model_config.vocab_size)
+    # teacher-forced over our own greedy tokens: each row's argmax is the token generated after it
+    assert logits[len(ids) - 1:-1].argmax(-1).tolist() == list(before)
+    assert torch.equal(llm.prompt_logits({"prompt_token_ids": seq}), logits)
+    assert llm.generate([ids], sp, use_tqdm=False)[0].outputs[0].token_ids == before
+    with pytest.raises(ValueError, match="max_model_len=64"):
+        llm.prompt_logits(list(range(1, 66)))
+
+
 # -- the statistics themselves -----------------------------------------------------------------------------------
 
 def test_position_stats_against_a_direct_computation():
