@@ -40,12 +40,13 @@ CASES = {
 def test_out_of_window_blocks_are_never_read(backend, case, dtype):
     be = _backend(backend)
     query_lens, seq_lens, bs, window = CASES[case]
-    q, k_cache, v_cache, meta = paged_case(query_lens, seq_lens, 4, 2, 32, bs, dtype, seed=3)
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    q, k_cache, v_cache, meta = paged_case(query_lens, seq_lens, 4, 2, 32, bs, dtype, seed=3, device=device)
     scale = 32 ** -0.5
     ref = reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, scale, window)
 
     null = k_cache.shape[0]  # one block past the pool, as the KV manager's null block
-    nan_block = torch.full((1, *k_cache.shape[1:]), float("nan"), dtype=dtype)
+    nan_block = torch.full((1, *k_cache.shape[1:]), float("nan"), dtype=dtype, device=device)
     k_cache, v_cache = torch.cat([k_cache, nan_block]), torch.cat([v_cache, nan_block])
     tables, freed = [], 0
     for i, (qlen, slen) in enumerate(zip(query_lens, seq_lens)):
@@ -56,8 +57,8 @@ def test_out_of_window_blocks_are_never_read(backend, case, dtype):
         tables.append([null] * first + blocks[first:])
         freed += first
     assert freed >= 3, "the case must free blocks"
-    null_meta = AttentionMetadata.build(query_lens, seq_lens, tables, bs)
+    null_meta = AttentionMetadata.build(query_lens, seq_lens, tables, bs, device)
     out = be.paged_attention(q, k_cache, v_cache, null_meta, scale, window)
     assert torch.isfinite(out).all(), f"{backend}: a NaN from an out-of-window block leaked"
     tol = 1e-4 if dtype == torch.float32 else 4e-3
-    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(out.float().cpu(), ref.cpu(), atol=tol, rtol=tol)
