@@ -71,11 +71,21 @@ def _tiny_config(arch: str):
     raise ValueError(arch)
 
 
+def save_tiny_model(model, d, tokenizer_dir: str) -> str:
+    """Save ``model`` (fp32 safetensors) into directory ``d`` beside the tokenizer files of ``tokenizer_dir``."""
+    import shutil
+
+    model.save_pretrained(d, safe_serialization=True)
+    for f in os.listdir(tokenizer_dir):
+        shutil.copy(os.path.join(tokenizer_dir, f), d)
+    with open(os.path.join(d, "config.json")) as fh:
+        assert json.load(fh)["architectures"]
+    return str(d)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_tokenizer_dir):
     """Factory: arch name -> directory with a tiny random HF model (fp32, safetensors) + tokenizer files."""
-    import shutil
-
     import torch
     import transformers
 
@@ -92,13 +102,7 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer_dir):
                 for p in model.parameters():
                     if p.dim() == 2:
                         p.normal_(0, 0.08)
-            d = tmp_path_factory.mktemp(f"tiny-{arch}")
-            model.save_pretrained(d, safe_serialization=True)
-            for f in os.listdir(smollm2_tokenizer_dir):
-                shutil.copy(os.path.join(smollm2_tokenizer_dir, f), d)
-            with open(os.path.join(d, "config.json")) as fh:
-                assert json.load(fh)["architectures"]
-            cache[arch] = str(d)
+            cache[arch] = save_tiny_model(model, tmp_path_factory.mktemp(f"tiny-{arch}"), smollm2_tokenizer_dir)
         return cache[arch]
 
     return make

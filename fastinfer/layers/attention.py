@@ -3,6 +3,8 @@ op set's ``store_kv`` + ``paged_attention`` and the output projection. Every nat
 from this module (the model's ``bind_kv_cache`` hands each one its (k, v) cache pair)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -15,13 +17,15 @@ from fastinfer.ops import AttentionMetadata, OpSet
 class SelfAttention(nn.Module):
     """``o_proj(attention(rope(q), rope(k), v))`` for packed tokens [T, hidden]. ``qkv_proj`` is one
     :class:`Linear` with shards (q, k, v); ``rotary`` None means no RoPE (learned absolute positions);
-    ``qk_norm_eps`` adds RMSNorm over each head's q and k before RoPE (Qwen3); ``scale`` defaults to
-    head_dim ** -0.5."""
+    ``qk_norm_eps`` adds RMSNorm over each head's q and k before RoPE (Qwen3; ``qk_norm_cls`` another norm of
+    RMSNorm's signature, e.g. Gemma 3's); ``scale`` defaults to head_dim ** -0.5; ``softcap`` caps the scores to
+    ``softcap * tanh(score / softcap)`` (Gemma 2)."""
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, ops: OpSet,
                  dtype: torch.dtype, rotary: RotaryEmbedding | None, *, qkv_bias: bool = False,
                  o_bias: bool = False, qk_norm_eps: float | None = None, sliding_window: int | None = None,
-                 scale: float | None = None) -> None:
+                 scale: float | None = None, softcap: float | None = None,
+                 qk_norm_cls: Callable[..., nn.Module] = RMSNorm) -> None:
         super().__init__()
         self.ops = ops
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -31,11 +35,12 @@ class SelfAttention(nn.Module):
         self.o_proj = Linear(q_size, hidden_size, bias=o_bias, dtype=dtype, ops=ops)
         self.q_norm = self.k_norm = None
         if qk_norm_eps is not None:
-            self.q_norm = RMSNorm(head_dim, qk_norm_eps, ops, dtype)
-            self.k_norm = RMSNorm(head_dim, qk_norm_eps, ops, dtype)
+            self.q_norm = qk_norm_cls(head_dim, qk_norm_eps, ops, dtype)
+            self.k_norm = qk_norm_cls(head_dim, qk_norm_eps, ops, dtype)
         self.rotary = rotary  # shared by all layers
         self.scale = head_dim ** -0.5 if scale is None else scale
         self.sliding_window = sliding_window
+        self.softcap = softcap
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
@@ -52,5 +57,6 @@ class SelfAttention(nn.Module):
             q, k = self.rotary(positions, q, k)
         meta = meta.for_window(self.sliding_window)  # this layer's KV cache group: its block table and slots
         self.ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        o = self.ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
+        o = self.ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window,
+                                     self.softcap)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))

@@ -35,6 +35,15 @@ from fastinfer.quantization.format import QuantizedWeight
 from fastinfer.quantization.methods import QuantMethod, get_method, parse_method
 
 
+def input_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's first norm over the stream: ``(norm(x), x)`` for the first layer (no residual yet), else the fused
+    ``norm(x, residual)`` -> ``(norm(residual + x), residual + x)``."""
+    if residual is None:
+        return norm(x), x
+    return norm(x, residual)
+
+
 class PreNormDecoderLayer(nn.Module):
     """``x += attn(norm1(x)); x += mlp(norm2(x))`` with the residual carried beside the stream, so each norm
     fuses the add (RMSNorm's ``fused_add_rms_norm``). Subclasses create ``input_layernorm``, ``self_attn``,
@@ -47,11 +56,7 @@ class PreNormDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = x
-            h = self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm(x, residual)
+        h, residual = input_norm(self.input_layernorm, x, residual)
         h = self.self_attn(positions, h, meta)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual

@@ -14,6 +14,8 @@ _MODELS: dict[str, Any] = {
     "Phi3ForCausalLM": "fastinfer.models.llama:LlamaForCausalLM",
     "GPT2LMHeadModel": "fastinfer.models.gpt2:GPT2LMHeadModel",
     "GPTNeoXForCausalLM": "fastinfer.models.gpt_neox:GPTNeoXForCausalLM",
+    "Gemma2ForCausalLM": "fastinfer.models.gemma:Gemma2ForCausalLM",
+    "Gemma3ForCausalLM": "fastinfer.models.gemma:Gemma3ForCausalLM",
 }
 
 
