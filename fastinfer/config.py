@@ -13,8 +13,9 @@ DEFAULT_MODEL = "smollm2-135m"  # the embedded default (fastinfer.models.loader.
 @dataclass(frozen=True)
 class ModelConfig:
     """The shape of a decoder, read from an HF ``config.json`` or GGUF metadata. ``architecture`` must be
-    registered in :mod:`fastinfer.models.registry`; ``hf_config`` keeps the whole source dict so a family can
-    read its own extra keys."""
+    registered in :mod:`fastinfer.models.registry` unless ``model_impl`` is "transformers" (the generic path:
+    transformers' own modules, for any causal LM it knows); ``hf_config`` keeps the whole source dict so a
+    family can read its own extra keys."""
 
     architecture: str
     vocab_size: int
@@ -35,10 +36,13 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"
     model_type: str = ""
+    model_impl: str = "fastinfer"  # "fastinfer" (a native class) or "transformers" (the generic path)
     hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not registry.is_supported(self.architecture):
+        if self.model_impl not in ("fastinfer", "transformers"):
+            raise ValueError(f"model config: model_impl must be 'fastinfer' or 'transformers', got {self.model_impl!r}")
+        if self.model_impl == "fastinfer" and not registry.is_supported(self.architecture):
             raise ValueError(f"unsupported architecture {self.architecture!r}; fastinfer supports "
                              f"{', '.join(registry.supported_architectures())}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -51,12 +55,15 @@ class ModelConfig:
                              f"multiple of num_key_value_heads ({self.num_key_value_heads})")
 
     @classmethod
-    def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
-        """Build from the dict of an HF ``config.json``."""
+    def from_hf_dict(cls, cfg: dict[str, Any], model_impl: str = "auto") -> ModelConfig:
+        """Build from the dict of an HF ``config.json``; ``model_impl`` as in :func:`registry.choose_impl`."""
         cfg = _with_key_aliases(cfg)
         archs = cfg.get("architectures") or []
         arch = next((a for a in archs if registry.is_supported(a)), archs[0] if archs else
                     f"<model_type={cfg.get('model_type')!r}>")
+        impl = registry.choose_impl(arch, model_impl, remote_code=bool(cfg.get("auto_map")))
+        if impl == "transformers":
+            cfg = {**cfg, **_transformers_keys(cfg)}
         heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         eos = cfg.get("eos_token_id")
@@ -91,6 +98,7 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
             model_type=str(cfg.get("model_type") or ""),
+            model_impl=impl,
             hf_config=dict(cfg),
         )
 
@@ -134,6 +142,23 @@ def _with_key_aliases(cfg: dict[str, Any]) -> dict[str, Any]:
     if out.get("intermediate_size") is None and "n_inner" in cfg and out.get("hidden_size") is not None:
         out["intermediate_size"] = 4 * out["hidden_size"]
     return out
+
+
+def _transformers_keys(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The sizes :class:`ModelConfig` reads, for the generic path, through transformers' own config class of the
+    family (its attribute map reads ``n_embd`` as hidden_size, ``n_head`` as num_attention_heads, ...); the FFN
+    width and KV heads where a family names them otherwise or not at all. Imports transformers (lazily)."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.for_model(str(cfg.get("model_type")), **{k: v for k, v in cfg.items() if k != "model_type"})
+    hidden, heads = c.hidden_size, c.num_attention_heads
+    ffn = next((v for v in (getattr(c, k, None) for k in ("intermediate_size", "ffn_dim", "n_inner"))
+                if isinstance(v, int)), 4 * hidden)
+    return {"hidden_size": hidden, "num_attention_heads": heads, "num_hidden_layers": c.num_hidden_layers,
+            "vocab_size": c.vocab_size, "intermediate_size": ffn,
+            "num_key_value_heads": getattr(c, "num_key_value_heads", None) or heads,
+            "max_position_embeddings": getattr(c, "max_position_embeddings", None) or 2048,
+            "tie_word_embeddings": bool(getattr(c, "tie_word_embeddings", False))}
 
 
 @dataclass(frozen=True)
@@ -228,7 +253,9 @@ class EngineConfig:
     """Engine arguments (vLLM names). ``device="auto"`` serves on CUDA when available, else on the CPU. KV
     memory comes from ``kv_cache_memory_bytes`` or ``num_kv_blocks`` when given, else on CUDA from
     ``gpu_memory_utilization`` of the device memory, on CPU from ``max_num_seqs x max_model_len`` tokens capped at
-    ``DEFAULT_KV_BYTES``."""
+    ``DEFAULT_KV_BYTES``. ``model_impl`` (vLLM's name): "auto" serves an architecture with its native class
+    when fastinfer has one, else with transformers' own modules (the generic path); "fastinfer" or
+    "transformers" forces one."""
 
     model: str
     tokenizer: str | None = None
@@ -247,6 +274,7 @@ class EngineConfig:
     device: str = "auto"
     gpu_memory_utilization: float = 0.9
     attention_backend: str | None = None
+    model_impl: str = "auto"
     load_progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -272,6 +300,8 @@ class EngineConfig:
         g = self.gpu_memory_utilization
         if not isinstance(g, (int, float)) or isinstance(g, bool) or not 0 < g <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {g!r}")
+        if self.model_impl not in registry.MODEL_IMPLS:
+            raise ValueError(f"model_impl must be one of {registry.MODEL_IMPLS}, got {self.model_impl!r}")
         if self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet (one device per engine)")
         from fastinfer.quantization import parse_method

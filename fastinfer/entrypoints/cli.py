@@ -33,6 +33,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\', '
                         '\'{"method": "draft_model", "model": DRAFT}\' or \'{"method": "draft_model", '
                         '"quantization": "int4"}\' (int4 self-draft)')
+    p.add_argument("--model-impl", default="auto", choices=["auto", "fastinfer", "transformers"],
+                   help="auto: fastinfer's native class when there is one, else transformers' own modules with "
+                        "fastinfer's paged attention (the generic path); or force one")
     p.add_argument("-v", "--verbose", action="store_true", help="log engine details to stderr")
 
 
@@ -60,7 +63,8 @@ def _llm(a: argparse.Namespace):
 
     return LLM(a.model, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs, seed=a.seed,
                enable_prefix_caching=a.enable_prefix_caching, speculative_config=a.speculative_config,
-               quantization=a.quantization, device=a.device, load_progress=sys.stderr.isatty())
+               quantization=a.quantization, device=a.device, model_impl=a.model_impl,
+               load_progress=sys.stderr.isatty())
 
 
 def cmd_generate(a: argparse.Namespace) -> int:

@@ -100,10 +100,11 @@ class CausalLM(Protocol):
 
 
 def build_model(config: ModelConfig, ops: OpSet, dtype: torch.dtype, device: torch.device | str) -> CausalLM:
-    """The registered class for ``config.architecture``, with its parameters allocated on ``device``."""
+    """The registered class for ``config.architecture`` (the generic class when ``config.model_impl`` is
+    "transformers"), with its parameters allocated on ``device``."""
     from fastinfer.models.registry import resolve_model_class
 
-    cls = resolve_model_class(config.architecture)
+    cls = resolve_model_class(config.architecture, config.model_impl)
     with torch.device(device):
         model = cls(config, ops, dtype)
     return model

@@ -132,7 +132,7 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str, device_type: str = "cpu") -
 
 def load_model(model: str, dtype: str = "auto", ops: OpSet | None = None, max_model_len: int | None = None,
                tokenizer: str | None = None, progress: bool = True, quantization: str | None = None,
-               device: torch.device | str | None = None) -> LoadedModel:
+               device: torch.device | str | None = None, model_impl: str = "auto") -> LoadedModel:
     """Load weights, config and tokenizer; ``max_model_len`` may not exceed the model's context length.
     Parameters are created on ``device`` (default: the op set's device type) and checkpoint tensors are
     copied straight into them, so a GPU model never exists on the CPU first.
@@ -142,7 +142,10 @@ def load_model(model: str, dtype: str = "auto", ops: OpSet | None = None, max_mo
     (RTN) and give the lm_head int8 per-channel weights; a GGUF file's Q8_0/Q4_0/Q4_1 tensors are then taken as
     they are (lossless int8/int4 group 32) instead of re-quantized (the method's ``keeps_file_quantization``).
     "gguf" keeps only the file's own quantized tensors. A directory saved by ``fastinfer quantize`` loads
-    quantized whatever this argument says (its tensors loaded by the method it was saved with)."""
+    quantized whatever this argument says (its tensors loaded by the method it was saved with).
+
+    ``model_impl`` ("auto" | "fastinfer" | "transformers", see :func:`fastinfer.models.registry.choose_impl`)
+    picks the native class or the generic path (transformers' own modules; HF directories only, unquantized)."""
     t0 = time.perf_counter()
     path = resolve_model_path(model)
     ops = ops or OpSet("cpu")
@@ -150,17 +153,23 @@ def load_model(model: str, dtype: str = "auto", ops: OpSet | None = None, max_mo
     if path.endswith(".gguf"):
         gguf_file = GGUFFile(path)
         cfg = gguf_file.model_config()
+        if model_impl == "transformers":
+            raise ValueError(f"{path}: model_impl='transformers' (the generic path) loads HF safetensors "
+                             "directories, not GGUF files")
     else:
         try:
             with open(os.path.join(path, "config.json")) as fh:
                 raw = json.load(fh)
-            cfg = ModelConfig.from_hf_dict(raw)
+            cfg = ModelConfig.from_hf_dict(raw, model_impl)
             saved_method = _saved_method(raw)
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}/config.json is not a valid model config ({type(e).__name__}: {e})") from e
     if max_model_len is not None and max_model_len > cfg.max_position_embeddings:
         raise ValueError(f"max_model_len={max_model_len} exceeds the model's context length "
                          f"({cfg.max_position_embeddings})")
+    if quantization is not None and cfg.model_impl == "transformers":
+        raise ValueError(f"quantization={quantization!r}: not supported on the generic path (transformers' own "
+                         f"modules, serving {cfg.architecture}); load it unquantized")
     tdtype = resolve_dtype(dtype, cfg.torch_dtype, ops.device_type)
     net = build_model(cfg, ops, tdtype, device if device is not None else ops.device_type)
     qm = method_of(quantization)
@@ -179,8 +188,9 @@ def load_model(model: str, dtype: str = "auto", ops: OpSet | None = None, max_mo
     secs = time.perf_counter() - t0
     n_params = sum(p.numel() for p in net.parameters())  # type: ignore[attr-defined]
     quant = describe_quantization(net)
-    logger.info("loaded %s (%s, %.1fM float parameters, %s%s) in %.2f s", path, cfg.architecture, n_params / 1e6,
-                str(tdtype).removeprefix("torch."), f", {quant}" if quant else "", secs)
+    impl = "native" if cfg.model_impl == "fastinfer" else "generic path: transformers' modules"
+    logger.info("loaded %s (%s, %s, %.1fM float parameters, %s%s) in %.2f s", path, cfg.architecture, impl,
+                n_params / 1e6, str(tdtype).removeprefix("torch."), f", {quant}" if quant else "", secs)
     return LoadedModel(net, cfg, tok, tdtype, secs, path)
 
 

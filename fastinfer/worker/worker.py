@@ -59,7 +59,8 @@ class Worker:
         self.device = select_device(config.device)
         self.ops = OpSet(self.device.type, config.attention_backend)
         loaded = load_model(config.model, config.dtype, self.ops, config.max_model_len, config.tokenizer,
-                            config.load_progress, quantization=config.quantization, device=self.device)
+                            config.load_progress, quantization=config.quantization, device=self.device,
+                            model_impl=config.model_impl)
         self.loaded = loaded
         self.model, self.model_config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
         self.max_model_len = config.max_model_len or loaded.config.max_position_embeddings
@@ -119,7 +120,8 @@ class Worker:
         dtype = str(target.dtype).removeprefix("torch.")
         try:
             draft = load_model(name, dtype, self.ops, self.max_model_len, None, self.config.load_progress,
-                               quantization=spec.draft_quantization, device=self.device)
+                               quantization=spec.draft_quantization, device=self.device,
+                               model_impl=self.config.model_impl if spec.self_draft else "auto")
         except ValueError as e:
             raise ValueError(f"speculative_config: cannot load the draft model {name!r}: {e}") from e
         tcfg, dcfg = target.config, draft.config

@@ -60,7 +60,7 @@ def test_unknown_architecture_names_supported_ones(tmp_path, tiny_model_dir):
     cfg_path = os.path.join(d, "config.json")
     with open(cfg_path) as fh:
         cfg = json.load(fh)
-    cfg["architectures"] = ["GPTNeoXForCausalLM"]
+    cfg["architectures"] = ["NoSuchForCausalLM"]  # neither native nor known to transformers
     with open(cfg_path, "w") as fh:
         json.dump(cfg, fh)
     with pytest.raises(ValueError, match="LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
