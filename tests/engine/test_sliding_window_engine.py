@@ -146,3 +146,26 @@ def test_null_block_full_of_nan_changes_nothing(model, backend):
             k[layout.num_blocks[g]] = v[layout.num_blocks[g]] = float("nan")
     got, _ = _serve(llm, _prompts())
     assert got == ref
+
+
+def test_forked_samples_copy_every_group(model):
+    """n = 2 greedy samples per prompt: the second forks from the first's prefill (shared blocks per group and a
+    copy of the last prompt block in every group, window group included); every sample equals HF's greedy."""
+    name, path, ref = model
+    llm = LLM(path, dtype="float32", block_size=BS, max_num_seqs=SEQS, max_model_len=256, load_progress=False,
+              max_num_batched_tokens=256)
+    sched, copies = llm.engine.scheduler, []
+    schedule = sched.schedule
+
+    def recording():
+        out = schedule()
+        copies.extend(out.blocks_to_copy)
+        return out
+
+    sched.schedule = recording  # type: ignore[method-assign]
+    prompts = _prompts()[:2]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(n=2, temperature=0, max_tokens=NEW, ignore_eos=True), use_tqdm=False)
+    assert [[list(c.token_ids) for c in o.outputs] for o in outs] == [[r, r] for r in ref[:2]]
+    groups = len(sched.stats().kv_groups)
+    assert sorted({g for g, _, _ in copies}) == list(range(groups)) and len(copies) == 2 * groups
