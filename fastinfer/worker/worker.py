@@ -52,7 +52,6 @@ class WorkerInfo:
     kv_group_blocks: tuple[int, ...] = ()  # blocks of each group's pool
 
 
-
 class Worker:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
