@@ -34,16 +34,16 @@ CASES = {
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
-@pytest.mark.parametrize(("case", "dtype"), [(c, torch.float32) for c in CASES]
-                         + [("decode+chunks-w13-bs4", torch.float16)],
-                         ids=[f"{c}-fp32" for c in CASES] + ["decode+chunks-w13-bs4-fp16"])
-def test_out_of_window_blocks_are_never_read(backend, case, dtype):
+@pytest.mark.parametrize(("case", "dtype", "softcap"), [(c, torch.float32, None) for c in CASES]
+                         + [("decode+chunks-w13-bs4", torch.float16, None), ("edges-w16-bs8", torch.float32, 1.5)],
+                         ids=[f"{c}-fp32" for c in CASES] + ["decode+chunks-w13-bs4-fp16", "edges-w16-bs8-softcap"])
+def test_out_of_window_blocks_are_never_read(backend, case, dtype, softcap):
     be = _backend(backend)
     query_lens, seq_lens, bs, window = CASES[case]
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     q, k_cache, v_cache, meta = paged_case(query_lens, seq_lens, 4, 2, 32, bs, dtype, seed=3, device=device)
     scale = 32 ** -0.5
-    ref = reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, scale, window)
+    ref = reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, scale, window, softcap)
 
     null = k_cache.shape[0]  # one block past the pool, as the KV manager's null block
     nan_block = torch.full((1, *k_cache.shape[1:]), float("nan"), dtype=dtype, device=device)
@@ -58,7 +58,7 @@ def test_out_of_window_blocks_are_never_read(backend, case, dtype):
         freed += first
     assert freed >= 3, "the case must free blocks"
     null_meta = AttentionMetadata.build(query_lens, seq_lens, tables, bs, device)
-    out = be.paged_attention(q, k_cache, v_cache, null_meta, scale, window)
+    out = be.paged_attention(q, k_cache, v_cache, null_meta, scale, window, softcap)
     assert torch.isfinite(out).all(), f"{backend}: a NaN from an out-of-window block leaked"
     tol = 1e-4 if dtype == torch.float32 else 4e-3
     torch.testing.assert_close(out.float().cpu(), ref.cpu(), atol=tol, rtol=tol)
