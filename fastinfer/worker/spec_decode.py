@@ -33,12 +33,12 @@ class Draft:
 class Proposer(Protocol):
     """Everything the worker asks of a speculative proposer (n-gram lookup, draft model).
 
-    ``propose`` gets requests whose computed tokens are one behind their total (the last token is the next
-    input), ``ks[i]`` >= 1 tokens to propose for ``reqs[i]`` and its KV block ids (one list per KV cache
-    group). A proposer with ``needs_kv_slots`` writes its own KV at positions up to ``num_tokens + k - 2``: the
-    scheduler reserves those as lookahead slots. It may return fewer tokens than asked (none at all). ``last_step_s`` is the
-    measured time of one draft step of the last proposal without its catch-up (None when not measured) and
-    ``lag(req)`` the tokens of ``req`` the proposer has not seen yet (0 for a stateless proposer)."""
+    ``propose`` gets requests whose computed tokens are one behind their total (the last token is the next input),
+    ``ks[i]`` >= 1 tokens to propose for ``reqs[i]`` and its KV block ids (one list per KV cache group). A proposer
+    with ``needs_kv_slots`` writes its own KV at positions up to ``num_tokens + k - 2``: the scheduler reserves
+    those as lookahead slots. It may return fewer tokens than asked (none at all). ``last_step_s`` is the measured
+    time of one draft step of the last proposal without its catch-up (None when not measured) and ``lag(req)`` the
+    tokens of ``req`` the proposer has not seen yet (0 for a stateless proposer)."""
 
     needs_kv_slots: bool
     last_step_s: float | None
