@@ -169,3 +169,17 @@ def test_forked_samples_copy_every_group(model):
     assert [[list(c.token_ids) for c in o.outputs] for o in outs] == [[r, r] for r in ref[:2]]
     groups = len(sched.stats().kv_groups)
     assert sorted({g for g, _, _ in copies}) == list(range(groups)) and len(copies) == 2 * groups
+
+
+def test_draft_model_keeps_one_group_and_stays_exact(tiny_model_dir):
+    """With a draft model (here the int4 self-draft) the target's windowed layers keep every block in one group
+    (the draft's catch-up reads positions the target has passed); greedy output is still HF's."""
+    path = tiny_model_dir("mistral")
+    prompts = _prompts()[:2]
+    llm = LLM(path, dtype="float32", block_size=BS, max_num_seqs=SEQS, max_model_len=256, load_progress=False,
+              max_num_batched_tokens=32, speculative_config={"method": "draft_model", "num_speculative_tokens": 2,
+                                                          "cost_aware": False})
+    got, trace = _serve(llm, prompts)
+    assert got == _hf_greedy(path, prompts)
+    assert [g.sliding_window for g in trace[-1][0].kv_groups] == [None]
+    assert llm.engine.spec_stats["draft_tokens"] > 0
