@@ -75,6 +75,15 @@ def test_tokenizer_from_the_file(gemma3_llm):
         assert tok.decode(tok.encode(text), skip_special_tokens=True) == text
 
 
+def test_no_chat_template_in_the_file_is_a_clear_error(gemma3_llm):
+    """The file is the base model's conversion and carries no tokenizer.chat_template; one can be passed."""
+    msgs = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(ValueError, match="chat_template"):
+        gemma3_llm.chat_prompt(msgs)
+    template = "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    assert gemma3_llm.chat_prompt(msgs, chat_template=template)["prompt"] == "<start_of_turn>user\nHi<end_of_turn>\n"
+
+
 @pytest.mark.slow
 def test_greedy_matches_hf_transformers(ours_greedy, hf_greedy):
     assert ours_greedy == hf_greedy
@@ -86,7 +95,7 @@ def test_every_quantized_type_in_the_file_is_bit_exact(gemma3_path):
     from fastinfer.models.gguf_loader import GGUFFile, dequantize, to_quantized
 
     seen = set()
-    for t in GGUFFile(gemma3_path).reader.tensors:
+    for t in sorted(GGUFFile(gemma3_path).reader.tensors, key=lambda t: t.n_bytes):  # the smallest of each type
         if t.tensor_type.name in seen or t.tensor_type.name == "F32":
             continue
         seen.add(t.tensor_type.name)
