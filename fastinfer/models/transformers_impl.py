@@ -2,21 +2,25 @@
 
 The HF model is built on the meta device, then materialised on the serving device (every parameter left
 empty for the checkpoint, the non-persistent buffers such as RoPE frequencies recomputed by transformers' own
-initialisation, the way ``from_pretrained`` does) and filled from the safetensors tensors. Its attention goes
-through transformers' attention interface to :func:`paged_attention_forward` (registered as ``"fastinfer"``
-and set as the config's attention implementation): the already-rotated k and v go into the paged KV cache with
-``ops.store_kv`` and the output comes from ``ops.paged_attention`` over the step's :class:`AttentionMetadata`.
-With a custom implementation, transformers' mask builders return no mask, so no dense [T, T] mask exists; the
-packed token stream runs as a batch of one [1, T] with its positions as ``position_ids``.
+initialisation, the way ``from_pretrained`` does) and filled from the safetensors tensors (by its state-dict
+names; a layout transformers converts at load, such as per-expert MoE tensors, through transformers' own
+conversion routine). Its attention goes through transformers' attention interface to
+:func:`paged_attention_forward` (registered as ``"fastinfer"`` and set as the config's attention
+implementation): the already-rotated k and v go into the paged KV cache with ``ops.store_kv`` and the output
+comes from ``ops.paged_attention`` over the step's :class:`AttentionMetadata`. With a custom implementation,
+transformers' mask builders return no mask, so no dense [T, T] mask exists; the packed token stream runs as a
+batch of one [1, T] with its positions as ``position_ids``.
 
 Each attention layer's shape (KV heads, head size) and options (sliding window, soft-cap) are read from one
-forward on the meta device (a probe that computes nothing), which also proves the model's code calls the
-interface: a model that does not (its attention is hand-written, or it builds its own mask or biases such as
-ALiBi) gets a clear error. Remote code is never run. The logits are the CausalLM's own head applied to our
-hidden states (its forward with the body bypassed), so a family's logit scaling or soft-capping is kept.
+forward on the meta device (a probe that computes nothing; on the device with zeroed weights when meta tensors
+cannot run the forward), which also proves the model's code calls the interface: a model that does not (its
+attention is hand-written, or it builds its own mask or biases such as ALiBi) gets a clear error. Remote code
+is never run. The logits are the CausalLM's own head applied to our hidden states (its forward with the body
+bypassed), so a family's logit scaling or soft-capping is kept.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterable, Iterator
@@ -169,19 +173,35 @@ def _build_on_meta(cfg: ModelConfig, dtype: torch.dtype) -> Any:
                              "servable on the generic path") from e
 
 
-def _probe_attention(model: TransformersForCausalLM, name: str) -> list[_ProbeCall]:
-    """One forward of two tokens and the head on the meta device (shapes only), recording each attention call
-    in order."""
-    with _probing() as calls, torch.device("meta"):
+def _probe_forward(model: TransformersForCausalLM, device: torch.device) -> list[_ProbeCall]:
+    """One forward of two tokens and the head on ``device``, recording each attention call in order."""
+    with _probing() as calls, torch.device(device):
+        hidden = model._body(input_ids=torch.zeros(1, 2, dtype=torch.long), position_ids=torch.arange(2)[None],
+                             use_cache=False).last_hidden_state
+        model.compute_logits(hidden[0])
+    return calls
+
+
+def _probe_attention(model: TransformersForCausalLM, name: str, device: torch.device) -> list[_ProbeCall]:
+    """The attention calls of one forward on the meta device (shapes only). A forward meta tensors cannot run
+    (data-dependent ops such as MoE routing) is probed on ``device`` instead, materialised with zeroed weights."""
+    try:
+        calls = _probe_forward(model, torch.device("meta"))
+    except ValueError:
+        raise
+    except Exception as e:
+        logger.info("%s: no forward on the meta device (%s: %s); probing on %s with zeroed weights", name,
+                    type(e).__name__, str(e).splitlines()[0][:120], device)
+        _materialise(model.hf, device)
+        for p in model.hf.parameters():
+            p.data.zero_()
         try:
-            hidden = model._body(input_ids=torch.zeros(1, 2, dtype=torch.long), position_ids=torch.arange(2)[None],
-                                 use_cache=False).last_hidden_state
-            model.compute_logits(hidden[0])
+            calls = _probe_forward(model, device)
         except ValueError:
             raise
-        except Exception as e:
-            raise ValueError(f"{name}: the shape probe (a forward on the meta device) failed ({type(e).__name__}: "
-                             f"{e}); not servable on the generic path") from e
+        except Exception as e2:
+            raise ValueError(f"{name}: the shape probe (one forward of two tokens) failed ({type(e2).__name__}: "
+                             f"{e2}); not servable on the generic path") from e2
     if not calls:
         raise ValueError(f"{name} never called transformers' attention interface in its forward (its attention "
                          "is computed by its own code): not servable on the generic path")
@@ -210,9 +230,26 @@ class _PassThrough(nn.Module):
     states, so the CausalLM's forward applies only its head (and whatever it does to the logits)."""
 
     def forward(self, *args: Any, inputs_embeds: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        from transformers.modeling_outputs import BaseModelOutputWithPast
+        return _hidden_output(inputs_embeds)
 
-        return BaseModelOutputWithPast(last_hidden_state=inputs_embeds)
+
+def _hidden_output(hidden: torch.Tensor | None) -> Any:
+    """A body output holding only ``last_hidden_state``; every other field a head may read (cross attentions,
+    router logits, ...) is None."""
+    return _hidden_only_class()(last_hidden_state=hidden)
+
+
+@functools.cache
+def _hidden_only_class() -> Any:
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    class HiddenOnly(BaseModelOutputWithPast):
+        def __getattr__(self, name: str) -> None:
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return None
+
+    return HiddenOnly
 
 
 class TransformersForCausalLM(nn.Module):
@@ -236,8 +273,10 @@ class TransformersForCausalLM(nn.Module):
         parent, _, self._body_attr = path.rpartition(".")
         self._body_parent = self.hf.get_submodule(parent)
         object.__setattr__(self, "_body", body)
-        calls = _probe_attention(self, type(self.hf).__name__)
-        _materialise(self.hf, torch.get_default_device())
+        device = torch.get_default_device()
+        calls = _probe_attention(self, type(self.hf).__name__, device)
+        if next(self.hf.parameters()).is_meta:
+            _materialise(self.hf, device)
         self._step = _Step(ops)
         self.layers: list[PagedLayer] = []
         for c in calls:
@@ -282,30 +321,61 @@ class TransformersForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
         """Copy checkpoint tensors into the HF model by its own state-dict names (with or without the body's
-        prefix, as transformers accepts them); raises on unknown names, shape mismatches or missing weights."""
+        prefix, as transformers accepts them); the rest (layouts transformers converts at load: per-expert MoE
+        tensors, legacy names) through transformers' own conversions. Raises on tensors with no place, shape
+        mismatches or missing weights."""
         arch = self.config.architecture
         targets = self.hf.state_dict(keep_vars=True)
         ignore = [re.compile(p) for p in (getattr(self.hf, "_keys_to_ignore_on_load_unexpected", None) or [])]
         ignore.append(re.compile(r"rotary_emb\.inv_freq$"))
         loaded: set[int] = set()
+        pending: dict[str, torch.Tensor] = {}
         for name, tensor in weights:
             if isinstance(tensor, QuantizedWeight):
                 raise ValueError(_NO_QUANT.format(arch=arch) + f" (checkpoint tensor {name!r} is quantized)")
             key = name if name in targets else f"{self._prefix}.{name}"
             if key not in targets:
-                if any(p.search(name) for p in ignore):
-                    continue
-                raise ValueError(f"checkpoint tensor {name!r} has no place in transformers' {arch} (checkpoints in "
-                                 "a layout transformers converts at load are not read by the generic path)")
+                if not any(p.search(name) for p in ignore):
+                    pending[name] = tensor
+                continue
             dst = targets[key]
             if tuple(dst.shape) != tuple(tensor.shape):
                 raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, model expects "
                                  f"{tuple(dst.shape)}")
             dst.data.copy_(tensor)
             loaded.add(id(dst))
-        missing = [n for n, p in self.hf.named_parameters() if id(p) not in loaded]
+        converted = _load_converted(self.hf, pending, self.dtype, arch) if pending else set()
+        missing = [n for n, p in self.hf.named_parameters() if id(p) not in loaded and n not in converted]
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:4]}")
 
+
+def _load_converted(hf: Any, tensors: dict[str, torch.Tensor], dtype: torch.dtype, arch: str) -> set[str]:
+    """Load ``tensors`` through transformers' checkpoint conversions for ``hf`` (its own loader's routine);
+    returns the names of the parameters they filled. ValueError if any tensor finds no place."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+    from transformers.utils import logging as hf_logging
+
+    device = next(hf.parameters()).device
+    mapping: Any = get_model_conversion_mapping(hf)
+    config = LoadStateDictConfig(dtype=dtype, weight_mapping=mapping, device_map={"": device})
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        info, _ = convert_and_load_state_dict_in_model(model=hf, state_dict=tensors, load_config=config)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    bad = sorted(info.unexpected_keys) + [k for k, *_ in info.mismatched_keys]
+    if bad or info.conversion_errors or info.error_msgs:
+        why = info.conversion_errors or info.error_msgs or ""
+        raise ValueError(f"checkpoint tensors {bad[:4] or sorted(tensors)[:4]} have no place in transformers' "
+                         f"{arch}, even through its own checkpoint conversions {why}")
+    hf.tie_weights()
+    logger.info("generic path: %d checkpoint tensors loaded through transformers' checkpoint conversions",
+                len(tensors))
+    return {n for n, _ in hf.named_parameters()} - set(info.missing_keys)
 
 _register()

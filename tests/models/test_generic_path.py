@@ -11,6 +11,7 @@ import shutil
 import pytest
 import torch
 import transformers
+from safetensors.torch import save_file
 
 from fastinfer import LLM, SamplingParams
 from fastinfer.config import EngineConfig
@@ -43,6 +44,10 @@ def _config(arch: str) -> transformers.PretrainedConfig:
     if arch == "gptj":  # interleaved rotary on part of each head, parallel attention + MLP
         return transformers.GPTJConfig(**ids, n_embd=64, n_inner=128, n_layer=2, n_head=4, rotary_dim=8,
                                        n_positions=512, tie_word_embeddings=False)
+    if arch == "mixtral":  # MoE: per-expert checkpoint tensors fused at load by transformers' conversions
+        return transformers.MixtralConfig(**ids, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                          num_experts_per_tok=2, max_position_embeddings=512)
     if arch == "falcon":  # picks its attention class by implementation name: not servable
         return transformers.FalconConfig(**ids, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
     if arch == "bloom":  # ALiBi, attention written by hand: never calls the attention interface
@@ -79,7 +84,7 @@ def _llm(path: str, **kw) -> LLM:
     return LLM(path, dtype="float32", max_model_len=512, load_progress=False, **kw)
 
 
-@pytest.mark.parametrize("arch", GENERIC_ARCHS)
+@pytest.mark.parametrize("arch", [*GENERIC_ARCHS, "mixtral"])
 def test_prefill_logits_match_hf(arch, generic_dir, caplog):
     path = generic_dir(arch)
     hf = _hf_model(path)
@@ -87,6 +92,7 @@ def test_prefill_logits_match_hf(arch, generic_dir, caplog):
         llm = _llm(path)
     assert llm.engine.worker.model_config.model_impl == "transformers"
     assert f"generic path: {type(hf).__name__} runs on transformers' own modules" in caplog.text
+    assert ("through transformers' checkpoint conversions" in caplog.text) == (arch == "mixtral")
     for prompt in PROMPTS[:4]:
         ids = llm.get_tokenizer().encode(prompt)
         with torch.inference_mode():
@@ -181,5 +187,9 @@ def test_clear_errors(generic_dir, tmp_path):
         load_model(generic_dir("opt"), "float32", progress=False, model_impl="fastinfer")
     with pytest.raises(ValueError, match="not supported on the generic path"):
         load_model(generic_dir("opt"), "float32", progress=False, quantization="int8")
+    extra = shutil.copytree(generic_dir("opt"), tmp_path / "extra")
+    save_file({"decoder.no_such_layer.weight": torch.zeros(2, 2)}, str(extra / "extra.safetensors"))
+    with pytest.raises(ValueError, match=r"\['decoder.no_such_layer.weight'\] have no place in transformers' OPT"):
+        load_model(str(extra), "float32", progress=False)
     with pytest.raises(ValueError, match="model_impl must be one of"):
         EngineConfig(model="x", model_impl="vllm")
