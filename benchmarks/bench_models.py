@@ -46,8 +46,7 @@ def family_configs() -> dict:
         "opt": t.OPTConfig(vocab_size=VOCAB, hidden_size=256, ffn_dim=768, num_hidden_layers=4,
                            num_attention_heads=8, max_position_embeddings=2048, word_embed_proj_dim=256),
         "stablelm": t.StableLmConfig(**c),
-        "falcon": t.FalconConfig(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
-                                 new_decoder_architecture=True, num_kv_heads=4, max_position_embeddings=2048),
+        "gptj": t.GPTJConfig(vocab_size=VOCAB, n_embd=256, n_layer=4, n_head=8, n_positions=2048, rotary_dim=16),
     }
 
 

@@ -182,17 +182,19 @@ def assert_close(name: str, out, ref) -> None:
 
 # ----------------------------------------------------------------------------------------------- checks
 
-# (query_lens, seq_lens, H, Hkv, D, block_size, window): decode rows first
+# (query_lens, seq_lens, H, Hkv, D, block_size, window, softcap): decode rows first
 ATTENTION_CHECKS = {
-    "mixed_gqa4_d128": ([1, 1, 1, 37, 64], [1, 300, 1025, 100, 64], 32, 8, 128, 16, None),
-    "mixed_mqa_d64_window": ([1, 1, 90], [700, 33, 200], 8, 1, 64, 32, 128),
-    "prefill_ctx_d96": ([1, 50], [129, 77], 12, 4, 96, 16, None),
-    "prefill_d256": ([1, 70], [40, 70], 8, 4, 256, 16, None),
-    "prefill_group7_d64": ([33], [65], 14, 2, 64, 8, None),
+    "mixed_gqa4_d128": ([1, 1, 1, 37, 64], [1, 300, 1025, 100, 64], 32, 8, 128, 16, None, None),
+    "mixed_mqa_d64_window": ([1, 1, 90], [700, 33, 200], 8, 1, 64, 32, 128, None),
+    "prefill_ctx_d96": ([1, 50], [129, 77], 12, 4, 96, 16, None, None),
+    "prefill_d256": ([1, 70], [40, 70], 8, 4, 256, 16, None, None),
+    "prefill_group7_d64": ([33], [65], 14, 2, 64, 8, None, None),
+    "gemma2_softcap_window_d256": ([1, 1, 60], [900, 40, 300], 8, 4, 256, 16, 256, 1.5),
 }
 DRY_ATTENTION_CHECKS = {
-    "mixed_gqa4_d64": ([1, 1, 9], [1, 40, 20], 8, 2, 64, 8, None),
-    "mixed_mqa_d64_window": ([1, 5], [30, 20], 4, 1, 64, 16, 7),
+    "mixed_gqa4_d64": ([1, 1, 9], [1, 40, 20], 8, 2, 64, 8, None, None),
+    "mixed_mqa_d64_window": ([1, 5], [30, 20], 4, 1, 64, 16, 7, None),
+    "softcap_window_d64": ([1, 6], [25, 20], 4, 2, 64, 8, 9, 1.5),
 }
 
 
@@ -202,10 +204,10 @@ def check_paged_attention(ctx: Ctx) -> None:
 
     cases = DRY_ATTENTION_CHECKS if ctx.dry else ATTENTION_CHECKS
     for dtype in ctx.dtypes:
-        for name, (ql, sl, h, hkv, d, bs, window) in cases.items():
+        for name, (ql, sl, h, hkv, d, bs, window, cap) in cases.items():
             q, kc, vc, meta = paged_case(ctx, ql, sl, h, hkv, d, bs, dtype)
-            out = triton_backend.paged_attention(q, kc, vc, meta, d ** -0.5, window)
-            assert_close(f"{name}/{dtype}", out, reference.paged_attention(q, kc, vc, meta, d ** -0.5, window))
+            out = triton_backend.paged_attention(q, kc, vc, meta, d ** -0.5, window, cap)
+            assert_close(f"{name}/{dtype}", out, reference.paged_attention(q, kc, vc, meta, d ** -0.5, window, cap))
 
 
 @check("decode_split_kv")

@@ -9,6 +9,8 @@ Checks:
 - ``engine_greedy_cuda_vs_cpu``: a mixed batch (prompt lengths 3..300, chunked prefill, prefix-cache hits,
   preemption from a small KV pool) gives greedy tokens identical to the CPU torch backend; n-gram speculation
   on CUDA gives the same tokens again.
+- ``engine_gemma2_windows``: a tiny Gemma 2 (sliding-window and global layers, so two KV cache groups, and
+  soft-capping) gives greedy tokens identical to the CPU torch backend, prompts past the window included.
 - ``engine_seeded_sampling``: seeded top-k / top-p sampling is reproducible on CUDA and does not depend on
   batch mates; n > 1 samples differ from each other.
 - ``engine_mixed_requests_triton``: every op ran on Triton; a batch mixing greedy, seeded, unseeded, penalties,
@@ -30,19 +32,25 @@ VOCAB = 512
 MIX = 6  # tokens per request of the mixed batch
 
 
-def _model_dir() -> str:
-    """A tiny random Llama with GQA, saved once per run (fp32 safetensors + a word-level tokenizer)."""
-    if "path" in _DIR:
-        return _DIR["path"]
+def _model_dir(arch: str = "llama") -> str:
+    """A tiny random model with GQA, saved once per run (fp32 safetensors + a word-level tokenizer): "llama", or
+    "gemma2" (sliding-window and global layers, attention and final soft-capping: KV cache groups on the GPU)."""
+    if arch in _DIR:
+        return _DIR[arch]
     import torch
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, rope_theta=10000.0)
-    model = transformers.LlamaForCausalLM(cfg).to(torch.float32)
+    common = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2)
+    if arch == "gemma2":
+        cfg = transformers.Gemma2Config(**common, num_hidden_layers=4, head_dim=32, sliding_window=16,
+                                        attn_logit_softcapping=20.0, final_logit_softcapping=15.0)
+        model = transformers.Gemma2ForCausalLM(cfg).to(torch.float32)
+    else:
+        cfg = transformers.LlamaConfig(**common, num_hidden_layers=2, tie_word_embeddings=False, rope_theta=10000.0)
+        model = transformers.LlamaForCausalLM(cfg).to(torch.float32)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
@@ -56,18 +64,18 @@ def _model_dir() -> str:
                                                 eos_token="</s>")
     fast.save_pretrained(d)
     with open(os.path.join(d, "config.json")) as fh:
-        assert json.load(fh)["architectures"] == ["LlamaForCausalLM"]
-    _DIR["path"] = d
+        assert json.load(fh)["architectures"] == [type(model).__name__]
+    _DIR[arch] = d
     return d
 
 
-def _llm(ctx: Any, **kw: Any) -> Any:
+def _llm(ctx: Any, arch: str = "llama", **kw: Any) -> Any:
     from fastinfer import LLM
 
     if ctx.dry and kw.get("device") != "cpu":
         kw = {**kw, "device": "cpu", "attention_backend": "triton"}  # the interpreter path
     kw.setdefault("device", ctx.device)
-    return LLM(_model_dir(), dtype="float32", max_model_len=1024, load_progress=False, **kw)
+    return LLM(_model_dir(arch), dtype="float32", max_model_len=1024, load_progress=False, **kw)
 
 
 def _prompts(n: int, seed: int = 0, dry: bool = False) -> list[dict]:
@@ -110,6 +118,26 @@ def check_engine_greedy(ctx: Any) -> None:
     ctx.emit({"case": "engine_greedy", "device": gpu.engine.device, "requests": n,
               "preemptions": gpu.engine.scheduler.num_preemptions,
               "spec_draft_tokens": spec.engine.spec_summary()["draft_tokens"]})
+
+
+def check_engine_gemma2_windows(ctx: Any) -> None:
+    """Gemma 2 (window 16 on every other layer, soft-capping): greedy tokens on CUDA equal the CPU torch backend
+    with prompts past the window, chunked prefill across its edge and prefix hits."""
+    from fastinfer import SamplingParams
+
+    n = 3 if ctx.dry else 12
+    prompts = _prompts(n, seed=5, dry=ctx.dry)
+    greedy = SamplingParams(temperature=0, max_tokens=4 if ctx.dry else 40, ignore_eos=True)
+    kw = {"max_num_batched_tokens": 32 if ctx.dry else 128, "block_size": 16, "max_num_seqs": 4 if ctx.dry else 8,
+          "enable_prefix_caching": True}
+    ref = _tokens(_llm(ctx, "gemma2", device="cpu", attention_backend="torch", **kw).generate(prompts, greedy,
+                                                                                                use_tqdm=False))
+    gpu = _llm(ctx, "gemma2", **kw)
+    got = _tokens(gpu.generate(prompts, greedy, use_tqdm=False))
+    bad = [i for i, (a, b) in enumerate(zip(got, ref)) if a != b]
+    assert not bad, f"Gemma 2 greedy tokens differ from the CPU torch backend for requests {bad[:5]}"
+    assert _tokens(gpu.generate(prompts, greedy, use_tqdm=False)) == ref, "second pass (prefix-cache hits) differs"
+    ctx.emit({"case": "engine_gemma2_windows", "device": gpu.engine.device, "requests": n})
 
 
 def check_engine_seeded(ctx: Any) -> None:
@@ -180,6 +208,7 @@ def bench_engine_decode(ctx: Any) -> None:
 
 def register(check: Any, bench: Any) -> None:
     check("engine_greedy_cuda_vs_cpu")(check_engine_greedy)
+    check("engine_gemma2_windows")(check_engine_gemma2_windows)
     check("engine_seeded_sampling")(check_engine_seeded)
     check("engine_mixed_requests_triton")(check_engine_mixed)
     bench("engine_decode")(bench_engine_decode)
