@@ -13,6 +13,11 @@ Ops (shapes: T tokens, H query heads, Hkv KV heads, D head dim):
 - ``copy_blocks(k_cache, v_cache, src_to_dst)``: copy whole KV blocks (copy-on-write forks), pairs [N, 2].
 - ``quant_linear(x, qweight, scales, mins, bits, group_size, bias=None) -> [..., N]``: weight-only int8/int4
   matmul over the format of :mod:`fastinfer.quantization` (W = q * scale + min per group, fp32).
+- ``fused_moe(x, w13, w2, topk_weights, topk_ids) -> [T, Hd]``: routed SwiGLU experts (Mixture of Experts) for
+  x [T, Hd]; w13 [E, 2I, Hd] (each expert's gate rows, then up rows), w2 [E, Hd, I], topk_weights [T, k] fp32
+  (already normalised as the model routes), topk_ids [T, k] int32/int64: ``out[t] = sum_j topk_weights[t, j] *
+  w2[e] @ (silu(w13[e, :I] @ x[t]) * (w13[e, I:] @ x[t]))``, ``e = topk_ids[t, j]``; fp32 accumulation, the
+  activation rounded to x's dtype before the down projection.
 
 Every op traces without data (FakeTensorMode, also on a fake CUDA device without a GPU, and torch.compile): the
 Triton and compiled CPU kernels are torch custom ops (``torch.ops.fastinfer.triton_*``, and

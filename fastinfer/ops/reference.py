@@ -107,3 +107,23 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, m
     w = dequantize(qweight, scales, mins, bits, group_size)  # [N, K] fp32
     y = torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
     return y.to(x.dtype)
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+    """Routed SwiGLU experts for x [T, H]: ``out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(g) * u)`` with
+    ``g, u = w13[e, :I] @ x[t], w13[e, I:] @ x[t]`` and ``e = topk_ids[t, j]``; w13 [E, 2I, H] (gate rows, then
+    up rows), w2 [E, H, I], topk_weights [T, k] fp32, topk_ids [T, k] int. The projections and the weighted sum
+    run in fp32; the activation ``silu(g) * u`` is rounded to x's dtype before the down projection (as HF's
+    expert modules compute it in that dtype); the sum is cast to x's dtype at the end. A loop over experts."""
+    inter = w2.shape[2]
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(w13.shape[0]):
+        tok, slot = (topk_ids == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        gu = x[tok].float() @ w13[e].float().T  # [n, 2I]
+        act = (torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]).to(x.dtype)
+        y = act.float() @ w2[e].float().T  # [n, H]
+        out.index_add_(0, tok, y * topk_weights[tok, slot].float().unsqueeze(1))
+    return out.to(x.dtype)

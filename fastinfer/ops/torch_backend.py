@@ -167,3 +167,35 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, m
 
     w = dequantize(qweight, scales, mins, bits, group_size).to(x.dtype)  # [N, K]
     return F.linear(x, w, bias)
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+    """:func:`fastinfer.ops.reference.fused_moe` without a host sync or a data-dependent shape (so it traces
+    under FakeTensorMode and torch.compile), in one of two static-shape forms:
+
+    - few routed slots (``T * k <= E``, decode): the chosen experts' weights are gathered per slot
+      (``index_select``) and run as one batched matmul, reading only the active experts;
+    - otherwise every expert runs on every token and a [T, E] combine matrix (the top-k weights scattered by
+      expert id, zero elsewhere) weights the results: ``E / k`` times the routed FLOPs, each expert's weights
+      read once. Grouping tokens per expert would need the per-expert counts on the host (a sync); that is the
+      compiled CPU and Triton kernels' job.
+    Projections and the weighted sum in fp32, the activation rounded to x's dtype, as the reference."""
+    t, hidden = x.shape
+    num_experts, inter = w13.shape[0], w2.shape[2]
+    k = topk_ids.shape[1]
+    xf = x.float()
+    if t * k <= num_experts:
+        ids = topk_ids.reshape(-1).long()  # [T*k]
+        gu = torch.bmm(w13.index_select(0, ids).float(), xf.repeat_interleave(k, 0).unsqueeze(2))  # [T*k, 2I, 1]
+        act = (F.silu(gu.narrow(1, 0, inter)) * gu.narrow(1, inter, inter)).to(x.dtype).float()
+        y = torch.bmm(w2.index_select(0, ids).float(), act).view(t, k, hidden)  # [T, k, H]
+        return (y * topk_weights.float().unsqueeze(2)).sum(1).to(x.dtype)
+    combine = torch.zeros(t, num_experts, dtype=torch.float32, device=x.device)
+    combine.scatter_add_(1, topk_ids.long(), topk_weights.float())  # [T, E]
+    out = torch.zeros(t, hidden, dtype=torch.float32, device=x.device)
+    for e in range(num_experts):
+        gu = F.linear(xf, w13.select(0, e).float())  # [T, 2I]
+        act = (F.silu(gu.narrow(1, 0, inter)) * gu.narrow(1, inter, inter)).to(x.dtype).float()
+        out.addcmul_(F.linear(act, w2.select(0, e).float()), combine.narrow(1, e, 1))
+    return out.to(x.dtype)

@@ -59,7 +59,8 @@ def test_opset_cuda_resolves_without_gpu(caplog):
         pytest.skip("triton not installed")
     with caplog.at_level("INFO", logger="fastinfer.ops"):
         ops = OpSet("cuda")
-    assert set(ops.chosen.values()) == {"triton"}, ops.chosen
+    # fused_moe: until the Triton MoE kernel lands (issue 14, helper M2), it falls to the torch backend
+    assert {op for op, b in ops.chosen.items() if b != "triton"} <= {"fused_moe"}, ops.chosen
     assert "ops on cuda: store_kv=triton" in caplog.text and "cpp skipped" in caplog.text
 
 
@@ -117,6 +118,16 @@ def test_every_op_traces_on_fake_cuda(backend):
         y = be.quant_linear(torch.empty(2, T, 64, dtype=dt, device="cuda"), qweight, scales, mins, 4, 32, bias)
         called.append("quant_linear")
         assert (y.shape, y.dtype, y.device) == ((2, T, 24), dt, CUDA)
+
+        w13 = torch.empty(8, 80, 64, dtype=dt, device="cuda")  # [E, 2I, H]
+        w2 = torch.empty(8, 64, 40, dtype=dt, device="cuda")
+        for tokens in (T, 2):  # the torch backend's dense and gathered forms (T*k > E, T*k <= E)
+            x = torch.empty(tokens, 64, dtype=dt, device="cuda")
+            weights = torch.empty(tokens, 2, dtype=torch.float32, device="cuda")
+            ids = torch.empty(tokens, 2, dtype=torch.int32, device="cuda")
+            y = be.fused_moe(x, w13, w2, weights, ids)
+            assert (y.shape, y.dtype, y.device) == ((tokens, 64), dt, CUDA)
+        called.append("fused_moe")
     assert sorted(called) == sorted(OPS), "a new op needs a case here"
 
 
@@ -212,7 +223,10 @@ def test_triton_custom_op_opcheck(op):
         pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1")
     import fastinfer.ops.triton_backend  # noqa: F401  (registers the ops)
 
-    fn, args = _opcheck_cases(dev)[op]
+    cases = _opcheck_cases(dev)
+    if op not in cases:
+        pytest.skip(f"no Triton custom op for {op} yet")
+    fn, args = cases[op]
     torch.library.opcheck(fn.default, args)
 
 
@@ -285,7 +299,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from fastinfer.ops import AttentionMetadata, OpSet
 ops = OpSet("cuda")
-assert set(ops.chosen.values()) == {"triton"}, ops.chosen
+assert {op for op, b in ops.chosen.items() if b != "triton"} <= {"fused_moe"}, ops.chosen  # until M2's kernel
 with FakeTensorMode():
     meta = AttentionMetadata.build([1, 4], [9, 4], [[0, 1, 2], [3]], 4, "cuda")
     kc = torch.empty(8, 4, 2, 16, dtype=torch.float16, device="cuda")

@@ -1,0 +1,209 @@
+"""``fused_moe`` (routed SwiGLU experts) on every backend against ``ops.reference.fused_moe``, and the reference
+against a direct per-token formula (so the spec itself can fail). Sizes: odd token counts, 4 to 64 experts,
+top-k 1, 2 and 8, hidden / intermediate sizes that are no multiple of a kernel block, experts that get no tokens
+(``skewed`` routing sends every token to the even experts only), fp32 / bf16 / fp16, int32 and int64 ids."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastinfer.ops import reference, torch_backend
+
+HIDDEN, INTER = 72, 40
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
+CASES = [(t, e, k) for t in (1, 7, 33, 100) for e in (4, 8, 64) for k in (1, 2, 8) if k <= e]
+
+
+def moe_case(t: int, e: int, k: int, dtype: torch.dtype, routing: str = "random", ids_dtype=torch.int64,
+             seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """(x, w13, w2, topk_weights, topk_ids): unit-scale activations, softmax-over-top-k weights, distinct ids
+    per token; ``skewed`` routes only to even experts (odd ones get no tokens) when k allows it."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, HIDDEN, generator=gen).to(dtype)
+    w13 = (torch.randn(e, 2 * INTER, HIDDEN, generator=gen) / HIDDEN ** 0.5).to(dtype)
+    w2 = (torch.randn(e, HIDDEN, INTER, generator=gen) / INTER ** 0.5).to(dtype)
+    scores = torch.randn(t, e, generator=gen)
+    if routing == "skewed" and k <= e // 2:
+        scores[:, 1::2] = -1e9
+    vals, ids = scores.topk(k, dim=1)
+    return x, w13, w2, vals.softmax(dim=1), ids.to(ids_dtype)
+
+
+def per_token(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+    """The contract written token by token, slot by slot (float64 sums, activation rounded to x's dtype)."""
+    inter = w2.shape[2]
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, j])
+            g = w13[e, :inter].double() @ x[t].double()
+            u = w13[e, inter:].double() @ x[t].double()
+            act = (F.silu(g) * u).to(x.dtype).double()
+            out[t] += float(topk_weights[t, j]) * (w2[e].double() @ act)
+    return out.to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("t,e,k", [(1, 4, 2), (7, 8, 2), (33, 64, 8), (100, 8, 1)])
+def test_reference_matches_per_token_formula(t, e, k, dtype):
+    case = moe_case(t, e, k, dtype, routing="skewed")
+    out = reference.fused_moe(*case)
+    assert out.shape == (t, HIDDEN) and out.dtype == dtype
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out, per_token(*case), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("routing", ["random", "skewed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("t,e,k", CASES)
+def test_torch_backend_matches_reference(t, e, k, dtype, routing):
+    ids_dtype = torch.int32 if (t + e) % 2 else torch.int64
+    case = moe_case(t, e, k, dtype, routing, ids_dtype, seed=t * 100 + e + k)
+    out = torch_backend.fused_moe(*case)
+    assert out.shape == (t, HIDDEN) and out.dtype == dtype
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out, reference.fused_moe(*case), atol=atol, rtol=rtol)
+
+
+def test_routing_matters():
+    """Proves the comparison can fail: other ids or other weights give other outputs."""
+    x, w13, w2, wts, ids = moe_case(7, 8, 2, torch.float32)
+    base = reference.fused_moe(x, w13, w2, wts, ids)
+    assert not torch.allclose(base, reference.fused_moe(x, w13, w2, wts, (ids + 1) % 8), atol=1e-3)
+    assert not torch.allclose(base, reference.fused_moe(x, w13, w2, wts.flip(1), ids), atol=1e-3)
+    assert not torch.allclose(base, torch_backend.fused_moe(x, w13, w2, wts, (ids + 1) % 8), atol=1e-3)
+
+
+# ------------------------------------------------------------------------------ Triton (kernels/moe.py)
+# On a GPU: every case of CASES in three dtypes. Under TRITON_INTERPRET=1 (tests/conftest.py sets it without a
+# GPU): a subset that still has T = 1, 7, 33, 100, E = 4 .. 64, k = 1, 2, 8 and both routings, fp32 and fp16 only
+# (the interpreter's bf16 tl.dot is wrong; bf16 is skipped there, never on a GPU).
+
+
+def _triton_device() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return None
+    if torch.cuda.is_available():
+        return "cuda"
+    import os
+
+    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None
+
+
+TRITON_DEVICE = _triton_device()
+INTERPRETED = TRITON_DEVICE == "cpu"
+TRITON_CASES = ([(1, 4, 2), (1, 64, 8), (7, 8, 1), (7, 4, 2), (33, 8, 8), (33, 64, 2), (100, 8, 2), (100, 4, 1)]
+                if INTERPRETED else CASES)
+needs_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason="Triton needs a CUDA GPU or TRITON_INTERPRET=1")
+
+
+def _on_triton_device(case: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    assert TRITON_DEVICE is not None
+    return tuple(u.to(TRITON_DEVICE) for u in case)
+
+
+def _skip_interpreted_bf16(dtype: torch.dtype) -> None:
+    if INTERPRETED and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter's bf16 tl.dot is wrong (bf16 runs on a GPU)")
+
+
+@needs_triton
+@pytest.mark.parametrize("routing", ["random", "skewed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("t,e,k", TRITON_CASES)
+def test_triton_matches_reference(t, e, k, dtype, routing):
+    from fastinfer.ops import triton_backend
+
+    _skip_interpreted_bf16(dtype)
+    ids_dtype = torch.int32 if (t + e + k) % 2 else torch.int64
+    case = _on_triton_device(moe_case(t, e, k, dtype, routing, ids_dtype, seed=t * 100 + e + k))
+    out = triton_backend.fused_moe(*case)
+    assert out.shape == (t, HIDDEN) and out.dtype == dtype and out.device == case[0].device
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out, reference.fused_moe(*case), atol=atol, rtol=rtol)
+
+
+@needs_triton
+@pytest.mark.parametrize("block_m,block_n,block_k", [(16, 16, 16), (32, 64, 32), (64, 32, 64)])
+@pytest.mark.parametrize("t", [1, 45])
+def test_triton_block_sizes(t, block_m, block_n, block_k):
+    """Forced tiles: BLOCK_M 16 .. 64 (decode and prefill groupings), blocks wider than H / I (masked columns)
+    and narrower (several column programs)."""
+    from fastinfer.kernels import moe as M
+
+    case = _on_triton_device(moe_case(t, 8, 2, torch.float32, "skewed", seed=t))
+    out = M.fused_moe(*case, config=M.MoEConfig(block_m, block_n, block_k, 4, 1))
+    torch.testing.assert_close(out, reference.fused_moe(*case), atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+def test_triton_is_deterministic_and_routing_matters():
+    from fastinfer.ops import triton_backend
+
+    x, w13, w2, wts, ids = _on_triton_device(moe_case(33, 8, 2, torch.float32))
+    out = triton_backend.fused_moe(x, w13, w2, wts, ids)
+    assert torch.equal(out, triton_backend.fused_moe(x, w13, w2, wts, ids)), "two runs differ"
+    assert not torch.allclose(out, triton_backend.fused_moe(x, w13, w2, wts, (ids + 1) % 8), atol=1e-3)
+    assert not torch.allclose(out, triton_backend.fused_moe(x, w13, w2, wts.flip(1), ids), atol=1e-3)
+
+
+@needs_triton
+def test_triton_empty_and_bad_inputs():
+    from fastinfer.ops import triton_backend
+
+    x, w13, w2, wts, ids = _on_triton_device(moe_case(3, 4, 2, torch.float32))
+    assert triton_backend.fused_moe(x[:0], w13, w2, wts[:0], ids[:0]).shape == (0, HIDDEN)
+    with pytest.raises(AssertionError, match="w2 must be"):
+        triton_backend.fused_moe(x, w13, w2[:, :, :-1].contiguous(), wts, ids)
+    with pytest.raises(AssertionError, match="topk_weights must be float32"):
+        triton_backend.fused_moe(x, w13, w2, wts.double(), ids)
+    with pytest.raises(AssertionError, match="must be x's"):
+        triton_backend.fused_moe(x, w13.half(), w2, wts, ids)
+
+
+@pytest.mark.parametrize("block_m", [1, 4, 16])
+@pytest.mark.parametrize("t,e,k", [(1, 4, 2), (7, 8, 2), (33, 64, 8), (20, 6, 3)])
+def test_moe_align(t, e, k, block_m):
+    """The sort the grouped GEMMs read, against the same grouping built in plain Python: each expert's pairs in
+    token order, padded to a multiple of BLOCK_M with the sentinel N, no block for an expert without pairs,
+    within the documented bound."""
+    pytest.importorskip("triton")
+    from fastinfer.kernels import moe as M
+
+    _, _, _, _, ids = moe_case(t, e, k, torch.float32, "skewed", seed=t + e)
+    sorted_pairs, block_experts, num_padded = M.moe_align(ids, e, block_m)
+    n, flat = t * k, ids.reshape(-1).tolist()
+    want_pairs, want_experts = [], []
+    for ex in range(e):
+        pairs = [p for p in range(n) if flat[p] == ex]
+        pad = -len(pairs) % block_m
+        want_pairs += pairs + [n] * pad
+        want_experts += [ex] * ((len(pairs) + pad) // block_m)
+    length = M.padded_bound(n, e, block_m)
+    assert len(want_pairs) <= length and length % block_m == 0
+    assert sorted_pairs.shape == (length,) and sorted_pairs.dtype == torch.int32
+    assert num_padded.tolist() == [len(want_pairs)]
+    assert sorted_pairs.tolist() == want_pairs + [n] * (length - len(want_pairs))
+    assert block_experts.tolist() == want_experts + [e] * (length // block_m - len(want_experts))
+
+
+@needs_triton
+def test_triton_traces_on_fake_cuda():
+    """The custom op's fake checks the inputs and allocates [T, H]; no launch, no host read."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastinfer.ops import triton_backend
+
+    with FakeTensorMode():
+        x = torch.empty(5, HIDDEN, dtype=torch.bfloat16, device="cuda")
+        w13 = torch.empty(8, 2 * INTER, HIDDEN, dtype=torch.bfloat16, device="cuda")
+        w2 = torch.empty(8, HIDDEN, INTER, dtype=torch.bfloat16, device="cuda")
+        wts = torch.empty(5, 2, dtype=torch.float32, device="cuda")
+        ids = torch.empty(5, 2, dtype=torch.int32, device="cuda")
+        out = triton_backend.fused_moe(x, w13, w2, wts, ids)
+        assert (out.shape, out.dtype, out.device.type) == ((5, HIDDEN), torch.bfloat16, "cuda")
+        with pytest.raises(AssertionError, match="topk_weights on cpu"):
+            triton_backend.fused_moe(x, w13, w2, torch.empty(5, 2), ids)
