@@ -30,6 +30,7 @@ import torch
 from fastinfer.kernels import activation as _act
 from fastinfer.kernels import attention as _attn
 from fastinfer.kernels import cache as _cache
+from fastinfer.kernels import moe as _moe
 from fastinfer.kernels import norm as _norm
 from fastinfer.kernels import quant as _quant
 from fastinfer.kernels import rotary as _rotary
@@ -134,6 +135,17 @@ def _quant_linear_fake(x, qweight, scales, mins, bits, group_size, bias) -> Tens
     return x.new_empty((*x.shape[:-1], n))
 
 
+@torch.library.custom_op("fastinfer::triton_fused_moe", mutates_args=())
+def _fused_moe_op(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> Tensor:
+    return _moe.fused_moe(x, w13, w2, topk_weights, topk_ids)
+
+
+@_fused_moe_op.register_fake
+def _fused_moe_fake(x, w13, w2, topk_weights, topk_ids) -> Tensor:
+    _moe.check_fused_moe(x, w13, w2, topk_weights, topk_ids)
+    return x.new_empty(x.shape)
+
+
 # ------------------------------------------------------------------------------------------------- Python ops
 
 
@@ -198,5 +210,13 @@ def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor | None
                                                            bias)
 
 
+def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> Tensor:
+    """Routed SwiGLU experts, the semantics of :func:`fastinfer.ops.reference.fused_moe`: pairs sorted by expert
+    into BLOCK_M-aligned groups on the device (no host read), one grouped GEMM for gate/up with SiLU-mul in its
+    epilogue, one for down with the top-k weights in its epilogue, then the k slots summed in order
+    (:mod:`fastinfer.kernels.moe`)."""
+    return torch.ops.fastinfer.triton_fused_moe.default(x, w13, w2, topk_weights, topk_ids)
+
+
 __all__ = ["store_kv", "paged_attention", "rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul",
-           "copy_blocks", "quant_linear"]
+           "copy_blocks", "quant_linear", "fused_moe"]

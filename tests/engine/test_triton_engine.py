@@ -33,9 +33,7 @@ def _tokens(llm, prompts, params=GREEDY):
 def test_triton_backend_matches_torch(tiny_llm, arch, kw):
     tri = tiny_llm(arch, attention_backend="triton", enable_prefix_caching=False, **kw)
     assert tri.engine.worker.ops.chosen["paged_attention"] == "triton"
-    # fused_moe: until the Triton MoE kernel lands (issue 14, helper M2), it falls to the torch backend
-    assert all(b == "triton" for op, b in tri.engine.worker.ops.chosen.items() if op != "fused_moe"), \
-        tri.engine.worker.ops.describe()
+    assert all(b == "triton" for b in tri.engine.worker.ops.chosen.values()), tri.engine.worker.ops.describe()
     ref = tiny_llm(arch, attention_backend="torch", enable_prefix_caching=False, **kw)
     assert ref.engine.worker.ops.chosen["paged_attention"] == "torch"
     assert _tokens(tri, PROMPTS) == _tokens(ref, PROMPTS)

@@ -59,8 +59,7 @@ def test_opset_cuda_resolves_without_gpu(caplog):
         pytest.skip("triton not installed")
     with caplog.at_level("INFO", logger="fastinfer.ops"):
         ops = OpSet("cuda")
-    # fused_moe: until the Triton MoE kernel lands (issue 14, helper M2), it falls to the torch backend
-    assert {op for op, b in ops.chosen.items() if b != "triton"} <= {"fused_moe"}, ops.chosen
+    assert set(ops.chosen.values()) == {"triton"}, ops.chosen
     assert "ops on cuda: store_kv=triton" in caplog.text and "cpp skipped" in caplog.text
 
 
@@ -211,6 +210,8 @@ def _opcheck_cases(dev: str) -> dict:
         "copy_blocks": (o.triton_copy_blocks, (kc.clone(), vc.clone(), torch.tensor([[0, 3]], device=dev))),
         "quant_linear": (o.triton_quant_linear, (rand(2, 64), qw.qweight.to(dev), qw.scales.to(dev),
                                                  qw.mins.to(dev), 4, 32, None)),
+        "fused_moe": (o.triton_fused_moe, (rand(5, 24), rand(4, 16, 24) * 0.2, rand(4, 24, 8) * 0.3,
+                                           rand(5, 2).softmax(1), torch.randint(0, 4, (5, 2), generator=gen).to(dev))),
     }
 
 
@@ -223,10 +224,7 @@ def test_triton_custom_op_opcheck(op):
         pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1")
     import fastinfer.ops.triton_backend  # noqa: F401  (registers the ops)
 
-    cases = _opcheck_cases(dev)
-    if op not in cases:
-        pytest.skip(f"no Triton custom op for {op} yet")
-    fn, args = cases[op]
+    fn, args = _opcheck_cases(dev)[op]
     torch.library.opcheck(fn.default, args)
 
 
@@ -299,7 +297,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from fastinfer.ops import AttentionMetadata, OpSet
 ops = OpSet("cuda")
-assert {op for op, b in ops.chosen.items() if b != "triton"} <= {"fused_moe"}, ops.chosen  # until M2's kernel
+assert set(ops.chosen.values()) == {"triton"}, ops.chosen
 with FakeTensorMode():
     meta = AttentionMetadata.build([1, 4], [9, 4], [[0, 1, 2], [3]], 4, "cuda")
     kc = torch.empty(8, 4, 2, 16, dtype=torch.float16, device="cuda")
