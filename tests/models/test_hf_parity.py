@@ -41,16 +41,9 @@ def test_prefill_logits_match_hf(arch, tiny_model_dir, tiny_llm):
 
 
 def _prefill_logits(llm, ids):
-    """All-position logits of one prompt through the engine's own model and paged cache."""
-    from fastinfer.ops import AttentionMetadata
-
-    eng = llm.engine
-    bs = eng.config.block_size
-    blocks = list(range(-(-len(ids) // bs)))
-    meta = AttentionMetadata.build([len(ids)], [len(ids)], [blocks], bs)
-    with torch.inference_mode():
-        h = eng.worker.model(torch.tensor(ids), torch.arange(len(ids)), meta)
-        return eng.worker.model.compute_logits(h)
+    """All-position logits of one prompt through the served model (the public ``LLM.prompt_logits``: the engine's
+    model, op set and dtype over a scratch paged KV cache, so the engine's own cache is untouched)."""
+    return llm.prompt_logits({"prompt_token_ids": list(ids)})
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
