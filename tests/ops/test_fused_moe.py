@@ -4,6 +4,11 @@ top-k 1, 2 and 8, hidden / intermediate sizes that are no multiple of a kernel b
 (``skewed`` routing sends every token to the even experts only), fp32 / bf16 / fp16, int32 and int64 ids."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -88,8 +93,6 @@ def _triton_device() -> str | None:
         return None
     if torch.cuda.is_available():
         return "cuda"
-    import os
-
     return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None
 
 
@@ -207,3 +210,37 @@ def test_triton_traces_on_fake_cuda():
         assert (out.shape, out.dtype, out.device.type) == ((5, HIDDEN), torch.bfloat16, "cuda")
         with pytest.raises(AssertionError, match="topk_weights on cpu"):
             triton_backend.fused_moe(x, w13, w2, torch.empty(5, 2), ids)
+
+
+# The sm_90 compile check of tests/ops/test_triton_kernels.py (its ``build`` helper) on both MoE kernels, with the
+# configs the launcher picks on a GPU for decode (BLOCK_M 16), mid-size and prefill batches (BLOCK_M 32 / 64) and
+# fp32: catches what the interpreter cannot (dot shape rules, shared memory over the H200 limit).
+_MOE_COMPILE = r"""
+import torch
+from fastinfer.kernels import moe as MO
+gpu = torch.device("cuda", 0)
+ptrs = {"pairs_ptr": "*i32", "experts_ptr": "*i32", "npad_ptr": "*i32", "tw_ptr": "*fp32", "buf_ptr": "*fp32"}
+for pairs, dt, tdt in [(2, "*bf16", torch.bfloat16), (256, "*bf16", torch.bfloat16), (8192, "*fp16", torch.float16),
+                       (8192, "*bf16", torch.bfloat16), (64, "*fp32", torch.float32)]:
+    c = MO.moe_config(pairs, 8, tdt, gpu)
+    consts = dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, DOT_PRECISION=MO._dot_precision(tdt))
+    for fn in (MO._gate_up_kernel, MO._down_kernel):
+        build(fn, dt, consts, ptrs, warps=c.num_warps, stages=c.num_stages)
+print("ALL COMPILED")
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the triton wheel ships ptxas for linux")
+def test_moe_kernels_compile_for_hopper():
+    pytest.importorskip("triton")
+    from tests.ops.test_triton_kernels import _COMPILE_SCRIPT
+
+    marker = "\nidx = "  # the shared script's setup and ``build`` end where its attention cases begin
+    assert marker in _COMPILE_SCRIPT, "tests/ops/test_triton_kernels.py changed its compile script's layout"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT.split(marker)[0] + _MOE_COMPILE,
+                           str(Path(__file__).resolve().parents[2])], capture_output=True, text=True, env=env,
+                          timeout=300)
+    if proc.returncode == 77:
+        pytest.skip(proc.stdout.strip())
+    assert proc.returncode == 0 and "ALL COMPILED" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]
