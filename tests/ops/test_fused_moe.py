@@ -98,8 +98,10 @@ def _triton_device() -> str | None:
 
 TRITON_DEVICE = _triton_device()
 INTERPRETED = TRITON_DEVICE == "cpu"
-TRITON_CASES = ([(1, 4, 2), (1, 64, 8), (7, 8, 1), (7, 4, 2), (33, 8, 8), (33, 64, 2), (100, 8, 2), (100, 4, 1)]
-                if INTERPRETED else CASES)
+# (T, E, k, routing): under the interpreter one routing per case, alternating; on a GPU both for every case
+TRITON_CASES = ([(1, 4, 2, "skewed"), (1, 64, 8, "random"), (7, 8, 1, "skewed"), (7, 4, 2, "random"),
+                 (33, 8, 8, "random"), (33, 64, 2, "skewed"), (100, 8, 2, "skewed"), (100, 4, 1, "random")]
+                if INTERPRETED else [(*c, r) for c in CASES for r in ("random", "skewed")])
 needs_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason="Triton needs a CUDA GPU or TRITON_INTERPRET=1")
 
 
@@ -114,9 +116,8 @@ def _skip_interpreted_bf16(dtype: torch.dtype) -> None:
 
 
 @needs_triton
-@pytest.mark.parametrize("routing", ["random", "skewed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("t,e,k", TRITON_CASES)
+@pytest.mark.parametrize("t,e,k,routing", TRITON_CASES)
 def test_triton_matches_reference(t, e, k, dtype, routing):
     from fastinfer.ops import triton_backend
 
