@@ -76,7 +76,8 @@ class ModelConfig:
             if rope_params.get("rope_type", "default") != "default":
                 rope_scaling = rope_params
         sliding = cfg.get("sliding_window")
-        if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not cfg.get("use_sliding_window", False):
+        qwen = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+        if arch in qwen and not cfg.get("use_sliding_window", False):
             sliding = None
         return cls(
             architecture=arch,

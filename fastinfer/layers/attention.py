@@ -18,14 +18,17 @@ class SelfAttention(nn.Module):
     """``o_proj(attention(rope(q), rope(k), v))`` for packed tokens [T, hidden]. ``qkv_proj`` is one
     :class:`Linear` with shards (q, k, v); ``rotary`` None means no RoPE (learned absolute positions);
     ``qk_norm_eps`` adds RMSNorm over each head's q and k before RoPE (Qwen3; ``qk_norm_cls`` another norm of
-    RMSNorm's signature, e.g. Gemma 3's); ``scale`` defaults to head_dim ** -0.5; ``softcap`` caps the scores to
+    RMSNorm's signature, e.g. Gemma 3's), or with ``qk_norm_whole`` over the whole q and k projections (OLMoE);
+    ``clip_qkv`` clamps q, k and v to [-clip_qkv, clip_qkv] after the norms (OLMoE's option); ``scale``
+    defaults to head_dim ** -0.5; ``softcap`` caps the scores to
     ``softcap * tanh(score / softcap)`` (Gemma 2)."""
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, ops: OpSet,
                  dtype: torch.dtype, rotary: RotaryEmbedding | None, *, qkv_bias: bool = False,
                  o_bias: bool = False, qk_norm_eps: float | None = None, sliding_window: int | None = None,
                  scale: float | None = None, softcap: float | None = None,
-                 qk_norm_cls: Callable[..., nn.Module] = RMSNorm) -> None:
+                 qk_norm_cls: Callable[..., nn.Module] = RMSNorm, qk_norm_whole: bool = False,
+                 clip_qkv: float | None = None) -> None:
         super().__init__()
         self.ops = ops
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -34,9 +37,10 @@ class SelfAttention(nn.Module):
                                shard_sizes=(q_size, kv_size, kv_size), ops=ops)
         self.o_proj = Linear(q_size, hidden_size, bias=o_bias, dtype=dtype, ops=ops)
         self.q_norm = self.k_norm = None
+        self.qk_norm_whole, self.clip_qkv = qk_norm_whole, clip_qkv
         if qk_norm_eps is not None:
-            self.q_norm = qk_norm_cls(head_dim, qk_norm_eps, ops, dtype)
-            self.k_norm = qk_norm_cls(head_dim, qk_norm_eps, ops, dtype)
+            self.q_norm = qk_norm_cls(q_size if qk_norm_whole else head_dim, qk_norm_eps, ops, dtype)
+            self.k_norm = qk_norm_cls(kv_size if qk_norm_whole else head_dim, qk_norm_eps, ops, dtype)
         self.rotary = rotary  # shared by all layers
         self.scale = head_dim ** -0.5 if scale is None else scale
         self.sliding_window = sliding_window
@@ -47,10 +51,14 @@ class SelfAttention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.shard_sizes, dim=-1)
+        if self.qk_norm_whole and self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q = q.view(t, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
+        if not self.qk_norm_whole and self.q_norm is not None and self.k_norm is not None:
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
         if self.rotary is not None:

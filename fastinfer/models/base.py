@@ -29,6 +29,7 @@ from fastinfer.config import ModelConfig
 from fastinfer.layers.attention import SelfAttention
 from fastinfer.layers.embedding import embedding
 from fastinfer.layers.linear import Linear
+from fastinfer.layers.moe import SparseMoeBlock
 from fastinfer.models.interface import KVCaches, LayerKVSpec, RotationPlan
 from fastinfer.ops import AttentionMetadata, OpSet
 from fastinfer.quantization.format import QuantizedWeight
@@ -103,6 +104,9 @@ class DecoderForCausalLM(nn.Module):
             return F.linear(hidden, self.embed_tokens.weight).float()  # [S, vocab]
         return self.lm_head(hidden).float()  # [S, vocab]
 
+    def moe_layers(self) -> list[nn.Module]:
+        return [m for m in self.modules() if isinstance(m, SparseMoeBlock)]
+
     def rotation_plan(self) -> RotationPlan:
         raise ValueError(f"{self.config.architecture} does not support Hadamard rotation (only RMSNorm pre-norm "
                          "families describe their residual stream)")
@@ -174,6 +178,12 @@ class DecoderForCausalLM(nn.Module):
         """Rewrite checkpoint tensor ``hf_name``'s layout into ours (default: as stored)."""
         return tensor
 
+    def load_custom(self, name: str, tensor: Any) -> list[str] | None:
+        """Load checkpoint tensor ``name`` (our name, after ``RENAMES``) into a parameter the generic rules do not
+        cover, e.g. one expert's slice of stacked MoE weights: None when not handled here, else the parameters
+        now complete (default: handles nothing)."""
+        return None
+
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
         """Copy HF-named checkpoint tensors (``model.layers.0.self_attn.q_proj.weight``...) into the fused
         parameters; raises on unknown names, shape mismatches or missing weights."""
@@ -185,6 +195,10 @@ class DecoderForCausalLM(nn.Module):
             if name is None:
                 continue
             tensor = self.convert_tensor(hf_name, tensor)
+            done = self.load_custom(name, tensor)
+            if done is not None:
+                loaded.update(done)
+                continue
             if name == "lm_head.weight" and self.lm_head is None:
                 if isinstance(tensor, QuantizedWeight):  # a quantized copy of a tied embedding
                     self._set_lm_head(tensor)

@@ -98,6 +98,12 @@ class CausalLM(Protocol):
         """The residual-stream structure (see :class:`RotationPlan`), for rotating the hidden spaces."""
         ...
 
+    def moe_layers(self) -> list[torch.nn.Module]:
+        """Optional: the Mixture-of-Experts blocks (:class:`fastinfer.layers.moe.SparseMoeBlock`), so
+        quantization, draft proposers and tensor parallelism can treat experts as experts; [] for a dense model.
+        Their experts are never among ``quantizable_layers``."""
+        ...
+
 
 def build_model(config: ModelConfig, ops: OpSet, dtype: torch.dtype, device: torch.device | str) -> CausalLM:
     """The registered class for ``config.architecture`` (the generic class when ``config.model_impl`` is

@@ -56,10 +56,13 @@ class LlamaForCausalLM(DecoderForCausalLM):
         super().__init__(cfg, ops, dtype)
         self.rotary = rotary_from_config(cfg, ops)
         o_bias = self.O_PROJ_BIAS and cfg.attention_bias
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, ops, dtype, self.rotary, i, self.QK_NORM, o_bias)
-                                    for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(self.make_layer(cfg, ops, dtype, i, o_bias) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops, dtype)
         self.lm_head = self.new_lm_head()
+
+    def make_layer(self, cfg: ModelConfig, ops: OpSet, dtype: torch.dtype, index: int, o_bias: bool) -> nn.Module:
+        """Decoder layer ``index`` (subclasses with another MLP, e.g. the MoE families, override this)."""
+        return LlamaDecoderLayer(cfg, ops, dtype, self.rotary, index, bool(self.QK_NORM), o_bias)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, hidden]

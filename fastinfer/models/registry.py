@@ -20,6 +20,10 @@ _MODELS: dict[str, Any] = {
     "GPTNeoXForCausalLM": "fastinfer.models.gpt_neox:GPTNeoXForCausalLM",
     "Gemma2ForCausalLM": "fastinfer.models.gemma:Gemma2ForCausalLM",
     "Gemma3ForCausalLM": "fastinfer.models.gemma:Gemma3ForCausalLM",
+    "MixtralForCausalLM": "fastinfer.models.moe:MixtralForCausalLM",
+    "Qwen2MoeForCausalLM": "fastinfer.models.moe:Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM": "fastinfer.models.moe:Qwen3MoeForCausalLM",
+    "OlmoeForCausalLM": "fastinfer.models.moe:OlmoeForCausalLM",
 }
 _GENERIC = "fastinfer.models.transformers_impl:TransformersForCausalLM"
 MODEL_IMPLS = ("auto", "fastinfer", "transformers")
