@@ -164,14 +164,13 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
     counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m  # [E]
     padded_end = torch.cumsum(padded, 0)  # [E]
-    order = torch.argsort(flat, stable=True)  # [N] pair ids by expert, token order within one
-    expert_of = flat[order]
-    rank = torch.arange(n, device=dev) - (torch.cumsum(counts, 0) - counts)[expert_of]  # index within its expert
-    dest = (padded_end - padded)[expert_of] + rank  # [N] slot in sorted_pairs
+    expert_of, order = torch.sort(flat, stable=True)  # [N] pair ids by expert, token order within one
+    first = (torch.cumsum(counts, 0) - counts).index_select(0, expert_of)  # first sorted index of its expert
+    dest = (padded_end - padded).index_select(0, expert_of) + torch.arange(n, device=dev) - first  # [N]
     sorted_pairs = torch.full((length,), n, dtype=torch.int32, device=dev).scatter_(0, dest, order.to(torch.int32))
     block_start = torch.arange(0, length, block_m, device=dev)  # [num_blocks]
     block_experts = torch.searchsorted(padded_end, block_start, right=True).to(torch.int32)  # E past the end
-    return sorted_pairs, block_experts, padded_end[-1:].to(torch.int32)
+    return sorted_pairs, block_experts, padded_end.narrow(0, num_experts - 1, 1).to(torch.int32)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
