@@ -178,8 +178,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
       (``index_select``) and run as one batched matmul, reading only the active experts;
     - otherwise every expert runs on every token and a [T, E] combine matrix (the top-k weights scattered by
       expert id, zero elsewhere) weights the results: ``E / k`` times the routed FLOPs, each expert's weights
-      read once. Grouping tokens per expert would need the per-expert counts on the host (a sync); that is the
-      compiled CPU and Triton kernels' job.
+      read once; rows of tokens that did not choose an expert are masked out (an fp16 overflow there, or NaN
+      weights in an expert nobody chose, cannot leak in as 0 * inf). Grouping tokens per expert would need the
+      per-expert counts on the host (a sync); that is the compiled CPU and Triton kernels' job.
     Projections and the weighted sum in fp32, the activation rounded to x's dtype, as the reference."""
     t, hidden = x.shape
     num_experts, inter = w13.shape[0], w2.shape[2]
@@ -191,11 +192,14 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         act = (F.silu(gu.narrow(1, 0, inter)) * gu.narrow(1, inter, inter)).to(x.dtype).float()
         y = torch.bmm(w2.index_select(0, ids).float(), act).view(t, k, hidden)  # [T, k, H]
         return (y * topk_weights.float().unsqueeze(2)).sum(1).to(x.dtype)
+    ids = topk_ids.long()
     combine = torch.zeros(t, num_experts, dtype=torch.float32, device=x.device)
-    combine.scatter_add_(1, topk_ids.long(), topk_weights.float())  # [T, E]
+    combine.scatter_add_(1, ids, topk_weights.float())  # [T, E]
+    chosen = torch.zeros(t, num_experts, dtype=torch.bool, device=x.device).scatter_(1, ids, True)  # [T, E]
     out = torch.zeros(t, hidden, dtype=torch.float32, device=x.device)
     for e in range(num_experts):
         gu = F.linear(xf, w13.select(0, e).float())  # [T, 2I]
         act = (F.silu(gu.narrow(1, 0, inter)) * gu.narrow(1, inter, inter)).to(x.dtype).float()
-        out.addcmul_(F.linear(act, w2.select(0, e).float()), combine.narrow(1, e, 1))
+        y = F.linear(act, w2.select(0, e).float())  # [T, H]; rows of tokens that did not choose e are dropped,
+        out.addcmul_(torch.where(chosen.narrow(1, e, 1), y, 0.0), combine.narrow(1, e, 1))  # even inf / NaN ones
     return out.to(x.dtype)

@@ -13,7 +13,7 @@ import transformers
 from fastinfer import LLM, SamplingParams
 from fastinfer.layers.moe import SparseMoeBlock, TopKRouter
 from fastinfer.models.interface import forward_sequence, scratch_kv_cache
-from fastinfer.models.loader import load_model
+from fastinfer.models.loader import load_model, save_quantized
 from tests.conftest import save_tiny_model
 from tests.models.test_families import BATCH
 from tests.models.test_hf_parity import _hf_model, _prefill_logits
@@ -150,11 +150,12 @@ def test_router_matches_hf(renormalize):
         TopKRouter(64, 4, 5, True, torch.float32)
 
 
-def test_int8_quantizes_dense_projections_and_leaves_experts_float(moe_dir, caplog):
+def test_int8_quantizes_dense_projections_and_leaves_experts_float(moe_dir, caplog, tmp_path):
     path, _ = moe_dir("qwen2_moe")
     dense = load_model(path, "float32", progress=False).model
     with caplog.at_level("INFO", logger="fastinfer"):
-        q = load_model(path, "float32", progress=False, quantization="int8").model
+        loaded = load_model(path, "float32", progress=False, quantization="int8")
+    q = loaded.model
     assert "experts of 1 MoE layers stay float" in caplog.text
     layers = q.quantizable_layers()
     assert layers and all(m.quantized for m in layers.values())
@@ -166,3 +167,5 @@ def test_int8_quantizes_dense_projections_and_leaves_experts_float(moe_dir, capl
     ids = list(range(100, 140))
     ref, got = _logits(dense, ids), _logits(q, ids)
     assert (got - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+    back = load_model(save_quantized(loaded, str(tmp_path / "q"), "int8"), "float32", progress=False).model
+    assert torch.equal(_logits(back, ids), got)  # quantized projections and float experts saved and read back

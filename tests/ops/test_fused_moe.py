@@ -71,6 +71,17 @@ def test_torch_backend_matches_reference(t, e, k, dtype, routing):
     torch.testing.assert_close(out, reference.fused_moe(*case), atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("t", [2, 33])  # the gathered and the dense form
+def test_torch_backend_never_reads_unchosen_experts_into_the_output(t):
+    """NaN weights in experts no token chose (routing: even experts only) leave the output finite and equal."""
+    x, w13, w2, wts, ids = moe_case(t, 8, 2, torch.float32, routing="skewed")
+    w13, w2 = w13.clone(), w2.clone()
+    w13[1::2], w2[1::2] = float("nan"), float("nan")
+    out = torch_backend.fused_moe(x, w13, w2, wts, ids)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, reference.fused_moe(x, w13, w2, wts, ids), atol=1e-5, rtol=1e-5)
+
+
 def test_routing_matters():
     """Proves the comparison can fail: other ids or other weights give other outputs."""
     x, w13, w2, wts, ids = moe_case(7, 8, 2, torch.float32)
