@@ -14,6 +14,7 @@
 #include <string>
 
 #include "fastinfer/cpu_attention.h"
+#include "fastinfer/cpu_moe.h"
 #include "fastinfer/cpu_quant.h"
 
 namespace {
@@ -238,6 +239,49 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   return out;
 }
 
+// x [T, H], w13 [E, 2I, H], w2 [E, H, I] (one dtype, contiguous), topk_weights fp32 [T, k], topk_ids int32 /
+// int64 [T, k] -> out [T, H]. Every T runs in the kernel (grouped by expert, each active expert read once).
+at::Tensor fused_moe_cpu(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
+                         const at::Tensor& topk_weights, const at::Tensor& topk_ids) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &w13, &w2, &topk_weights, &topk_ids})
+    TORCH_CHECK_VALUE(t->device().is_cpu(), "fastinfer::fused_moe: all tensors must be on the CPU");
+  const fc::DType dt = cpu_dtype(x, "x");
+  TORCH_CHECK_VALUE(w13.scalar_type() == x.scalar_type() && w2.scalar_type() == x.scalar_type(),
+                    "fastinfer::fused_moe: x, w13 and w2 must share a dtype, got ", x.scalar_type(), ", ",
+                    w13.scalar_type(), ", ", w2.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2 && w13.dim() == 3 && w2.dim() == 3,
+                    "fastinfer::fused_moe: need x [T, H], w13 [E, 2I, H], w2 [E, H, I]");
+  const int64_t T = x.size(0), H = x.size(1), E = w13.size(0), I = w13.size(1) / 2;
+  TORCH_CHECK_VALUE(w13.size(1) == 2 * I && w13.size(2) == H && w2.size(0) == E && w2.size(1) == H &&
+                        w2.size(2) == I,
+                    "fastinfer::fused_moe: w13 ", w13.sizes(), " and w2 ", w2.sizes(), " do not fit x ", x.sizes(),
+                    " (need w13 [E, 2I, H], w2 [E, H, I])");
+  TORCH_CHECK_VALUE(x.is_contiguous() && w13.is_contiguous() && w2.is_contiguous(),
+                    "fastinfer::fused_moe: x, w13 and w2 must be contiguous");
+  TORCH_CHECK_VALUE(topk_weights.scalar_type() == at::kFloat, "fastinfer::fused_moe: topk_weights must be float32");
+  TORCH_CHECK_VALUE(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong,
+                    "fastinfer::fused_moe: topk_ids must be int32 or int64");
+  TORCH_CHECK_VALUE(topk_weights.dim() == 2 && topk_weights.size(0) == T && topk_ids.sizes() == topk_weights.sizes(),
+                    "fastinfer::fused_moe: topk_weights and topk_ids must both be [T, k], got ", topk_weights.sizes(),
+                    " and ", topk_ids.sizes());
+  const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
+  const at::Tensor wts = topk_weights.contiguous();
+  at::Tensor out = at::empty({T, H}, x.options());  // [T, H]
+  fc::FusedMoeParams p;
+  p.dtype = dt;
+  p.x = x.data_ptr();
+  p.w13 = w13.data_ptr();
+  p.w2 = w2.data_ptr();
+  p.topk_weights = wts.data_ptr<float>();
+  p.topk_ids = ids.data_ptr<int64_t>();
+  p.out = out.data_ptr();
+  p.T = T, p.H = H, p.I = I, p.E = E, p.K = topk_ids.size(1);
+  p.num_threads = at::get_num_threads();  // follow torch.set_num_threads
+  const int rc = fc::fused_moe(p);
+  TORCH_CHECK_VALUE(rc == 0, "fastinfer::fused_moe: ", fc::moe_error_string(rc));
+  return out;
+}
+
 // "" -> report; "auto" | "generic" | "avx2" | "avx512" | "avx512_bf16" -> select (falls back to what the CPU supports).
 std::string cpu_isa(std::string force) {
   if (force == "auto") fc::set_isa(fc::Isa::kAuto);
@@ -258,12 +302,14 @@ TORCH_LIBRARY(fastinfer, m) {
   m.def("cpu_isa(str force='') -> str", &cpu_isa);
   m.def("quant_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int bits, int group_size, "
         "Tensor? bias=None) -> Tensor");
+  m.def("fused_moe(Tensor x, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
   m.impl("paged_attention", &paged_attention_cpu);
   m.impl("store_kv", &store_kv_cpu);
   m.impl("quant_linear", &quant_linear_cpu);
+  m.impl("fused_moe", &fused_moe_cpu);
 }
 
 // A plain Python module: importing it loads this library, whose static initialisers register the ops.

@@ -38,20 +38,6 @@ constexpr int64_t kAllHeadsQueries = 64;  // items with at most this many querie
 constexpr int64_t kMinSplit = 256;      // never split a context into parts shorter than this
 constexpr float kLog2e = 1.4426950408889634f;
 
-struct bf16_t {
-  uint16_t x;
-};
-struct fp16_t {
-  uint16_t x;
-};
-
-FI_INLINE float to_float(float v) { return v; }
-FI_INLINE float to_float(bf16_t v) { return bf16_to_float(v.x); }
-FI_INLINE float to_float(fp16_t v) { return fp16_to_float(v.x); }
-FI_INLINE void from_float(float f, float* dst) { *dst = f; }
-FI_INLINE void from_float(float f, bf16_t* dst) { dst->x = float_to_bf16(f); }
-FI_INLINE void from_float(float f, fp16_t* dst) { dst->x = float_to_fp16(f); }
-
 // One unit of parallel work: sequence `seq`, KV heads kvh .. kvh + nkvh - 1, query rows row0 ..
 // row0 + nrows - 1 of that sequence, key positions [lo, hi). `partial` >= 0: offset (floats) of its slab in
 // the partials buffer when the context was split into several parts; -1: it writes the output directly.
@@ -465,15 +451,6 @@ ItemFn item_fn(Isa isa, DType dt) {
   if (dt == DType::kFloat32) return generic::run_item<float>;
   if (dt == DType::kBFloat16) return generic::run_item<bf16_t>;
   return generic::run_item<fp16_t>;
-}
-
-int resolve_threads(int n) {
-#ifdef _OPENMP
-  return n > 0 ? n : omp_get_max_threads();
-#else
-  (void)n;
-  return 1;
-#endif
 }
 
 // Merge the parts of one split context: out = sum_p 2^(m_p - m) acc_p / sum_p 2^(m_p - m) l_p.

@@ -975,15 +975,6 @@ void prep_x(const QuantLinearParams& p, XLayout layout, float* xf, float* xsum) 
   }
 }
 
-int resolve_threads(int n) {
-#ifdef _OPENMP
-  return n > 0 ? n : omp_get_max_threads();
-#else
-  (void)n;
-  return 1;
-#endif
-}
-
 bool scale_dtype_ok(DType d) { return d == DType::kFloat32 || d == DType::kFloat16; }
 bool x_dtype_ok(DType d) { return d == DType::kFloat32 || d == DType::kBFloat16 || d == DType::kFloat16; }
 

@@ -1,11 +1,11 @@
-"""The compiled CPU backend: ``paged_attention`` and ``store_kv`` (csrc/cpu/paged_attention.cpp) and
-``quant_linear`` (csrc/cpu/quant_linear.cpp) from the C++ extension ``fastinfer._C``, registered as
-``torch.ops.fastinfer.*`` by csrc/bindings.cpp.
+"""The compiled CPU backend: ``paged_attention`` and ``store_kv`` (csrc/cpu/paged_attention.cpp), ``quant_linear``
+(csrc/cpu/quant_linear.cpp) and ``fused_moe`` (csrc/cpu/fused_moe.cpp) from the C++ extension ``fastinfer._C``,
+registered as ``torch.ops.fastinfer.*`` by csrc/bindings.cpp.
 
 Importing this module fails with ImportError when the extension is not built, so the registry skips the
 backend and says why. Cases the kernel does not cover (head_dim not a multiple of 16 or above 256, dtypes
-other than fp32/bf16/fp16, mixed dtypes; quant_linear group sizes the kernel lacks) fall back to the torch
-backend with a one-time warning.
+other than fp32/bf16/fp16, mixed dtypes; quant_linear group sizes the kernel lacks; fused_moe with mixed
+dtypes or non-contiguous expert weights) fall back to the torch backend with a one-time warning.
 """
 from __future__ import annotations
 
@@ -42,6 +42,11 @@ def _store_kv_fake(key, value, k_cache, v_cache, slot_mapping) -> None:
 @torch.library.register_fake("fastinfer::quant_linear")
 def _quant_linear_fake(x, qweight, scales, mins, bits, group_size, bias=None) -> torch.Tensor:
     return x.new_empty((x.shape[0], qweight.shape[0]))  # [M, N]
+
+
+@torch.library.register_fake("fastinfer::fused_moe")
+def _fused_moe_fake(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+    return x.new_empty(x.shape)  # [T, H]
 
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -157,3 +162,27 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, m
         mins = None if mins is None else mins.contiguous()
     out = torch.ops.fastinfer.quant_linear(x2, qweight, scales, mins, bits, group_size, bias)  # [M, N]
     return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])  # [..., N]
+
+
+def _moe_unsupported(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> str | None:
+    if not (x.is_cpu and w13.is_cpu and w2.is_cpu):
+        return f"fused_moe on {x.device.type}"
+    if x.dtype not in _KERNEL_DTYPES:
+        return f"fused_moe dtype {x.dtype}"
+    if w13.dtype != x.dtype or w2.dtype != x.dtype:
+        return f"fused_moe mixed dtypes x={x.dtype} w13={w13.dtype} w2={w2.dtype}"
+    if not (w13.is_contiguous() and w2.is_contiguous()):
+        return "fused_moe non-contiguous expert weights"
+    return None
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+    """Routed experts for x [T, H]; same contract as :func:`fastinfer.ops.reference.fused_moe`. Tokens are grouped
+    by expert in the kernel (csrc/cpu/fused_moe.cpp), so each chosen expert's w13 [2I, H] and w2 [H, I] are read
+    once per call and the others not at all; every T runs there."""
+    why = _moe_unsupported(x, w13, w2)
+    if why is not None:
+        _fallback(why)
+        return torch_backend.fused_moe(x, w13, w2, topk_weights, topk_ids)
+    return torch.ops.fastinfer.fused_moe(x.contiguous(), w13, w2, topk_weights.float(), topk_ids)

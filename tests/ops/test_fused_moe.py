@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fastinfer.ops import reference, torch_backend
+from tests.ops.conftest import SUPPORTED_ISAS
 
 HIDDEN, INTER = 72, 40
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
@@ -222,6 +223,142 @@ def test_triton_traces_on_fake_cuda():
         assert (out.shape, out.dtype, out.device.type) == ((5, HIDDEN), torch.bfloat16, "cuda")
         with pytest.raises(AssertionError, match="topk_weights on cpu"):
             triton_backend.fused_moe(x, w13, w2, torch.empty(5, 2), ids)
+
+
+# ------------------------------------------------------------------------------ C++ (csrc/cpu/fused_moe.cpp)
+# Every case of CASES in three dtypes on each instruction-set variant the CPU runs (generic, avx2, avx512; the
+# kernel runs its AVX-512 code for avx512_bf16 too): both routings on the widest variant, one (alternating by
+# case) on the others; 2 threads on shapes big enough to split both phases.
+
+
+def _cpp():
+    pytest.importorskip("fastinfer._C", reason="compiled extension not built (pip install -e . --no-build-isolation)")
+    from fastinfer.ops import cpp_backend
+
+    return cpp_backend
+
+
+MOE_ISAS = [v for v in SUPPORTED_ISAS if v != "avx512_bf16"]
+
+
+def _cpp_params() -> list:
+    out = []
+    for isa in MOE_ISAS:
+        for t, e, k in CASES:
+            for routing in ("random", "skewed"):
+                if isa == MOE_ISAS[-1] or routing == ("skewed" if (t + e + k) % 2 else "random"):
+                    out.append(pytest.param(isa, t, e, k, routing, id=f"{isa}-{t}-{e}-{k}-{routing}"))
+    return out
+
+
+@pytest.fixture
+def forced_isa(request):
+    """Force the kernel variant named by the test's ``isa`` argument, then restore detection."""
+    cpp = _cpp()
+    assert cpp.cpu_isa(request.getfixturevalue("isa")) == request.getfixturevalue("isa")
+    yield
+    cpp.cpu_isa("auto")
+
+
+@pytest.fixture
+def threads(request):
+    """torch's (and so the kernel's) thread count for the test: ``threads`` argument, default 1."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(getattr(request, "param", 1))
+    yield torch.get_num_threads()
+    torch.set_num_threads(old)
+
+
+@pytest.mark.usefixtures("forced_isa", "threads")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("isa,t,e,k,routing", _cpp_params())
+def test_cpp_matches_reference(isa, t, e, k, routing, dtype):
+    """One thread (the small cases would run on one anyway; the 2-thread split is test_cpp_shapes_and_threads)."""
+    cpp = _cpp()
+    ids_dtype = torch.int32 if (t + e + k) % 2 else torch.int64
+    case = moe_case(t, e, k, dtype, routing, ids_dtype, seed=t * 100 + e + k)
+    out = cpp.fused_moe(*case)
+    assert out.shape == (t, HIDDEN) and out.dtype == dtype
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out, reference.fused_moe(*case), atol=atol, rtol=rtol)
+
+
+@pytest.mark.usefixtures("forced_isa")
+@pytest.mark.parametrize("threads", [2], indirect=True, ids=["2threads"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("hidden,inter", [(1024, 352), (200, 97), (16, 1)])
+@pytest.mark.parametrize("isa", MOE_ISAS)
+def test_cpp_shapes_and_threads(isa, hidden, inter, dtype, threads):
+    """Sizes big enough to split over 2 threads (both phases), odd I (the single-pair tail), H < one vector;
+    1, 2 and 19 tokens."""
+    cpp = _cpp()
+    gen = torch.Generator().manual_seed(hidden + inter)
+    e, k, t = 8, 2, 19
+    x = torch.randn(t, hidden, generator=gen).to(dtype)
+    w13 = (torch.randn(e, 2 * inter, hidden, generator=gen) / hidden ** 0.5).to(dtype)
+    w2 = (torch.randn(e, hidden, inter, generator=gen) / inter ** 0.5).to(dtype)
+    vals, ids = torch.randn(t, e, generator=gen).topk(k, dim=1)
+    wts = vals.softmax(dim=1)
+    assert threads == 2
+    for n in (1, 2, t):
+        sub = (x[:n], w13, w2, wts[:n], ids[:n])
+        atol, rtol = TOL[dtype]
+        torch.testing.assert_close(cpp.fused_moe(*sub), reference.fused_moe(*sub), atol=atol, rtol=rtol)
+
+
+def test_cpp_reads_only_chosen_experts():
+    """NaN in every expert no token chose must not reach the output (the kernel never reads them); a repeated
+    expert in a token's top-k counts twice, as in the formula."""
+    cpp = _cpp()
+    x, w13, w2, wts, ids = moe_case(5, 8, 2, torch.float32, "skewed")
+    w13, w2 = w13.clone(), w2.clone()
+    w13[1::2], w2[1::2] = float("nan"), float("nan")
+    out = cpp.fused_moe(x, w13, w2, wts, ids)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, reference.fused_moe(x, w13.nan_to_num(), w2.nan_to_num(), wts, ids),
+                               atol=1e-5, rtol=1e-5)
+    twice = ids[:, :1].repeat(1, 2)
+    torch.testing.assert_close(cpp.fused_moe(x, w13, w2, wts, twice), per_token(x, w13, w2, wts, twice).float(),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_cpp_routing_matters_and_bad_inputs():
+    cpp = _cpp()
+    x, w13, w2, wts, ids = moe_case(7, 8, 2, torch.float32)
+    base = cpp.fused_moe(x, w13, w2, wts, ids)
+    assert torch.equal(base, cpp.fused_moe(x, w13, w2, wts, ids)), "two runs differ"
+    assert not torch.allclose(base, cpp.fused_moe(x, w13, w2, wts, (ids + 1) % 8), atol=1e-3)
+    assert not torch.allclose(base, cpp.fused_moe(x, w13, w2, wts.flip(1), ids), atol=1e-3)
+    assert cpp.fused_moe(x[:0], w13, w2, wts[:0], ids[:0]).shape == (0, HIDDEN)
+    with pytest.raises(ValueError, match=r"outside \[0, num_experts\)"):
+        cpp.fused_moe(x, w13, w2, wts, ids + 8)
+    with pytest.raises(ValueError, match="do not fit"):
+        cpp.fused_moe(x, w13, w2[:, :, :-1].contiguous(), wts, ids)
+    with pytest.raises(ValueError, match=r"\[T, k\]"):
+        cpp.fused_moe(x, w13, w2, wts[:, :1], ids)
+
+
+def test_cpp_falls_back_with_a_warning(caplog):
+    """Mixed dtypes are not a kernel case: the torch backend runs, and the log says so (once)."""
+    cpp = _cpp()
+    x, w13, w2, wts, ids = moe_case(3, 4, 2, torch.float32)
+    with caplog.at_level("WARNING", logger="fastinfer.ops"):
+        out = cpp.fused_moe(x, w13.bfloat16(), w2.bfloat16(), wts, ids)
+    assert "fused_moe mixed dtypes" in caplog.text and "torch backend" in caplog.text
+    torch.testing.assert_close(out, torch_backend.fused_moe(x, w13.bfloat16(), w2.bfloat16(), wts, ids))
+
+
+def test_cpp_traces_under_fake_mode_and_opcheck():
+    """The fake allocates [T, H] with no data read; opcheck: schema, fake vs real metadata, AOT dispatch."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    cpp = _cpp()
+    case = moe_case(5, 8, 2, torch.bfloat16, ids_dtype=torch.int32)
+    with FakeTensorMode() as mode:
+        fake = tuple(mode.from_tensor(u) for u in case)
+        out = cpp.fused_moe(*fake)
+        assert isinstance(out, FakeTensor) and (out.shape, out.dtype) == ((5, HIDDEN), torch.bfloat16)
+    torch.library.opcheck(torch.ops.fastinfer.fused_moe.default, case)
 
 
 # The sm_90 compile check of tests/ops/test_triton_kernels.py (its ``build`` helper) on both MoE kernels, with the

@@ -4,6 +4,10 @@
 #include <cstdint>
 #include <cstring>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
 #define FI_X86 1
 #include <immintrin.h>
@@ -68,3 +72,34 @@ FI_INLINE uint16_t float_to_fp16(float f) {
   }
   return uint16_t(sign | h);
 }
+
+namespace fastinfer {
+namespace cpu {
+
+// Element types of the kernels' templates (bit patterns of bf16 / fp16) and their scalar conversions.
+struct bf16_t {
+  uint16_t x;
+};
+struct fp16_t {
+  uint16_t x;
+};
+
+FI_INLINE float to_float(float v) { return v; }
+FI_INLINE float to_float(bf16_t v) { return bf16_to_float(v.x); }
+FI_INLINE float to_float(fp16_t v) { return fp16_to_float(v.x); }
+FI_INLINE void from_float(float f, float* dst) { *dst = f; }
+FI_INLINE void from_float(float f, bf16_t* dst) { dst->x = float_to_bf16(f); }
+FI_INLINE void from_float(float f, fp16_t* dst) { dst->x = float_to_fp16(f); }
+
+// Threads for a kernel call: n, or the OpenMP default when n <= 0.
+FI_INLINE int resolve_threads(int n) {
+#ifdef _OPENMP
+  return n > 0 ? n : omp_get_max_threads();
+#else
+  (void)n;
+  return 1;
+#endif
+}
+
+}  // namespace cpu
+}  // namespace fastinfer
