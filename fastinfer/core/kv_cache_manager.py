@@ -53,12 +53,8 @@ class _Group:
         return 0 if self.window is None else max(0, pos - self.window + 1) // self.block_size
 
     def hit_length(self, cached: list[int | None], n: int) -> int:
-        """The longest hit of ``m <= n`` blocks this group can serve, ``cached[j]`` being block j's cached id."""
-        if self.window is None:
-            m = 0
-            while m < n and cached[m] is not None:
-                m += 1
-            return m
+        """The longest hit of ``m <= n`` blocks this group can serve, ``cached[j]`` being block j's cached id
+        (full attention: ``first_needed`` is 0, so this is the leading run of cached blocks)."""
         run = 0
         runs = []
         for j in range(n):  # run[j]: consecutive cached blocks ending at j
