@@ -20,7 +20,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import decode_rate, emit, llama_cpp_rate, machine_line, make_workload, table  # noqa: E402
+from common import emit, llama_cpp_rate, machine_line, make_workload, single_stream_rate, table  # noqa: E402
 
 from fastinfer import LLM, SamplingParams  # noqa: E402
 
@@ -64,13 +64,7 @@ def rates(model: str, impl: str, ids: list[int], batch: list[list[int]], n: int,
     import time
 
     llm = LLM(model, model_impl=impl, max_model_len=2048, max_num_seqs=8, load_progress=False, **kw)
-
-    def gen(k: int):
-        sp = SamplingParams(temperature=0, max_tokens=k, ignore_eos=True)
-        return lambda: llm.generate({"prompt_token_ids": ids}, sp, use_tqdm=False)
-
-    gen(n)()  # warm-up
-    single, _, _ = decode_rate(gen(n), gen(1), n, repeats)
+    single = single_stream_rate(llm, ids, n, repeats)
     sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
     t = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in batch], sp, use_tqdm=False)

@@ -17,9 +17,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import decode_rate, emit, llama_cpp_rate, make_workload, table  # noqa: E402
+from common import emit, llama_cpp_rate, make_workload, single_stream_rate, table  # noqa: E402
 
-from fastinfer import LLM, SamplingParams  # noqa: E402
+from fastinfer import LLM  # noqa: E402
 from fastinfer.models.loader import load_tokenizer, resolve_model_path  # noqa: E402
 
 
@@ -27,14 +27,7 @@ def fastinfer_rate(model: str, dtype: str, quantization: str | None, ids: list[i
                    ) -> tuple[float, str]:
     llm = LLM(model, dtype=dtype, quantization=quantization, max_model_len=2048, max_num_seqs=1,
               enable_prefix_caching=False, load_progress=False)
-
-    def gen(k: int):
-        sp = SamplingParams(temperature=0, max_tokens=k, ignore_eos=True)
-        return lambda: llm.generate({"prompt_token_ids": ids}, sp, use_tqdm=False)
-
-    gen(n)()  # warm-up
-    rate, _, _ = decode_rate(gen(n), gen(1), n, repeats)
-    return rate, llm.engine.worker.ops.chosen.get("quant_linear", "-")
+    return single_stream_rate(llm, ids, n, repeats), llm.engine.worker.ops.chosen.get("quant_linear", "-")
 
 
 def main() -> None:

@@ -51,6 +51,20 @@ def decode_rate(gen_n: Callable[[], Any], gen_1: Callable[[], Any], n: int, repe
     return (n - 1) / (t_n - t_1), t_n, t_1
 
 
+def single_stream_rate(llm: Any, ids: list[int], n: int, repeats: int) -> float:
+    """fastinfer single-stream greedy decode tok/s of ``llm`` on prompt ``ids`` (fixed length ``n``, prefill
+    excluded, after one warm-up run)."""
+    from fastinfer import SamplingParams
+
+    def gen(k: int) -> Callable[[], Any]:
+        sp = SamplingParams(temperature=0, max_tokens=k, ignore_eos=True)
+        return lambda: llm.generate({"prompt_token_ids": ids}, sp, use_tqdm=False)
+
+    gen(n)()  # warm-up
+    rate, _, _ = decode_rate(gen(n), gen(1), n, repeats)
+    return rate
+
+
 def machine_line() -> str:
     """``# CPU model; ISA ...`` for the head of a benchmark's output (figures mean nothing without it)."""
     import platform
