@@ -241,37 +241,68 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
 
 // x [T, H], w13 [E, 2I, H], w2 [E, H, I] (one dtype, contiguous), topk_weights fp32 [T, k], topk_ids int32 /
 // int64 [T, k] -> out [T, H]. Every T runs in the kernel (grouped by expert, each active expert read once).
+// One expert projection [E, N, K] (w13: N = 2I, K = H; w2: N = H, K = I): float in x's dtype, or int8 / packed
+// int4 codes with fp32 scales (and optional mins) [E, N, K / group].
+fc::MoeWeight moe_weight(const char* name, const at::Tensor& w, const c10::optional<at::Tensor>& scales,
+                         const c10::optional<at::Tensor>& mins, const at::Tensor& x, int64_t E, int64_t N, int64_t K) {
+  TORCH_CHECK_VALUE(w.device().is_cpu() && w.dim() == 3 && w.is_contiguous(), "fastinfer::fused_moe: ", name,
+                    " must be a contiguous 3-D CPU tensor, got ", w.sizes());
+  fc::MoeWeight mw;
+  mw.w = w.data_ptr();
+  if (!scales.has_value()) {
+    TORCH_CHECK_VALUE(w.scalar_type() == x.scalar_type(), "fastinfer::fused_moe: float ", name,
+                      " must have x's dtype ", x.scalar_type(), ", got ", w.scalar_type());
+    TORCH_CHECK_VALUE(w.size(0) == E && w.size(1) == N && w.size(2) == K, "fastinfer::fused_moe: ", name, " ",
+                      w.sizes(), " does not fit x (need [", E, ", ", N, ", ", K, "])");
+    TORCH_CHECK_VALUE(!mins.has_value(), "fastinfer::fused_moe: ", name, " mins without scales");
+    return mw;
+  }
+  TORCH_CHECK_VALUE(w.scalar_type() == at::kChar || w.scalar_type() == at::kByte, "fastinfer::fused_moe: quantized ",
+                    name, " must be int8 or uint8 (packed int4), got ", w.scalar_type());
+  mw.bits = w.scalar_type() == at::kChar ? 8 : 4;
+  TORCH_CHECK_VALUE(w.size(0) == E && w.size(1) == N && w.size(2) * (mw.bits == 4 ? 2 : 1) == K,
+                    "fastinfer::fused_moe: quantized ", name, " ", w.sizes(), " does not fit [", E, ", ", N, ", ", K,
+                    "] (int4: K / 2 bytes per row)");
+  for (const at::Tensor* t : {&*scales, mins.has_value() ? &*mins : &*scales}) {
+    TORCH_CHECK_VALUE(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3 &&
+                          t->size(0) == E && t->size(1) == N && t->size(2) == scales->size(2),
+                      "fastinfer::fused_moe: ", name, " scales / mins must be contiguous fp32 [", E, ", ", N,
+                      ", groups] CPU tensors alike, got ", t->sizes(), " ", t->scalar_type());
+  }
+  const int64_t groups = scales->size(2);
+  TORCH_CHECK_VALUE(groups > 0 && K % groups == 0, "fastinfer::fused_moe: ", name, " has ", groups,
+                    " groups per row, which does not divide K = ", K);
+  mw.scales = scales->data_ptr<float>();
+  mw.mins = mins.has_value() ? mins->data_ptr<float>() : nullptr;
+  mw.group = K / groups;
+  return mw;
+}
+
 at::Tensor fused_moe_cpu(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
-                         const at::Tensor& topk_weights, const at::Tensor& topk_ids) {
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &w13, &w2, &topk_weights, &topk_ids})
+                         const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                         const c10::optional<at::Tensor>& w13_scales, const c10::optional<at::Tensor>& w13_mins,
+                         const c10::optional<at::Tensor>& w2_scales, const c10::optional<at::Tensor>& w2_mins) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &topk_weights, &topk_ids})
     TORCH_CHECK_VALUE(t->device().is_cpu(), "fastinfer::fused_moe: all tensors must be on the CPU");
   const fc::DType dt = cpu_dtype(x, "x");
-  TORCH_CHECK_VALUE(w13.scalar_type() == x.scalar_type() && w2.scalar_type() == x.scalar_type(),
-                    "fastinfer::fused_moe: x, w13 and w2 must share a dtype, got ", x.scalar_type(), ", ",
-                    w13.scalar_type(), ", ", w2.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() == 2 && w13.dim() == 3 && w2.dim() == 3,
-                    "fastinfer::fused_moe: need x [T, H], w13 [E, 2I, H], w2 [E, H, I]");
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.is_contiguous() && w13.dim() == 3 && w2.dim() == 3,
+                    "fastinfer::fused_moe: need a contiguous x [T, H], w13 [E, 2I, H], w2 [E, H, I]");
   const int64_t T = x.size(0), H = x.size(1), E = w13.size(0), I = w13.size(1) / 2;
-  TORCH_CHECK_VALUE(w13.size(1) == 2 * I && w13.size(2) == H && w2.size(0) == E && w2.size(1) == H &&
-                        w2.size(2) == I,
-                    "fastinfer::fused_moe: w13 ", w13.sizes(), " and w2 ", w2.sizes(), " do not fit x ", x.sizes(),
-                    " (need w13 [E, 2I, H], w2 [E, H, I])");
-  TORCH_CHECK_VALUE(x.is_contiguous() && w13.is_contiguous() && w2.is_contiguous(),
-                    "fastinfer::fused_moe: x, w13 and w2 must be contiguous");
+  TORCH_CHECK_VALUE(w13.size(1) == 2 * I, "fastinfer::fused_moe: w13 ", w13.sizes(), " needs an even row count");
   TORCH_CHECK_VALUE(topk_weights.scalar_type() == at::kFloat, "fastinfer::fused_moe: topk_weights must be float32");
   TORCH_CHECK_VALUE(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong,
                     "fastinfer::fused_moe: topk_ids must be int32 or int64");
   TORCH_CHECK_VALUE(topk_weights.dim() == 2 && topk_weights.size(0) == T && topk_ids.sizes() == topk_weights.sizes(),
                     "fastinfer::fused_moe: topk_weights and topk_ids must both be [T, k], got ", topk_weights.sizes(),
                     " and ", topk_ids.sizes());
+  fc::FusedMoeParams p;
+  p.w13 = moe_weight("w13", w13, w13_scales, w13_mins, x, E, 2 * I, H);
+  p.w2 = moe_weight("w2", w2, w2_scales, w2_mins, x, E, H, I);
   const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
   const at::Tensor wts = topk_weights.contiguous();
   at::Tensor out = at::empty({T, H}, x.options());  // [T, H]
-  fc::FusedMoeParams p;
   p.dtype = dt;
   p.x = x.data_ptr();
-  p.w13 = w13.data_ptr();
-  p.w2 = w2.data_ptr();
   p.topk_weights = wts.data_ptr<float>();
   p.topk_ids = ids.data_ptr<int64_t>();
   p.out = out.data_ptr();
@@ -302,7 +333,8 @@ TORCH_LIBRARY(fastinfer, m) {
   m.def("cpu_isa(str force='') -> str", &cpu_isa);
   m.def("quant_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int bits, int group_size, "
         "Tensor? bias=None) -> Tensor");
-  m.def("fused_moe(Tensor x, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids) -> Tensor");
+  m.def("fused_moe(Tensor x, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, Tensor? w13_scales=None, "
+        "Tensor? w13_mins=None, Tensor? w2_scales=None, Tensor? w2_mins=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {

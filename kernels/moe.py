@@ -17,6 +17,11 @@ Three steps, no host synchronisation (every size is a bound known from the shape
    top-k weight (fp32) and stores fp32 rows into ``buf`` [N, H]. ``out = buf.view(T, k, H).sum(1)``: the k
    slots of a token are added in slot order, no atomics, the same bits on every run.
 
+Quantized experts (``W_BITS`` 8 or 4, per projection): the B tiles are dequantized as they load, ``q * scale +
+min`` in fp32 from the stacked weight-only format (int8 codes, or packed int4: byte ``k // 2``, low nibble for even
+k; fp32 scales / mins [E, N, K // GROUP]), then enter the dot in x's dtype; only the active experts' codes are
+read.
+
 Rows, columns and K are masked, so H and I need not be multiples of the blocks. Programs whose block lies past
 ``num_padded`` return at once (the grid is sized by the bound). Block sizes come from :func:`moe_config` (no
 ``@triton.autotune``: the interpreter cannot run it).
@@ -24,6 +29,7 @@ Rows, columns and K are masked, so H and I need not be multiples of the blocks. 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -31,10 +37,30 @@ import triton.language as tl
 
 
 @triton.jit
+def _load_b(w_ptr, s_ptr, m_ptr, expert, rows, kk, mask, stride_we, stride_wn, stride_se, stride_sn,
+            W_BITS: tl.constexpr, GROUP: tl.constexpr, HAS_MINS: tl.constexpr, DTYPE: tl.constexpr):
+    """The [BK, BN] weight tile ``w[expert, rows, kk]`` (rows [1, BN], kk [BK, 1]) in DTYPE: loaded as is (float
+    weights, W_BITS 0) or dequantized in fp32 (q * scale + min) from int8 / packed int4 codes."""
+    if W_BITS == 0:
+        return tl.load(w_ptr + expert * stride_we + rows * stride_wn + kk, mask=mask, other=0.0)
+    if W_BITS == 8:
+        q = tl.load(w_ptr + expert * stride_we + rows * stride_wn + kk, mask=mask, other=0).to(tl.float32)
+    else:
+        byte = tl.load(w_ptr + expert * stride_we + rows * stride_wn + kk // 2, mask=mask, other=0).to(tl.int32)
+        q = ((byte >> ((kk % 2) * 4)) & 15).to(tl.float32)
+    g = expert * stride_se + rows * stride_sn + kk // GROUP  # [BK, BN] offsets into scales / mins
+    w = q * tl.load(s_ptr + g, mask=mask, other=0.0)
+    if HAS_MINS:
+        w += tl.load(m_ptr + g, mask=mask, other=0.0)
+    return w.to(DTYPE)
+
+
+@triton.jit
 def _gate_up_kernel(
-    x_ptr, w_ptr, act_ptr, pairs_ptr, experts_ptr, npad_ptr,
-    num_pairs, K, INTER, top_k, stride_xt, stride_we, stride_wn, stride_at,
+    x_ptr, w_ptr, s_ptr, m_ptr, act_ptr, pairs_ptr, experts_ptr, npad_ptr,
+    num_pairs, K, INTER, top_k, stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_at,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    W_BITS: tl.constexpr = 0, GROUP: tl.constexpr = 1, HAS_MINS: tl.constexpr = False,
 ):
     """Grid (num_blocks, cdiv(INTER, BLOCK_N)): act[p, n] = silu(x[t] . w13[e, n]) * (x[t] . w13[e, INTER + n])
     for the block's pairs p (token t = p // top_k) and columns n."""
@@ -49,8 +75,8 @@ def _gate_up_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < INTER
     x_rows = x_ptr + token[:, None] * stride_xt  # [BM, 1]
-    w_gate = w_ptr + expert * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn  # [1, BN]
-    w_up = w_gate + INTER * stride_wn
+    gate_rows = offs_n.to(tl.int64)[None, :]  # [1, BN]
+    up_rows = gate_rows + INTER
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -58,8 +84,10 @@ def _gate_up_kernel(
         k_ok = kk < K
         a = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
         w_ok = k_ok[:, None] & n_ok[None, :]
-        bg = tl.load(w_gate + kk[:, None], mask=w_ok, other=0.0)  # [BK, BN]
-        bu = tl.load(w_up + kk[:, None], mask=w_ok, other=0.0)
+        bg = _load_b(w_ptr, s_ptr, m_ptr, expert, gate_rows, kk[:, None], w_ok, stride_we, stride_wn, stride_se,
+                     stride_sn, W_BITS, GROUP, HAS_MINS, a.dtype)  # [BK, BN]
+        bu = _load_b(w_ptr, s_ptr, m_ptr, expert, up_rows, kk[:, None], w_ok, stride_we, stride_wn, stride_se,
+                     stride_sn, W_BITS, GROUP, HAS_MINS, a.dtype)
         acc_g = tl.dot(a, bg, acc_g, input_precision=DOT_PRECISION)
         acc_u = tl.dot(a, bu, acc_u, input_precision=DOT_PRECISION)
     h = (acc_g / (1.0 + tl.exp(-acc_g)) * acc_u).to(act_ptr.dtype.element_ty)  # fp32, rounded once
@@ -69,9 +97,10 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    act_ptr, w_ptr, tw_ptr, buf_ptr, pairs_ptr, experts_ptr, npad_ptr,
-    num_pairs, K, N, stride_at, stride_we, stride_wn, stride_bt,
+    act_ptr, w_ptr, s_ptr, m_ptr, tw_ptr, buf_ptr, pairs_ptr, experts_ptr, npad_ptr,
+    num_pairs, K, N, stride_at, stride_we, stride_wn, stride_se, stride_sn, stride_bt,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    W_BITS: tl.constexpr = 0, GROUP: tl.constexpr = 1, HAS_MINS: tl.constexpr = False,
 ):
     """Grid (num_blocks, cdiv(H, BLOCK_N)): buf[p, n] = topk_weight[p] * (act[p] . w2[e, n]) in fp32."""
     pid_m = tl.program_id(0)
@@ -85,13 +114,14 @@ def _down_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     a_rows = act_ptr + rows[:, None] * stride_at  # [BM, 1]
-    w_cols = w_ptr + expert * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn  # [1, BN]
+    w_rows = offs_n.to(tl.int64)[None, :]  # [1, BN]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < K
         a = tl.load(a_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-        b = tl.load(w_cols + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BK, BN]
+        b = _load_b(w_ptr, s_ptr, m_ptr, expert, w_rows, kk[:, None], k_ok[:, None] & n_ok[None, :], stride_we,
+                    stride_wn, stride_se, stride_sn, W_BITS, GROUP, HAS_MINS, a.dtype)  # [BK, BN]
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     weight = tl.load(tw_ptr + rows, mask=m_ok, other=0.0)  # [BM] fp32
     acc = acc * weight[:, None]
@@ -112,38 +142,77 @@ class MoEConfig:
     num_stages: int
 
 
-def moe_config(num_pairs: int, num_experts: int, dtype: torch.dtype, device: torch.device) -> MoEConfig:
+def moe_config(num_pairs: int, num_experts: int, dtype: torch.dtype, device: torch.device,
+               quantized: bool = False) -> MoEConfig:
     """BLOCK_M from the mean number of pairs per expert (16 for decode: a block is mostly padding, the weight
-    tile is what costs); small tiles under the interpreter and for fp32 (a correctness path on GPUs)."""
+    tile is what costs); small tiles under the interpreter and for fp32 (a correctness path on GPUs); quantized
+    experts (codes plus a scale per weight in flight) take 64 x 64 tiles in 2 stages, within shared memory."""
     if device.type != "cuda":
         return MoEConfig(16, 32, 32, 4, 1)
     per_expert = num_pairs / max(num_experts, 1)
     bm = 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
     if dtype == torch.float32:
         return MoEConfig(bm, 32, 32, 4, 2)
+    if quantized:
+        return MoEConfig(bm, 64, 64, 4, 2)
     if bm == 16:
         return MoEConfig(16, 64, 128, 4, 3)
     return MoEConfig(bm, 64, 64, 4, 4)
 
 
+@dataclass(frozen=True)
+class ExpertFormat:
+    """How one stacked projection [E, N, K] is stored: float (bits 0) or int8 / packed int4 codes with fp32
+    scales (and mins) [E, N, K // group]."""
+
+    bits: int
+    group: int
+    scales: torch.Tensor | None
+    mins: torch.Tensor | None
+
+
+def _expert_format(name: str, w: torch.Tensor, scales: torch.Tensor | None, mins: torch.Tensor | None,
+                   x: torch.Tensor, e: int, n: int, k: int) -> ExpertFormat:
+    assert w.dim() == 3 and w.is_contiguous(), f"{name} must be a contiguous [E, N, K], got {tuple(w.shape)}"
+    assert w.device == x.device, f"{name} on {w.device}, x on {x.device}"
+    if scales is None:
+        assert mins is None, f"{name}: mins without scales"
+        assert w.dtype == x.dtype, f"{name} {w.dtype} must be x's {x.dtype}"
+        assert tuple(w.shape) == (e, n, k), f"{name} must be [{e}, {n}, {k}], got {tuple(w.shape)}"
+        return ExpertFormat(0, 1, None, None)
+    assert w.dtype in (torch.int8, torch.uint8), f"quantized {name} must be int8 / uint8 (int4), got {w.dtype}"
+    bits = 8 if w.dtype == torch.int8 else 4
+    assert tuple(w.shape) == (e, n, k if bits == 8 else k // 2) and (bits == 8 or k % 2 == 0), \
+        f"quantized {name} must be [{e}, {n}, {k if bits == 8 else k // 2}], got {tuple(w.shape)}"
+    groups = scales.shape[-1]
+    for part, u in (("scales", scales), ("mins", mins)):
+        if u is None:
+            continue
+        assert u.dtype == torch.float32 and u.is_contiguous() and u.device == x.device, \
+            f"{name} {part} must be contiguous fp32 on {x.device}"
+        assert u.dim() == 3 and tuple(u.shape) == (e, n, groups) and k % groups == 0, \
+            f"{name} {part} must be [{e}, {n}, groups dividing {k}], got {tuple(u.shape)}"
+    return ExpertFormat(bits, k // groups, scales, mins)
+
+
 def check_fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                    topk_ids: torch.Tensor) -> tuple[int, int, int, int, int]:
+                    topk_ids: torch.Tensor, w13_scales: torch.Tensor | None = None,
+                    w13_mins: torch.Tensor | None = None, w2_scales: torch.Tensor | None = None,
+                    w2_mins: torch.Tensor | None = None) -> tuple[int, int, int, int, int]:
     """(T, H, E, I, k) after asserting devices, dtypes, shapes and contiguity (metadata only)."""
     assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported x dtype {x.dtype}"
     assert x.dim() == 2 and x.is_contiguous(), f"x must be a contiguous [T, H], got {tuple(x.shape)}"
     t, h = x.shape
-    assert w13.dim() == 3 and w13.shape[2] == h and w13.shape[1] % 2 == 0, \
-        f"w13 must be [E, 2*I, {h}], got {tuple(w13.shape)}"
+    assert w13.dim() == 3 and w13.shape[1] % 2 == 0, f"w13 must be [E, 2*I, {h}], got {tuple(w13.shape)}"
     e, i = w13.shape[0], w13.shape[1] // 2
-    assert tuple(w2.shape) == (e, h, i), f"w2 must be [{e}, {h}, {i}], got {tuple(w2.shape)}"
-    assert w13.dtype == x.dtype and w2.dtype == x.dtype, f"w13 {w13.dtype} / w2 {w2.dtype} must be x's {x.dtype}"
-    assert w13.is_contiguous() and w2.is_contiguous(), "w13 and w2 must be contiguous"
+    _expert_format("w13", w13, w13_scales, w13_mins, x, e, 2 * i, h)
+    _expert_format("w2", w2, w2_scales, w2_mins, x, e, h, i)
     assert topk_ids.dim() == 2 and topk_ids.shape[0] == t, f"topk_ids must be [{t}, k], got {tuple(topk_ids.shape)}"
     assert topk_ids.dtype in (torch.int32, torch.int64), f"topk_ids must be int32/int64, got {topk_ids.dtype}"
     k = topk_ids.shape[1]
     assert tuple(topk_weights.shape) == (t, k), f"topk_weights must be [{t}, {k}], got {tuple(topk_weights.shape)}"
     assert topk_weights.dtype == torch.float32, f"topk_weights must be float32, got {topk_weights.dtype}"
-    for name, u in (("w13", w13), ("w2", w2), ("topk_weights", topk_weights), ("topk_ids", topk_ids)):
+    for name, u in (("topk_weights", topk_weights), ("topk_ids", topk_ids)):
         assert u.device == x.device, f"{name} on {u.device}, x on {x.device}"
     return t, h, e, i, k
 
@@ -178,36 +247,47 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _quant_args(w: torch.Tensor, f: ExpertFormat) -> tuple[Any, ...]:
+    """(scales, mins, scale stride over experts, over rows) and the constexprs of one projection."""
+    s = f.scales if f.scales is not None else w  # any pointer: not read for float weights
+    m = f.mins if f.mins is not None else s
+    return (s, m, s.stride(0), s.stride(1)), dict(W_BITS=f.bits, GROUP=f.group, HAS_MINS=f.mins is not None)
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, config: MoEConfig | None = None) -> torch.Tensor:
-    """``out`` [T, H] in x's dtype: the semantics of :func:`fastinfer.ops.reference.fused_moe`. ``config``
-    forces the block sizes (tests, benchmarks); by default :func:`moe_config`."""
-    t, h, e, i, k = check_fused_moe(x, w13, w2, topk_weights, topk_ids)
+              topk_ids: torch.Tensor, w13_scales: torch.Tensor | None = None, w13_mins: torch.Tensor | None = None,
+              w2_scales: torch.Tensor | None = None, w2_mins: torch.Tensor | None = None,
+              config: MoEConfig | None = None) -> torch.Tensor:
+    """``out`` [T, H] in x's dtype: the semantics of :func:`fastinfer.ops.reference.fused_moe` (float or int8 /
+    int4 experts). ``config`` forces the block sizes (tests, benchmarks); by default :func:`moe_config`."""
+    t, h, e, i, k = check_fused_moe(x, w13, w2, topk_weights, topk_ids, w13_scales, w13_mins, w2_scales, w2_mins)
     n = t * k
     if n == 0 or h == 0 or i == 0:
         return x.new_zeros(t, h)
-    cfg = config or moe_config(n, e, x.dtype, x.device)
+    (s13, m13, se13, sn13), c13 = _quant_args(w13, _expert_format("w13", w13, w13_scales, w13_mins, x, e, 2 * i, h))
+    (s2, m2, se2, sn2), c2 = _quant_args(w2, _expert_format("w2", w2, w2_scales, w2_mins, x, e, h, i))
+    cfg = config or moe_config(n, e, x.dtype, x.device, quantized=c13["W_BITS"] > 0 or c2["W_BITS"] > 0)
     sorted_pairs, block_experts, num_padded = moe_align(topk_ids, e, cfg.block_m)
     num_blocks = block_experts.numel()
     act = torch.empty(n, i, dtype=x.dtype, device=x.device)  # [N, I] pair rows
     buf = torch.empty(n, h, dtype=torch.float32, device=x.device)  # [N, H] weighted expert outputs
     prec = _dot_precision(x.dtype)
     _gate_up_kernel[(num_blocks, triton.cdiv(i, cfg.block_n))](
-        x, w13, act, sorted_pairs, block_experts, num_padded, n, h, i, k,
-        x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        x, w13, s13, m13, act, sorted_pairs, block_experts, num_padded, n, h, i, k,
+        x.stride(0), w13.stride(0), w13.stride(1), se13, sn13, act.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=prec,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c13,
     )
     tw = topk_weights.reshape(-1)  # [N], pair p = t * k + j
     if not tw.is_contiguous():
         tw = tw.contiguous()
     _down_kernel[(num_blocks, triton.cdiv(h, cfg.block_n))](
-        act, w2, tw, buf, sorted_pairs, block_experts, num_padded, n, i, h,
-        act.stride(0), w2.stride(0), w2.stride(1), buf.stride(0),
+        act, w2, s2, m2, tw, buf, sorted_pairs, block_experts, num_padded, n, i, h,
+        act.stride(0), w2.stride(0), w2.stride(1), se2, sn2, buf.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=prec,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c2,
     )
     return buf.view(t, k, h).sum(1).to(x.dtype)
 
 
-__all__ = ["fused_moe", "check_fused_moe", "moe_align", "moe_config", "padded_bound", "MoEConfig"]
+__all__ = ["fused_moe", "check_fused_moe", "moe_align", "moe_config", "padded_bound", "MoEConfig", "ExpertFormat"]

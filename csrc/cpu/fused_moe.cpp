@@ -9,6 +9,9 @@
 //   3. (barrier) down: each thread owns a contiguous range of output columns h (multiples of 16 floats: no
 //      shared cache lines) for every active expert, accumulates weight * (w2[e] @ act) in fp32 and writes
 //      its columns of out.
+// Weights: float in the dtype, or int8 / int4 weight-only (fastinfer's format: per-group fp32 scales and optional
+// mins, dequantized in registers as q * scale + min, exact in fp32, then the same fp32 dot products), each
+// projection on its own; only the codes and scales of the active experts are read.
 // Variants: generic (portable scalar C++), AVX2, AVX-512, compiled under `#pragma GCC target` and chosen at run time
 // by the ISA of cpu_attention.h (FASTINFER_CPU_ISA / set_isa; avx512_bf16 runs the AVX-512 code).
 #include "fastinfer/cpu_moe.h"
@@ -16,6 +19,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -26,7 +31,12 @@ namespace fastinfer {
 namespace cpu {
 namespace {
 
-enum MoeError : int { kOk = 0, kBadArgs = -1, kBadId = -2, kBadDType = -3 };
+enum MoeError : int { kOk = 0, kBadArgs = -1, kBadId = -2, kBadDType = -3, kBadQuant = -4 };
+
+// Weight kinds, the index of the kernel tables: float in one of the three dtypes (DType's values), int8, int4.
+enum WKind : int { kWF32 = 0, kWBF16 = 1, kWF16 = 2, kWQ8 = 3, kWQ4 = 4, kNumWKinds = 5 };
+struct Q8 {};  // tag types of the quantized kinds
+struct Q4 {};
 
 // Weight bytes ahead of the tile each row is prefetched (the next rows follow in memory, so this runs on).
 constexpr int64_t kPrefetchBytes = 4096;
@@ -45,8 +55,7 @@ FI_INLINE float silu_mul(DType dt, float g, float u) {
 struct Work {
   DType dtype;
   const void* x;
-  const void* w13;
-  const void* w2;
+  MoeWeight w13, w2;
   void* out;
   int64_t T, H, I;
   const float* xf;       // x as fp32 [T, H]
@@ -62,10 +71,10 @@ struct Work {
 using PrepFn = void (*)(const Work&, float*, int64_t, int64_t);
 using RangeFn = void (*)(const Work&, int64_t, int64_t);
 struct Kernels {
-  PrepFn prep[3];     // by DType
-  RangeFn gate_up[3];
-  RangeFn down[3];
-  int pairs;          // gate/up row pairs per phase-1 unit
+  PrepFn prep[3];             // by DType of x
+  RangeFn gate_up[kNumWKinds];  // by WKind of w13
+  RangeFn down[kNumWKinds][3];  // by WKind of w2, DType of out
+  int pairs;                  // gate/up row pairs per phase-1 unit
 };
 
 // ---------------------------------------------------------------------------------------------------------
@@ -79,6 +88,9 @@ struct GenericOps {
   static FI_INLINE V load_cvt(const T* p) { return to_float(*p); }
   static FI_INLINE V fma(V a, V b, V c) { return a * b + c; }
   static FI_INLINE float hsum(V a) { return a; }
+  static FI_INLINE V set1(float a) { return a; }
+  static FI_INLINE V load_q8(const uint8_t* q, int64_t k) { return float(int8_t(q[k])); }
+  static FI_INLINE V load_q4(const uint8_t* q, int64_t k) { return float((q[k >> 1] >> ((k & 1) * 4)) & 15); }
 };
 
 namespace generic {
@@ -103,6 +115,19 @@ struct Avx2Ops {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
   static FI_INLINE V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static FI_INLINE V set1(float a) { return _mm256_set1_ps(a); }
+  // 8 int8 codes from q + k.
+  static FI_INLINE V load_q8(const uint8_t* q, int64_t k) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k))));
+  }
+  // 8 int4 codes k .. k + 7 (k even) from the 4 bytes at q + k / 2: low nibble first.
+  static FI_INLINE V load_q4(const uint8_t* q, int64_t k) {
+    int32_t b4;
+    std::memcpy(&b4, q + (k >> 1), 4);
+    const __m128i b = _mm_cvtsi32_si128(b4), m = _mm_set1_epi8(0x0f);
+    const __m128i lh = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lh));
+  }
   static FI_INLINE float hsum(V v) {
     const __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     const __m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
@@ -132,6 +157,17 @@ struct Avx512Ops {
   }
   static FI_INLINE V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static FI_INLINE float hsum(V a) { return _mm512_reduce_add_ps(a); }
+  static FI_INLINE V set1(float a) { return _mm512_set1_ps(a); }
+  // 16 int8 codes from q + k.
+  static FI_INLINE V load_q8(const uint8_t* q, int64_t k) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k))));
+  }
+  // 16 int4 codes k .. k + 15 (k even) from the 8 bytes at q + k / 2: low nibble first.
+  static FI_INLINE V load_q4(const uint8_t* q, int64_t k) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + (k >> 1))), m = _mm_set1_epi8(0x0f);
+    const __m128i lh = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lh));
+  }
 };
 namespace avx512 {
 using Ops = Avx512Ops;
@@ -173,12 +209,22 @@ int64_t unit_at_cost(const Work& wk, int64_t units_per_expert, int64_t target) {
 
 }  // namespace
 
+// The kernel-table index of a projection, or -1 when its format is not one the kernels read.
+int weight_kind(const MoeWeight& w, DType dtype, int64_t K) {
+  if (!w.w) return -1;
+  if (w.bits == 0) return int(dtype);
+  if ((w.bits != 8 && w.bits != 4) || !w.scales || w.group <= 0 || w.group % 16 || K % w.group) return -1;
+  return w.bits == 8 ? kWQ8 : kWQ4;
+}
+
 int fused_moe(const FusedMoeParams& p) {
   if (p.T == 0) return kOk;
-  if (!p.x || !p.w13 || !p.w2 || !p.topk_weights || !p.topk_ids || !p.out || p.T < 0 || p.H <= 0 || p.I <= 0 ||
-      p.E <= 0 || p.K <= 0)
+  if (!p.x || !p.w13.w || !p.w2.w || !p.topk_weights || !p.topk_ids || !p.out || p.T < 0 || p.H <= 0 ||
+      p.I <= 0 || p.E <= 0 || p.K <= 0)
     return kBadArgs;
   if (p.dtype != DType::kFloat32 && p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return kBadDType;
+  const int k13 = weight_kind(p.w13, p.dtype, p.H), k2 = weight_kind(p.w2, p.dtype, p.I);
+  if (k13 < 0 || k2 < 0) return kBadQuant;
   const int64_t n = p.T * p.K;
   // Counting sort of the assignments by expert (stable: token order within an expert).
   std::vector<int64_t> start(size_t(p.E + 1), 0);
@@ -228,11 +274,11 @@ int fused_moe(const FusedMoeParams& p) {
 #else
     const int t = 0, T = 1;
 #endif
-    kn.gate_up[d](wk, unit_at_cost(wk, units_per_expert, total_cost * t / T),
+    kn.gate_up[k13](wk, unit_at_cost(wk, units_per_expert, total_cost * t / T),
                   unit_at_cost(wk, units_per_expert, total_cost * (t + 1) / T));
 #pragma omp barrier
     const int64_t h0 = std::min(p.H, col_blocks * t / T * 16), h1 = std::min(p.H, col_blocks * (t + 1) / T * 16);
-    if (h1 > h0) kn.down[d](wk, h0, h1);
+    if (h1 > h0) kn.down[k2][d](wk, h0, h1);
   }
   return kOk;
 }
@@ -243,6 +289,7 @@ const char* moe_error_string(int code) {
     case kBadArgs: return "null pointer or bad size";
     case kBadId: return "an expert id in topk_ids is outside [0, num_experts)";
     case kBadDType: return "unsupported dtype (fp32 / bf16 / fp16)";
+    case kBadQuant: return "unsupported expert weight format (bits 8 / 4 with scales, group a multiple of 16 dividing K)";
     default: return "unknown error";
   }
 }

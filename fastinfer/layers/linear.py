@@ -2,14 +2,12 @@
 from a checkpoint (or from quantizing the loaded float weight)."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastinfer.ops import OpSet
-from fastinfer.quantization.format import QuantizedWeight, widen
+from fastinfer.quantization.format import QuantizedWeight, common_format
 from fastinfer.quantization.methods import QuantMethod, method_for
 
 
@@ -107,12 +105,8 @@ def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     first = parts[0]
     if len(parts) == 1:
         return first
-    if len({(p.bits, p.group_size, p.scales.dtype, p.mins is None) for p in parts}) > 1:
-        bits, group = max(p.bits for p in parts), math.gcd(*(p.group_size for p in parts))
-        f32 = any(p.scales.dtype == torch.float32 for p in parts)
-        with_mins = any(p.mins is not None for p in parts)
-        parts = [widen(p, bits, group, torch.float32 if f32 else torch.float16, with_mins) for p in parts]
-        first = parts[0]
+    parts = common_format(parts)
+    first = parts[0]
     mins = None if first.mins is None else torch.cat([p.mins for p in parts if p.mins is not None])
     return QuantizedWeight(first.bits, first.group_size, torch.cat([p.qweight for p in parts]),
                            torch.cat([p.scales for p in parts]), mins)

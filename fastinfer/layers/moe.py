@@ -4,14 +4,15 @@
 Experts are stored stacked, the layout ``fused_moe`` reads: ``w13`` [E, 2I, H] (each expert's gate rows, then its
 up rows) and ``w2`` [E, H, I]. Checkpoints give them per expert (``experts.{e}.w1/w3/w2`` in Mixtral,
 ``experts.{e}.gate_proj/up_proj/down_proj`` in Qwen-MoE and OLMoE) or, as transformers 5 holds them, already
-stacked (``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I]); :func:`expert_checkpoint_name`
-recognises both. Experts are plain parameters, not :class:`Linear` layers, so weight quantization leaves them
-float (quantized experts are a later step); the router and the shared-expert gate stay float too.
+stacked (``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I]; ours saved: ``experts.w13.weight``);
+:func:`expert_checkpoint_name` recognises all of them. Each projection is a :class:`StackedWeight`: float, or int8 /
+int4 weight-only after ``quantize`` (a method's ``quantize_experts``) or when the checkpoint holds quantized experts
+(a GGUF file's stacked ``ffn_*_exps``, a directory saved by ``fastinfer quantize``); ``fused_moe`` reads either.
+The router and the shared-expert gate stay float.
 """
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +20,15 @@ from torch import nn
 
 from fastinfer.layers.mlp import GatedMLP
 from fastinfer.ops import OpSet
+from fastinfer.quantization.format import QuantizedExperts, QuantizedWeight
+from fastinfer.quantization.methods import QuantMethod
 
 # checkpoint expert tensor -> (our w13 / w2 parameter, expert id or None for a stacked tensor, shard in w13)
 _PER_EXPERT = re.compile(r"^(?P<mod>.*\.experts)\.(?P<e>\d+)\.(?P<kind>w1|w3|w2|gate_proj|up_proj|down_proj)\.weight$")
-_STACKED = re.compile(r"^(?P<mod>.*\.experts)\.(?P<kind>gate_up_proj|down_proj)(\.weight)?$")
+_STACKED = re.compile(r"^(?P<mod>.*\.experts)\.(?P<kind>gate_up_proj|gate_proj|up_proj|down_proj|w13|w2)"
+                      r"(\.weight)?$")
 _KIND = {"w1": ("w13", 0), "gate_proj": ("w13", 0), "w3": ("w13", 1), "up_proj": ("w13", 1),
-         "w2": ("w2", None), "down_proj": ("w2", None), "gate_up_proj": ("w13", None)}
+         "w2": ("w2", None), "down_proj": ("w2", None), "gate_up_proj": ("w13", None), "w13": ("w13", None)}
 
 
 def expert_checkpoint_name(name: str) -> tuple[str, str, int | None, int | None] | None:
@@ -36,7 +40,8 @@ def expert_checkpoint_name(name: str) -> tuple[str, str, int | None, int | None]
         return m["mod"], param, int(m["e"]), half
     m = _STACKED.match(name)
     if m is not None:
-        return m["mod"], "w13" if m["kind"] == "gate_up_proj" else "w2", None, None
+        param, half = _KIND[m["kind"]]
+        return m["mod"], param, None, half
     return None
 
 
@@ -61,40 +66,139 @@ class TopKRouter(nn.Module):
         return weights, ids
 
 
+class StackedWeight(nn.Module):
+    """One expert projection of ``E`` experts, [E, N, K]: a float ``weight`` parameter, or once quantized
+    (:meth:`set_quantized`) a :class:`~fastinfer.quantization.format.QuantizedExperts` kept as the buffers
+    ``qweight``, ``scales`` and ``mins`` (so ``state_dict`` saves them, as for a quantized :class:`Linear`)."""
+
+    def __init__(self, num_experts: int, out_features: int, in_features: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.shape = (num_experts, out_features, in_features)
+        self.weight: nn.Parameter | None = nn.Parameter(torch.empty(*self.shape, dtype=dtype), requires_grad=False)
+        self.device = self.weight.device  # where quantized tensors go (the serving device)
+        self.quant: QuantizedExperts | None = None
+
+    def set_quantized(self, q: QuantizedExperts) -> None:
+        if q.shape != self.shape:
+            raise ValueError(f"quantized experts have shape {q.shape}, the layer is {self.shape}")
+        q = q.to(self.device)
+        self.quant, self.weight = q, None
+        for name, t in q.tensors().items():
+            self.register_buffer(name, t)
+
+    def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(weights or codes, scales, mins) as ``fused_moe`` takes them."""
+        if self.quant is None:
+            assert self.weight is not None
+            return self.weight, None, None
+        return self.quant.qweight, self.quant.scales, self.quant.mins
+
+    def extra_repr(self) -> str:
+        q = self.quant
+        kind = "dense" if q is None else f"int{q.bits} g{q.group_size}"
+        return f"experts={self.shape[0]}, out={self.shape[1]}, in={self.shape[2]}, {kind}"
+
+
 class FusedExperts(nn.Module):
-    """``num_experts`` SwiGLU experts stacked: ``w13`` [E, 2I, H], ``w2`` [E, H, I]. ``load`` takes checkpoint
-    tensors per expert or stacked and says when both parameters are complete."""
+    """``num_experts`` SwiGLU experts stacked: ``w13`` [E, 2I, H], ``w2`` [E, H, I] (:class:`StackedWeight`s,
+    float or weight-only quantized, each on its own). ``load`` takes checkpoint tensors per expert or stacked,
+    float or quantized, and says when both projections are complete."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype),
-                                requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype),
-                               requires_grad=False)
+        self.w13 = StackedWeight(num_experts, 2 * intermediate_size, hidden_size, dtype)
+        self.w2 = StackedWeight(num_experts, hidden_size, intermediate_size, dtype)
         self._seen: dict[str, set[tuple[int, int]]] = {"w13": set(), "w2": set()}
+        self._pending: dict[str, dict[tuple[int, int], QuantizedWeight]] = {"w13": {}, "w2": {}}
 
     def _parts(self, param: str) -> set[tuple[int, int]]:
         return {(e, h) for e in range(self.num_experts) for h in ((0, 1) if param == "w13" else (0,))}
 
-    def load(self, param: str, expert: int | None, half: int | None, tensor: Any) -> bool:
+    def load(self, param: str, expert: int | None, half: int | None,
+             tensor: torch.Tensor | QuantizedWeight | QuantizedExperts) -> bool:
         """Copy one checkpoint tensor into ``param`` ("w13" / "w2"): expert ``expert``'s gate (half 0), up (half
-        1) or down rows, or every expert at once (``expert`` None). True when ``param`` is complete."""
-        p: nn.Parameter = getattr(self, param)
-        inter = self.intermediate_size
-        if expert is None:
-            target, parts = p.data, self._parts(param)
-        elif not 0 <= expert < self.num_experts:
+        1) or down rows, or every expert at once (``expert`` None). Quantized tensors (one expert's, or stacked)
+        are collected until the projection is complete, then stacked into its quantized format. True when
+        ``param`` is complete."""
+        if expert is not None and not 0 <= expert < self.num_experts:
             raise ValueError(f"checkpoint has expert {expert}, the model has {self.num_experts} experts")
+        experts = range(self.num_experts) if expert is None else (expert,)
+        halves = (0, 1) if param == "w13" and half is None else (half or 0,)
+        parts = {(e, h) for e in experts for h in halves}
+        if isinstance(tensor, (QuantizedWeight, QuantizedExperts)):
+            self._load_quantized(param, expert, half, tensor, parts)
         else:
-            target = p.data[expert] if half is None else p.data[expert, half * inter:(half + 1) * inter]
-            parts = {(expert, half or 0)}
+            self._load_float(param, expert, half, tensor)
+        self._seen[param] |= parts
+        done = self._seen[param] == self._parts(param)
+        if done and self._pending[param]:
+            self._finish_quantized(param)
+        return done
+
+    def _load_float(self, param: str, expert: int | None, half: int | None, tensor: torch.Tensor) -> None:
+        w: StackedWeight = getattr(self, param)
+        if w.weight is None or self._pending[param]:
+            raise ValueError(f"expert {param}: a float checkpoint tensor beside quantized ones")
+        inter = self.intermediate_size
+        target = w.weight.data if expert is None else w.weight.data[expert]
+        if half is not None:
+            target = target.narrow(-2, half * inter, inter)
         if tuple(target.shape) != tuple(tensor.shape):
             raise ValueError(f"shape mismatch for expert tensor ({param}, expert {expert}, half {half}): checkpoint "
                              f"{tuple(tensor.shape)}, model expects {tuple(target.shape)}")
         target.copy_(tensor)
-        self._seen[param] |= parts
-        return self._seen[param] == self._parts(param)
+
+    def _load_quantized(self, param: str, expert: int | None, half: int | None,
+                        tensor: QuantizedWeight | QuantizedExperts, parts: set[tuple[int, int]]) -> None:
+        if self._seen[param] - set(self._pending[param]):
+            raise ValueError(f"expert {param}: a quantized checkpoint tensor beside float ones")
+        n, k = getattr(self, param).shape[1:]
+        rows = n // 2 if param == "w13" and half is not None else n
+        if isinstance(tensor, QuantizedExperts):
+            if expert is not None or tensor.shape != (self.num_experts, rows, k):
+                raise ValueError(f"shape mismatch for stacked quantized experts ({param}, half {half}): checkpoint "
+                                 f"{tensor.shape}, model expects {(self.num_experts, rows, k)}")
+            per_expert = {e: tensor.expert(e) for e in range(self.num_experts)}
+        else:
+            if expert is None or tensor.shape != (rows, k):
+                raise ValueError(f"shape mismatch for quantized expert tensor ({param}, expert {expert}, half "
+                                 f"{half}): checkpoint {tensor.shape}, model expects {(rows, k)}")
+            per_expert = {expert: tensor}
+        for e, qw in per_expert.items():
+            self._pending[param][(e, 0 if half is None else half)] = qw
+
+    def _finish_quantized(self, param: str) -> None:
+        from fastinfer.layers.linear import concat_rows
+
+        pending, self._pending[param] = self._pending[param], {}
+        halves = sorted({h for _, h in pending})
+        stacked = [concat_rows([pending[(e, h)] for h in halves]) for e in range(self.num_experts)]
+        getattr(self, param).set_quantized(QuantizedExperts.stack(stacked))
+
+    def quantize(self, method: QuantMethod, group_size: int | None = None) -> bool:
+        """Quantize both float projections with ``method`` (per expert, stacked); False when the method leaves
+        float weights float."""
+        done = False
+        for w in (self.w13, self.w2):
+            if w.weight is None:
+                continue
+            q = method.quantize_experts(w.weight.data, group_size)
+            if q is not None:
+                w.set_quantized(q)
+                done = True
+        return done
+
+    @property
+    def quantized(self) -> bool:
+        return self.w13.quant is not None or self.w2.quant is not None
+
+    def forward(self, ops: OpSet, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        w13, s13, m13 = self.w13.kernel_args()
+        w2, s2, m2 = self.w2.kernel_args()
+        if s13 is None and s2 is None:
+            return ops.fused_moe(x, w13, w2, topk_weights, topk_ids)
+        return ops.fused_moe(x, w13, w2, topk_weights, topk_ids, s13, m13, s2, m2)
 
 
 class SparseMoeBlock(nn.Module):
@@ -115,7 +219,7 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
-        out = self.ops.fused_moe(x, self.experts.w13, self.experts.w2, weights, ids)
+        out = self.experts(self.ops, x, weights, ids)
         if self.shared_expert is not None and self.shared_expert_gate is not None:
             out = out + torch.sigmoid(F.linear(x, self.shared_expert_gate)) * self.shared_expert(x)
         return out

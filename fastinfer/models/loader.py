@@ -16,10 +16,11 @@ import torch
 from tqdm.auto import tqdm
 
 from fastinfer.config import DEFAULT_MODEL, ModelConfig
+from fastinfer.layers.moe import StackedWeight
 from fastinfer.models.gguf_loader import GGUFFile
 from fastinfer.models.interface import CausalLM, build_model
 from fastinfer.ops import OpSet
-from fastinfer.quantization.format import QuantizedWeight
+from fastinfer.quantization.format import QuantizedExperts, QuantizedWeight
 from fastinfer.quantization.methods import QuantMethod, get_method, method_of
 from fastinfer.tokenizer import load_hf_tokenizer, tokenizer_from_gguf
 
@@ -82,7 +83,7 @@ _QUANT_PARTS = ("qweight", "scales", "mins")
 
 
 def _safetensors_weights(path: str, method: QuantMethod | None = None,
-                         ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+                         ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight | QuantizedExperts]]:
     """Every tensor of a directory's safetensors files; the parts of a quantized layer (``X.qweight``,
     ``X.scales``, ``X.mins`` as written by :func:`save_quantized`) come as one ``(X.weight, QuantizedWeight)``,
     loaded by ``method`` (the one the directory was saved with; default: the shared int8/int4 format)."""
@@ -213,11 +214,16 @@ def _saved_method(raw: dict[str, Any]) -> QuantMethod | None:
 
 
 def describe_quantization(net: CausalLM) -> str:
-    """e.g. "int4 g32 x210, int8 g32 x1" ("" for a float model)."""
+    """e.g. "int4 g32 x210, int8 g32 x1" ("" for a float model); MoE projections as "int4 g32 experts x48"."""
     kinds: dict[str, int] = {}
     for m in net.quantizable_layers().values():
         if m.quant is not None and m.quant_method is not None:
             key = m.quant_method.describe(m.quant)
+            kinds[key] = kinds.get(key, 0) + 1
+    for block in net.moe_layers():
+        for w in (m for m in block.modules() if isinstance(m, StackedWeight) and m.quant is not None):
+            assert w.quant is not None
+            key = f"int{w.quant.bits} g{w.quant.group_size} experts"
             kinds[key] = kinds.get(key, 0) + 1
     return ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items()))
 

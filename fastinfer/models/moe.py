@@ -8,8 +8,8 @@ MLP, routed through the op set's ``fused_moe``; the families differ in class att
 - Qwen3-MoE: Qwen2-MoE without the shared expert and q/k/v bias, with per-head q/k RMSNorm (Qwen3's);
 - OLMoE: RMSNorm over the whole q and k projections (not per head) and the optional ``clip_qkv``.
 
-Weight quantization (``quantize``) covers the dense projections only; experts, routers and the shared-expert gate
-stay float, logged (quantized experts are a later step). ``moe_layers`` lists the MoE blocks.
+Weight quantization (``quantize``) covers the dense projections and the experts (int8 / int4 weight-only, read by
+``fused_moe`` as they are); routers and the shared-expert gate stay float. ``moe_layers`` lists the MoE blocks.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from fastinfer.models.base import PreNormDecoderLayer, layer_sliding_window
 from fastinfer.models.interface import RotationPlan
 from fastinfer.models.llama import LlamaForCausalLM
 from fastinfer.ops import OpSet
+from fastinfer.quantization.methods import get_method, parse_method
 
 logger = logging.getLogger("fastinfer.models")
 
@@ -105,13 +106,20 @@ class MoEForCausalLM(LlamaForCausalLM):
         experts = self.get_submodule(module_name)
         if not isinstance(experts, FusedExperts):
             raise ValueError(f"checkpoint tensor {name!r} has no place in {self.config.architecture}")
-        return [f"{module_name}.{param}"] if experts.load(param, expert, half, tensor) else []
+        return [f"{module_name}.{param}.weight"] if experts.load(param, expert, half, tensor) else []
 
     def quantize(self, method: str, group_size: int | None = None, lm_head: str | None = "int8") -> None:
+        """The dense projections as every model's, then each MoE layer's experts with the same method (its
+        ``quantize_experts``: per expert, stacked); the routers and the shared-expert gate stay float."""
         super().quantize(method, group_size, lm_head)
-        logger.info("%s: quantized the dense projections with %s; the experts of %d MoE layers stay float "
-                    "(quantized experts are not implemented yet)", self.config.architecture, method,
-                    len(self.moe_layers()))
+        spec = parse_method(method)
+        assert spec.method is not None
+        qm = get_method(spec.method)
+        blocks = [b for b in self.moe_layers() if isinstance(b, SparseMoeBlock)]
+        done = sum(b.experts.quantize(qm, group_size or spec.group_size) for b in blocks)
+        logger.info("%s: %s experts of %d of %d MoE layers", self.config.architecture,
+                    f"quantized ({method})" if done else f"left float ({method} creates no weights)", done,
+                    len(blocks))
 
 
 class MixtralForCausalLM(MoEForCausalLM):

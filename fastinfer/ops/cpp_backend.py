@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from fastinfer.ops import torch_backend
+from fastinfer.ops import reference, torch_backend
 from fastinfer.ops.metadata import AttentionMetadata
 
 try:
@@ -45,7 +45,8 @@ def _quant_linear_fake(x, qweight, scales, mins, bits, group_size, bias=None) ->
 
 
 @torch.library.register_fake("fastinfer::fused_moe")
-def _fused_moe_fake(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+def _fused_moe_fake(x, w13, w2, topk_weights, topk_ids, w13_scales=None, w13_mins=None, w2_scales=None,
+                    w2_mins=None) -> torch.Tensor:
     return x.new_empty(x.shape)  # [T, H]
 
 
@@ -164,25 +165,37 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, m
     return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])  # [..., N]
 
 
-def _moe_unsupported(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> str | None:
-    if not (x.is_cpu and w13.is_cpu and w2.is_cpu):
-        return f"fused_moe on {x.device.type}"
-    if x.dtype not in _KERNEL_DTYPES:
-        return f"fused_moe dtype {x.dtype}"
-    if w13.dtype != x.dtype or w2.dtype != x.dtype:
-        return f"fused_moe mixed dtypes x={x.dtype} w13={w13.dtype} w2={w2.dtype}"
-    if not (w13.is_contiguous() and w2.is_contiguous()):
-        return "fused_moe non-contiguous expert weights"
+def _moe_weight_unsupported(name: str, x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None,
+                            mins: torch.Tensor | None) -> str | None:
+    if not w.is_cpu:
+        return f"fused_moe on {w.device.type}"
+    if not w.is_contiguous():
+        return f"fused_moe non-contiguous {name}"
+    if scales is None:
+        return None if w.dtype == x.dtype else f"fused_moe mixed dtypes x={x.dtype} {name}={w.dtype}"
+    _, group, _ = reference.expert_format(w, scales)
+    if group % 16:
+        return f"fused_moe {name} group size {group} (the kernel needs a multiple of 16)"
+    for t in (scales, mins):
+        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or not t.is_cpu):
+            return f"fused_moe {name} scales / mins not contiguous fp32 CPU tensors"
     return None
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
-    """Routed experts for x [T, H]; same contract as :func:`fastinfer.ops.reference.fused_moe`. Tokens are grouped
-    by expert in the kernel (csrc/cpu/fused_moe.cpp), so each chosen expert's w13 [2I, H] and w2 [H, I] are read
-    once per call and the others not at all; every T runs there."""
-    why = _moe_unsupported(x, w13, w2)
+              topk_ids: torch.Tensor, w13_scales: torch.Tensor | None = None, w13_mins: torch.Tensor | None = None,
+              w2_scales: torch.Tensor | None = None, w2_mins: torch.Tensor | None = None) -> torch.Tensor:
+    """Routed experts for x [T, H]; same contract as :func:`fastinfer.ops.reference.fused_moe` (float or int8 /
+    int4 experts). Tokens are grouped by expert in the kernel (csrc/cpu/fused_moe.cpp), so each chosen expert's
+    w13 [2I, H] and w2 [H, I] (or their codes and scales) are read once per call and the others not at all; every
+    T runs there."""
+    why = None if x.is_cpu else f"fused_moe on {x.device.type}"
+    if why is None and x.dtype not in _KERNEL_DTYPES:
+        why = f"fused_moe dtype {x.dtype}"
+    why = why or _moe_weight_unsupported("w13", x, w13, w13_scales, w13_mins) or _moe_weight_unsupported(
+        "w2", x, w2, w2_scales, w2_mins)
     if why is not None:
         _fallback(why)
-        return torch_backend.fused_moe(x, w13, w2, topk_weights, topk_ids)
-    return torch.ops.fastinfer.fused_moe(x.contiguous(), w13, w2, topk_weights.float(), topk_ids)
+        return torch_backend.fused_moe(x, w13, w2, topk_weights, topk_ids, w13_scales, w13_mins, w2_scales, w2_mins)
+    return torch.ops.fastinfer.fused_moe(x.contiguous(), w13, w2, topk_weights.float(), topk_ids, w13_scales,
+                                         w13_mins, w2_scales, w2_mins)

@@ -109,21 +109,59 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, m
     return y.to(x.dtype)
 
 
+def expert_format(w: torch.Tensor, scales: torch.Tensor | None) -> tuple[int, int, int]:
+    """(bits, group size, K) of a stacked expert projection ``w`` [E, N, K'] as ``fused_moe`` takes it: float
+    (bits 16 or 32, one group of K), int8 [E, N, K] or packed int4 uint8 [E, N, K // 2] with ``scales``
+    [E, N, K // group_size] (the format of :class:`fastinfer.quantization.format.QuantizedExperts`)."""
+    if scales is None:
+        if w.dtype in (torch.int8, torch.uint8):
+            raise ValueError(f"fused_moe: {w.dtype} expert weights need their scales")
+        return w.element_size() * 8, w.shape[-1], w.shape[-1]
+    bits = {torch.int8: 8, torch.uint8: 4}.get(w.dtype)
+    if bits is None:
+        raise ValueError(f"fused_moe: quantized expert weights must be int8 or uint8 (packed int4), got {w.dtype}")
+    k = w.shape[-1] * (2 if bits == 4 else 1)
+    groups = scales.shape[-1]
+    if scales.dim() != 3 or tuple(scales.shape[:2]) != tuple(w.shape[:2]) or groups < 1 or k % groups:
+        raise ValueError(f"fused_moe: scales {tuple(scales.shape)} do not fit expert weights {tuple(w.shape)}")
+    return bits, k // groups, k
+
+
+def expert_weight(w: torch.Tensor, scales: torch.Tensor | None, mins: torch.Tensor | None, e: int) -> torch.Tensor:
+    """Expert ``e``'s [N, K] weight in fp32 (dequantized when ``scales`` is given)."""
+    if scales is None:
+        return w[e].float()
+    from fastinfer.quantization import dequantize
+
+    bits, group, _ = expert_format(w, scales)
+    return dequantize(w[e], scales[e], None if mins is None else mins[e], bits, group)
+
+
+def expert_weights(w: torch.Tensor, scales: torch.Tensor | None, mins: torch.Tensor | None) -> torch.Tensor:
+    """Every expert's weight of a stacked projection, fp32 [E, N, K] (dequantized when ``scales`` is given)."""
+    return torch.stack([expert_weight(w, scales, mins, e) for e in range(w.shape[0])])
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
+              topk_ids: torch.Tensor, w13_scales: torch.Tensor | None = None, w13_mins: torch.Tensor | None = None,
+              w2_scales: torch.Tensor | None = None, w2_mins: torch.Tensor | None = None) -> torch.Tensor:
     """Routed SwiGLU experts for x [T, H]: ``out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(g) * u)`` with
     ``g, u = w13[e, :I] @ x[t], w13[e, I:] @ x[t]`` and ``e = topk_ids[t, j]``; w13 [E, 2I, H] (gate rows, then
     up rows), w2 [E, H, I], topk_weights [T, k] fp32, topk_ids [T, k] int. The projections and the weighted sum
     run in fp32; the activation ``silu(g) * u`` is rounded to x's dtype before the down projection (as HF's
-    expert modules compute it in that dtype); the sum is cast to x's dtype at the end. A loop over experts."""
-    inter = w2.shape[2]
+    expert modules compute it in that dtype); the sum is cast to x's dtype at the end. A loop over experts.
+
+    Quantized experts: ``w13`` / ``w2`` int8 or packed int4 (uint8) with ``*_scales`` (and ``*_mins``)
+    [E, N, K // group] fp32, the stacked weight-only format (:func:`expert_format`); each projection is
+    quantized or not on its own, and the math is the float one over the fp32 dequantized weights."""
+    inter = w13.shape[1] // 2
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in range(w13.shape[0]):
         tok, slot = (topk_ids == e).nonzero(as_tuple=True)
         if tok.numel() == 0:
             continue
-        gu = x[tok].float() @ w13[e].float().T  # [n, 2I]
+        gu = x[tok].float() @ expert_weight(w13, w13_scales, w13_mins, e).T  # [n, 2I]
         act = (torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]).to(x.dtype)
-        y = act.float() @ w2[e].float().T  # [n, H]
+        y = act.float() @ expert_weight(w2, w2_scales, w2_mins, e).T  # [n, H]
         out.index_add_(0, tok, y * topk_weights[tok, slot].float().unsqueeze(1))
     return out.to(x.dtype)

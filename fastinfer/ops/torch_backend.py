@@ -169,8 +169,29 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, m
     return F.linear(x, w, bias)
 
 
+def _experts_fp32(w: torch.Tensor, scales: torch.Tensor | None, mins: torch.Tensor | None,
+                  ids: torch.Tensor | int) -> torch.Tensor:
+    """Experts ``ids``' weights [len(ids), N, K] in fp32 (an int: that one expert, [1, N, K]) of a stacked
+    projection, float or quantized: dequantized after the gather, so only those experts' bytes are read."""
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t.narrow(0, ids, 1) if isinstance(ids, int) else t.index_select(0, ids)
+
+    if scales is None:
+        return pick(w).float()
+    from fastinfer.quantization import dequantize
+
+    bits, group, k = reference.expert_format(w, scales)
+    q, s = pick(w), pick(scales)
+    m = None if mins is None else pick(mins)
+    rows = q.shape[0] * q.shape[1]
+    flat = dequantize(q.reshape(rows, -1), s.reshape(rows, -1), None if m is None else m.reshape(rows, -1), bits,
+                      group)
+    return flat.view(q.shape[0], q.shape[1], k)
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
+              topk_ids: torch.Tensor, w13_scales: torch.Tensor | None = None, w13_mins: torch.Tensor | None = None,
+              w2_scales: torch.Tensor | None = None, w2_mins: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`fastinfer.ops.reference.fused_moe` without a host sync or a data-dependent shape (so it traces
     under FakeTensorMode and torch.compile), in one of two static-shape forms:
 
@@ -183,14 +204,14 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
       per-expert counts on the host (a sync); that is the compiled CPU and Triton kernels' job.
     Projections and the weighted sum in fp32, the activation rounded to x's dtype, as the reference."""
     t, hidden = x.shape
-    num_experts, inter = w13.shape[0], w2.shape[2]
+    num_experts, inter = w13.shape[0], w13.shape[1] // 2
     k = topk_ids.shape[1]
     xf = x.float()
     if t * k <= num_experts:
         ids = topk_ids.reshape(-1).long()  # [T*k]
-        gu = torch.bmm(w13.index_select(0, ids).float(), xf.repeat_interleave(k, 0).unsqueeze(2))  # [T*k, 2I, 1]
+        gu = torch.bmm(_experts_fp32(w13, w13_scales, w13_mins, ids), xf.repeat_interleave(k, 0).unsqueeze(2))
         act = (F.silu(gu.narrow(1, 0, inter)) * gu.narrow(1, inter, inter)).to(x.dtype).float()
-        y = torch.bmm(w2.index_select(0, ids).float(), act).view(t, k, hidden)  # [T, k, H]
+        y = torch.bmm(_experts_fp32(w2, w2_scales, w2_mins, ids), act).view(t, k, hidden)  # [T, k, H]
         return (y * topk_weights.float().unsqueeze(2)).sum(1).to(x.dtype)
     ids = topk_ids.long()
     combine = torch.zeros(t, num_experts, dtype=torch.float32, device=x.device)
@@ -198,8 +219,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     chosen = torch.zeros(t, num_experts, dtype=torch.bool, device=x.device).scatter_(1, ids, True)  # [T, E]
     out = torch.zeros(t, hidden, dtype=torch.float32, device=x.device)
     for e in range(num_experts):
-        gu = F.linear(xf, w13.select(0, e).float())  # [T, 2I]
+        gu = F.linear(xf, _experts_fp32(w13, w13_scales, w13_mins, e)[0])  # [T, 2I]
         act = (F.silu(gu.narrow(1, 0, inter)) * gu.narrow(1, inter, inter)).to(x.dtype).float()
-        y = F.linear(act, w2.select(0, e).float())  # [T, H]; rows of tokens that did not choose e are dropped,
-        out.addcmul_(torch.where(chosen.narrow(1, e, 1), y, 0.0), combine.narrow(1, e, 1))  # even inf / NaN ones
+        y = F.linear(act, _experts_fp32(w2, w2_scales, w2_mins, e)[0])  # [T, H]; rows of tokens that did not
+        out.addcmul_(torch.where(chosen.narrow(1, e, 1), y, 0.0), combine.narrow(1, e, 1))  # choose e are dropped
     return out.to(x.dtype)

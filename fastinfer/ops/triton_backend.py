@@ -136,13 +136,16 @@ def _quant_linear_fake(x, qweight, scales, mins, bits, group_size, bias) -> Tens
 
 
 @torch.library.custom_op("fastinfer::triton_fused_moe", mutates_args=())
-def _fused_moe_op(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> Tensor:
-    return _moe.fused_moe(x, w13, w2, topk_weights, topk_ids)
+def _fused_moe_op(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor,
+                  w13_scales: Tensor | None = None, w13_mins: Tensor | None = None, w2_scales: Tensor | None = None,
+                  w2_mins: Tensor | None = None) -> Tensor:
+    return _moe.fused_moe(x, w13, w2, topk_weights, topk_ids, w13_scales, w13_mins, w2_scales, w2_mins)
 
 
 @_fused_moe_op.register_fake
-def _fused_moe_fake(x, w13, w2, topk_weights, topk_ids) -> Tensor:
-    _moe.check_fused_moe(x, w13, w2, topk_weights, topk_ids)
+def _fused_moe_fake(x, w13, w2, topk_weights, topk_ids, w13_scales=None, w13_mins=None, w2_scales=None,
+                    w2_mins=None) -> Tensor:
+    _moe.check_fused_moe(x, w13, w2, topk_weights, topk_ids, w13_scales, w13_mins, w2_scales, w2_mins)
     return x.new_empty(x.shape)
 
 
@@ -210,12 +213,16 @@ def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor | None
                                                            bias)
 
 
-def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> Tensor:
-    """Routed SwiGLU experts, the semantics of :func:`fastinfer.ops.reference.fused_moe`: pairs sorted by expert
+def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor,
+              w13_scales: Tensor | None = None, w13_mins: Tensor | None = None, w2_scales: Tensor | None = None,
+              w2_mins: Tensor | None = None) -> Tensor:
+    """Routed SwiGLU experts (float or int8 / int4 weight-only experts, dequantized as the tiles load), the
+    semantics of :func:`fastinfer.ops.reference.fused_moe`: pairs sorted by expert
     into BLOCK_M-aligned groups on the device (no host read), one grouped GEMM for gate/up with SiLU-mul in its
     epilogue, one for down with the top-k weights in its epilogue, then the k slots summed in order
     (:mod:`fastinfer.kernels.moe`)."""
-    return torch.ops.fastinfer.triton_fused_moe.default(x, w13, w2, topk_weights, topk_ids)
+    return torch.ops.fastinfer.triton_fused_moe.default(x, w13, w2, topk_weights, topk_ids, w13_scales, w13_mins,
+                                                        w2_scales, w2_mins)
 
 
 __all__ = ["store_kv", "paged_attention", "rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul",

@@ -5,7 +5,8 @@ The recipe behind ``fastinfer quantize MODEL -q int4 --calibrate`` (and the int4
 1. cut calibration text into sequences and record the float model's top-k next-token log-probs on them
    (:func:`fastinfer.quantization.tune.teacher_targets`);
 2. rotate the model's hidden spaces (:func:`fastinfer.quantization.rotation.rotate_model`; the function is unchanged);
-3. quantize every projection with GPTQ on the same sequences (:func:`fastinfer.quantization.gptq.gptq_quantize_model`);
+3. quantize every projection with GPTQ on the same sequences (:func:`fastinfer.quantization.gptq.gptq_quantize_model`;
+   the experts of MoE models by round-to-nearest);
 4. tune every group's (scale, min), codes frozen, towards the float model's distribution
    (:func:`fastinfer.quantization.tune.tune_group_params`).
 
@@ -39,6 +40,9 @@ def calibrated_quantize(model: CausalLM, tokenizer: Any, method: str = "int4", g
     if rotate:
         info["rotation"] = rotate_model(model, seed)
     gptq_quantize_model(model, seqs, method, group_size)
+    if model.moe_layers():  # GPTQ covers the dense projections; experts take round-to-nearest
+        model.quantize(method, group_size, lm_head=None)
+        info["experts"] = "round-to-nearest"
     if targets is not None:
         report = tune_group_params(model, targets, tune_steps)
         info["tuned"] = {"steps": report.steps, "kl_first": round(report.first_loss, 4),

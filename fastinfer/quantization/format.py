@@ -23,6 +23,7 @@ layer's weight belongs to and how it is applied.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -121,15 +122,99 @@ def widen(qw: QuantizedWeight, bits: int, group_size: int, scale_dtype: torch.dt
     return QuantizedWeight(bits, group_size, q, scales, mins)
 
 
-def from_tensors(parts: dict[str, torch.Tensor]) -> QuantizedWeight:
+def common_format(parts: list[QuantizedWeight]) -> list[QuantizedWeight]:
+    """``parts`` in one format: unchanged when they share one, else each widened, losslessly, to the narrowest
+    format that holds them all (:func:`widen`: the widest bits, the gcd of the groups, fp32 scales if any part has
+    them, mins if any part has them). A GGUF file may mix types within a fused projection or across experts."""
+    if len({(p.bits, p.group_size, p.scales.dtype, p.mins is None) for p in parts}) <= 1:
+        return parts
+    bits, group = max(p.bits for p in parts), math.gcd(*(p.group_size for p in parts))
+    f32 = any(p.scales.dtype == torch.float32 for p in parts)
+    with_mins = any(p.mins is not None for p in parts)
+    return [widen(p, bits, group, torch.float32 if f32 else torch.float16, with_mins) for p in parts]
+
+
+@dataclass
+class QuantizedExperts:
+    """``E`` quantized [N, K] weights of one format stacked (a Mixture-of-Experts projection, the layout
+    ``fused_moe`` reads): ``qweight`` [E, N, K] int8 or [E, N, K // 2] uint8 (the packing of
+    :class:`QuantizedWeight`), ``scales`` and ``mins`` [E, N, K // group_size] **float32** (GGUF's f16 scales
+    widened, losslessly, so one kernel path reads every file), ``mins`` None for symmetric int8."""
+
+    bits: int
+    group_size: int
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None
+
+    def __post_init__(self) -> None:
+        if self.qweight.dim() != 3:
+            raise ValueError(f"stacked expert qweight must be 3-D [E, N, K'], got {tuple(self.qweight.shape)}")
+        for name, t in (("scales", self.scales), ("mins", self.mins)):
+            if t is not None and t.dtype != torch.float32:
+                raise ValueError(f"stacked expert {name} must be float32, got {t.dtype}")
+        self.expert(0)  # validates the per-expert format (bits, dtypes, group shapes)
+
+    @classmethod
+    def stack(cls, parts: list[QuantizedWeight]) -> QuantizedExperts:
+        """One weight per expert, in expert order (formats unified by :func:`common_format`)."""
+        if not parts:
+            raise ValueError("no expert weights to stack")
+        parts = common_format(parts)
+        if len({p.shape for p in parts}) > 1:
+            raise ValueError(f"expert weights differ in shape: {sorted({p.shape for p in parts})}")
+        f = parts[0]
+        return cls(f.bits, f.group_size, torch.stack([p.qweight for p in parts]),
+                   torch.stack([p.scales.float() for p in parts]),
+                   None if f.mins is None else torch.stack([p.mins.float() for p in parts if p.mins is not None]))
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.qweight.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(E, N, K) of the float weights."""
+        e, n, kq = self.qweight.shape
+        return int(e), int(n), int(kq) * (2 if self.bits == 4 else 1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.mins) if t is not None)
+
+    def expert(self, e: int) -> QuantizedWeight:
+        """Expert ``e``'s [N, K] weight (views, no copy)."""
+        return QuantizedWeight(self.bits, self.group_size, self.qweight[e], self.scales[e],
+                               None if self.mins is None else self.mins[e])
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 [E, N, K] weights."""
+        return torch.stack([self.expert(e).dequantize() for e in range(self.num_experts)])
+
+    def to(self, device: torch.device | str) -> QuantizedExperts:
+        return QuantizedExperts(self.bits, self.group_size, self.qweight.to(device), self.scales.to(device),
+                                None if self.mins is None else self.mins.to(device))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors under the names used in saved checkpoints (as :meth:`QuantizedWeight.tensors`)."""
+        out = {"qweight": self.qweight, "scales": self.scales}
+        if self.mins is not None:
+            out["mins"] = self.mins
+        return out
+
+
+def from_tensors(parts: dict[str, torch.Tensor]) -> QuantizedWeight | QuantizedExperts:
     """A weight from its stored tensors (``qweight``, ``scales``, optional ``mins``, as :meth:`QuantizedWeight.tensors`
-    names them): the bits follow ``qweight``'s dtype (int8 / uint8), the group size the shapes."""
+    names them): the bits follow ``qweight``'s dtype (int8 / uint8), the group size the shapes; a 3-D ``qweight``
+    is a stack of experts (:class:`QuantizedExperts`)."""
     for name in ("qweight", "scales"):
         if name not in parts:
             raise ValueError(f"lacks {name}")
     qweight, scales = parts["qweight"], parts["scales"]
     bits = 8 if qweight.dtype == torch.int8 else 4
     k = qweight.shape[-1] * (2 if bits == 4 else 1)
-    if scales.dim() != 2 or scales.shape[1] < 1 or k % scales.shape[1]:
+    if scales.dim() != qweight.dim() or scales.shape[-1] < 1 or k % scales.shape[-1]:
         raise ValueError(f"has scales of shape {tuple(scales.shape)}")
+    if qweight.dim() == 3:
+        return QuantizedExperts(bits, k // scales.shape[-1], qweight, scales, parts.get("mins"))
     return QuantizedWeight(bits, k // scales.shape[1], qweight, scales, parts.get("mins"))

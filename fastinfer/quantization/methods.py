@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
 
     from fastinfer.layers.linear import Linear
-    from fastinfer.quantization.format import QuantizedWeight
+    from fastinfer.quantization.format import QuantizedExperts, QuantizedWeight
 
 
 class QuantSpec(NamedTuple):
@@ -57,9 +57,19 @@ class QuantMethod:
         """Create: quantize a float [out, in] weight (None: this method leaves float weights float)."""
         return None
 
-    def load_weight(self, parts: dict[str, torch.Tensor]) -> QuantizedWeight:
-        """Load: a weight from the tensors a checkpoint stored for it (``qweight``, ``scales``, ``mins``);
-        ValueError saying what is wrong otherwise."""
+    def quantize_experts(self, w: torch.Tensor, group_size: int | None = None) -> QuantizedExperts | None:
+        """Create, for a Mixture-of-Experts projection: the float [E, out, in] experts quantized one by one
+        (:meth:`quantize_weight`) and stacked in the format ``fused_moe`` reads (None: left float)."""
+        from fastinfer.quantization.format import QuantizedExperts
+
+        parts = [self.quantize_weight(w[e], group_size) for e in range(w.shape[0])]
+        if any(p is None for p in parts):
+            return None
+        return QuantizedExperts.stack([p for p in parts if p is not None])
+
+    def load_weight(self, parts: dict[str, torch.Tensor]) -> QuantizedWeight | QuantizedExperts:
+        """Load: a weight from the tensors a checkpoint stored for it (``qweight``, ``scales``, ``mins``; 3-D for
+        stacked experts); ValueError saying what is wrong otherwise."""
         from fastinfer.quantization.format import from_tensors
 
         return from_tensors(parts)

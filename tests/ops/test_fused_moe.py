@@ -331,7 +331,7 @@ def test_cpp_routing_matters_and_bad_inputs():
     assert cpp.fused_moe(x[:0], w13, w2, wts[:0], ids[:0]).shape == (0, HIDDEN)
     with pytest.raises(ValueError, match=r"outside \[0, num_experts\)"):
         cpp.fused_moe(x, w13, w2, wts, ids + 8)
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(ValueError, match="does not fit"):
         cpp.fused_moe(x, w13, w2[:, :, :-1].contiguous(), wts, ids)
     with pytest.raises(ValueError, match=r"\[T, k\]"):
         cpp.fused_moe(x, w13, w2, wts[:, :1], ids)
@@ -367,13 +367,18 @@ _MOE_COMPILE = r"""
 import torch
 from fastinfer.kernels import moe as MO
 gpu = torch.device("cuda", 0)
-ptrs = {"pairs_ptr": "*i32", "experts_ptr": "*i32", "npad_ptr": "*i32", "tw_ptr": "*fp32", "buf_ptr": "*fp32"}
-for pairs, dt, tdt in [(2, "*bf16", torch.bfloat16), (256, "*bf16", torch.bfloat16), (8192, "*fp16", torch.float16),
-                       (8192, "*bf16", torch.bfloat16), (64, "*fp32", torch.float32)]:
-    c = MO.moe_config(pairs, 8, tdt, gpu)
-    consts = dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, DOT_PRECISION=MO._dot_precision(tdt))
+ptrs = {"pairs_ptr": "*i32", "experts_ptr": "*i32", "npad_ptr": "*i32", "tw_ptr": "*fp32", "buf_ptr": "*fp32",
+        "s_ptr": "*fp32", "m_ptr": "*fp32"}
+for pairs, dt, tdt, bits in [(2, "*bf16", torch.bfloat16, 0), (256, "*bf16", torch.bfloat16, 0),
+                             (8192, "*fp16", torch.float16, 0), (8192, "*bf16", torch.bfloat16, 0),
+                             (64, "*fp32", torch.float32, 0), (2, "*bf16", torch.bfloat16, 4),
+                             (256, "*fp16", torch.float16, 8), (8192, "*bf16", torch.bfloat16, 4)]:
+    c = MO.moe_config(pairs, 8, tdt, gpu, quantized=bits > 0)
+    consts = dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, DOT_PRECISION=MO._dot_precision(tdt),
+                  W_BITS=bits, GROUP=32 if bits == 4 else 4096, HAS_MINS=bits == 4)
+    wp = {"w_ptr": {0: dt, 8: "*i8", 4: "*u8"}[bits]}
     for fn in (MO._gate_up_kernel, MO._down_kernel):
-        build(fn, dt, consts, ptrs, warps=c.num_warps, stages=c.num_stages)
+        build(fn, dt, consts, {**ptrs, **wp}, warps=c.num_warps, stages=c.num_stages)
 print("ALL COMPILED")
 """
 

@@ -15,11 +15,24 @@ namespace cpu {
 // Both projections accumulate in fp32 (products of the exact fp32 values of x and the weights); the weighted
 // sum over the k experts is fp32, rounded once to the dtype. Tokens are grouped by expert so each active
 // expert's weights are read once per call (experts no token chose are never read).
+//
+// Each projection is float (in the dtype) or weight-only quantized (fastinfer's format, stacked per expert):
+// bits 8: int8 [E, N, K]; bits 4: uint8 [E, N, K / 2], byte j of a row holding q[2j] (low nibble) and q[2j + 1]
+// (high); w[n, k] = q * scales[n, g] + mins[n, g] in fp32 (g = k / group; mins may be null: 0), scales / mins
+// fp32 [E, N, K / group]. The group must be a multiple of 16 (one SIMD vector of either ISA).
+struct MoeWeight {
+  const void* w = nullptr;  // float [E, N, K] in the dtype, or the quantized codes
+  int bits = 0;             // 0: float; 8 / 4: quantized
+  const float* scales = nullptr;
+  const float* mins = nullptr;
+  int64_t group = 0;  // inputs per scale (quantized only)
+};
+
 struct FusedMoeParams {
-  DType dtype = DType::kFloat32;  // of x, w13, w2 and out alike
+  DType dtype = DType::kFloat32;  // of x and out (and of float expert weights)
   const void* x = nullptr;        // [T, H] contiguous
-  const void* w13 = nullptr;      // [E, 2 I, H] contiguous: rows [0, I) gate, [I, 2 I) up
-  const void* w2 = nullptr;       // [E, H, I] contiguous
+  MoeWeight w13;                  // [E, 2 I, H] contiguous: rows [0, I) gate, [I, 2 I) up
+  MoeWeight w2;                   // [E, H, I] contiguous
   const float* topk_weights = nullptr;  // [T, K]
   const int64_t* topk_ids = nullptr;    // [T, K], each in [0, E)
   void* out = nullptr;                  // [T, H] contiguous
