@@ -9,14 +9,16 @@ distinct copies of its weights (--budget-mb, default 640 MB, over twice this VM'
 reads its weights from memory, as in a many-layer model. Rows:
 
 - ``fused``: ``cpp_backend.fused_moe`` (csrc/cpu/fused_moe.cpp, tokens grouped by expert);
+- ``fused-int8`` / ``fused-int4``: the same kernel on weight-only quantized experts (int8 per channel: 1 byte a
+  weight; int4 group 32 with fp32 scales and mins: 0.75 bytes), dequantized in registers;
 - ``reference``: ``ops.reference.fused_moe`` (the spec: a Python loop over experts, fp32 copies of the weights);
 - ``torch``: ``torch_backend.fused_moe`` (static shapes: per-slot gathered weights or every expert on every token);
 - ``dense``: a ``GatedMLP(H, 2 I)`` on the cpp op set (two experts' worth of weights, bf16 ``F.linear``).
 
-``weight_mb`` = bytes of the distinct experts the batch chose (what a kernel that reads only those must read;
-for ``dense``, its own two experts' worth); ``gb_s`` = weight_mb per second of the row; ``of_bw`` = that against
-the bandwidth measured here first (a 1 GiB fp32 ``sum``, read only, and a 1 GiB ``copy_``, read + write).
-Medians of --repeats calls.
+``weight_mb`` = bytes of the distinct experts the batch chose, in the row's format (what a kernel that reads only
+those must read; for ``dense``, its own two experts' worth); ``gb_s`` = weight_mb per second of the row;
+``of_bw`` = that against the bandwidth measured here first (a 1 GiB fp32 ``sum``, read only, and a 1 GiB
+``copy_``, read + write). Medians of --repeats calls.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ from common import emit, machine_line, median_time, table  # noqa: E402
 from fastinfer.layers.mlp import GatedMLP  # noqa: E402
 from fastinfer.ops import OpSet, reference, torch_backend  # noqa: E402
 from fastinfer.ops import cpp_backend as cpp  # noqa: E402
+from fastinfer.quantization.format import QuantizedExperts  # noqa: E402
+from fastinfer.quantization.rtn import quantize_int4, quantize_int8  # noqa: E402
 
 H, INTER, E, K = 1024, 3584 // 4, 8, 2
 DTYPE = torch.bfloat16
@@ -62,6 +66,23 @@ def moe_layers(n: int, gen: torch.Generator) -> list[tuple[torch.Tensor, torch.T
     """n distinct (w13 [E, 2 I, H], w2 [E, H, I]) copies."""
     return [((torch.randn(E, 2 * INTER, H, generator=gen) / H ** 0.5).to(DTYPE),
              (torch.randn(E, H, INTER, generator=gen) / INTER ** 0.5).to(DTYPE)) for _ in range(n)]
+
+
+QLayer = tuple[QuantizedExperts, QuantizedExperts]
+
+
+def quantized_layers(floats: list[tuple[torch.Tensor, torch.Tensor]], bits: int, n: int) -> list[QLayer]:
+    """n quantized (w13, w2) copies (int8 per channel or int4 group 32), cycling through the float copies."""
+    def q(w: torch.Tensor) -> QuantizedExperts:
+        return QuantizedExperts.stack([quantize_int8(w[e].float()) if bits == 8 else
+                                       quantize_int4(w[e].float(), 32, search=False) for e in range(w.shape[0])])
+
+    return [(q(floats[i % len(floats)][0]), q(floats[i % len(floats)][1])) for i in range(n)]
+
+
+def qmoe_call(x: torch.Tensor, wts: torch.Tensor, ids: torch.Tensor) -> Callable[[QLayer], torch.Tensor]:
+    return lambda w: cpp.fused_moe(x, w[0].qweight, w[1].qweight, wts, ids, w[0].scales, w[0].mins, w[1].scales,
+                                   w[1].mins)
 
 
 def dense_layers(n: int, ops: OpSet, gen: torch.Generator) -> list[GatedMLP]:
@@ -102,6 +123,13 @@ def main() -> None:
     layers = moe_layers(max(1, -(-args.budget_mb * 2 ** 20 // (E * expert_bytes))), gen)
     ops = OpSet("cpu")
     dense = dense_layers(max(1, -(-args.budget_mb * 2 ** 20 // (K * expert_bytes))), ops, gen)
+    qlayers: dict[str, list[QLayer]] = {}
+    qexpert_bytes: dict[str, float] = {}
+    for name, bits in (("fused-int8", 8), ("fused-int4", 4)):
+        one = quantized_layers(layers[:1], bits, 1)[0]
+        qexpert_bytes[name] = (one[0].nbytes + one[1].nbytes) / E
+        qlayers[name] = quantized_layers(layers, bits, max(1, -(-args.budget_mb * 2 ** 20 // int(
+            E * qexpert_bytes[name]))))
     rows: list[dict] = []
     for t in (int(b) for b in args.batch.split(",")):
         x = torch.randn(t, H, generator=gen).to(DTYPE)
@@ -115,19 +143,26 @@ def main() -> None:
             "reference": (moe_call(reference.fused_moe, x, wts, ids), layers, 3),
             "torch": (moe_call(torch_backend.fused_moe, x, wts, ids), layers, max(3, args.repeats // 4)),
             "dense": (dense_call(x), dense, args.repeats),
+            **{name: (qmoe_call(x, wts, ids), qs, args.repeats) for name, qs in qlayers.items()},
         }
         times = {}
         with torch.inference_mode():
             for name, (fn, items, reps) in variants.items():
                 times[name] = cycled(fn, items, reps)
         for name, s in times.items():
-            mb = K * expert_bytes / 1e6 if name == "dense" else active_mb  # the dense layer reads its own weights
+            mb = (K * expert_bytes / 1e6 if name == "dense"  # the dense layer reads its own weights
+                  else active_mb * qexpert_bytes[name] / expert_bytes if name in qexpert_bytes else active_mb)
             gb_s = mb / 1e3 / s
             row = {"batch": t, "variant": name, "ms": round(s * 1e3, 3),
                    "vs_fused": round(s / times["fused"], 2), "weight_mb": round(mb, 1),
                    "gb_s": round(gb_s, 1), "of_bw": round(gb_s / bw_read, 2)}
             if name == "fused":
                 row["max_err_vs_ref"] = err
+            if name in qlayers:  # against the reference over the same quantized experts
+                qw = qlayers[name][0]
+                args_q = (qw[0].qweight, qw[1].qweight, wts, ids, qw[0].scales, qw[0].mins, qw[1].scales, qw[1].mins)
+                row["max_err_vs_ref"] = (cpp.fused_moe(x, *args_q).float()
+                                         - reference.fused_moe(x, *args_q).float()).abs().max().item()
             emit(row, rows)
     print(table(rows, ["batch", "variant", "ms", "vs_fused", "weight_mb", "gb_s", "of_bw"]))
 

@@ -2,12 +2,14 @@
 
 Check ``fused_moe``: the Triton op against ``fastinfer.ops.reference.fused_moe`` in bf16 and fp16 at decode
 (T = 1), odd and prefill token counts, 8 and 64 experts, top-k 1 / 2 / 8, hidden and intermediate sizes that are
-no multiple of a block, and a routing that leaves half the experts empty.
+no multiple of a block, and a routing that leaves half the experts empty; then int8 (per channel) and int4 (group
+32, with mins) weight-only experts against the reference over the same quantized experts.
 
 Bench ``moe`` (Mixtral-like proportions scaled down: H = 2048, I = 7168, E = 8, k = 2, bf16) at batch 1, 16 and
 64: the op vs the reference loop over experts and vs a dense SwiGLU MLP of the same active size (intermediate
 k * I); GB/s of the active experts' weight bytes (each distinct routed expert's w13 and w2 once) against the
-copy bandwidth measured by gpu_check. ``--dry``: tiny shapes under the interpreter, same code paths, no claims.
+copy bandwidth measured by gpu_check; rows ``moe-int8`` / ``moe-int4`` for quantized experts (GB/s of their
+own bytes). ``--dry``: tiny shapes under the interpreter, same code paths, no claims.
 """
 from __future__ import annotations
 
@@ -15,10 +17,10 @@ from typing import Any
 
 # (T, E, k, H, I, routing)
 CHECKS = [(1, 8, 2, 1000, 360, "random"), (7, 64, 8, 520, 200, "skewed"), (33, 8, 1, 4096, 1408, "random"),
-          (257, 8, 2, 1000, 360, "skewed"), (1024, 64, 8, 512, 136, "random")]
-DRY_CHECKS = [(1, 8, 2, 72, 40, "random"), (9, 4, 1, 40, 24, "skewed")]
+          (257, 8, 2, 1000, 360, "skewed"), (1024, 64, 8, 512, 136, "random"), (16, 64, 8, 1024, 512, "skewed")]
+DRY_CHECKS = [(1, 8, 2, 72, 40, "random"), (9, 4, 1, 40, 24, "skewed"), (5, 8, 2, 96, 64, "skewed")]
 BENCH_SHAPE = (2048, 7168, 8, 2)  # H, I, E, k
-DRY_BENCH_SHAPE = (72, 40, 8, 2)
+DRY_BENCH_SHAPE = (96, 64, 8, 2)  # multiples of 32: int4 groups of 32
 BATCHES = (1, 16, 64)
 
 
@@ -37,6 +39,22 @@ def moe_inputs(ctx: Any, t: int, e: int, k: int, h: int, i: int, dtype, routing:
     return x, w13, w2, vals.softmax(dim=1), ids.to(torch.int32)
 
 
+def quantized(w, bits: int):
+    """Stacked int8 (per channel) / int4 (group 32) experts of float experts [E, N, K], on their device."""
+    from fastinfer.quantization.format import QuantizedExperts
+    from fastinfer.quantization.rtn import quantize_int4, quantize_int8
+
+    return QuantizedExperts.stack([quantize_int8(w[e].float()) if bits == 8 else
+                                   quantize_int4(w[e].float(), 32, search=False) for e in range(w.shape[0])])
+
+
+def quantized_args(case, bits: int):
+    """The (x, w13, w2, weights, ids, scales / mins ...) arguments with both projections quantized."""
+    x, w13, w2, wts, ids = case
+    q13, q2 = quantized(w13, bits), quantized(w2, bits)
+    return (x, q13.qweight, q2.qweight, wts, ids, q13.scales, q13.mins, q2.scales, q2.mins), q13.nbytes + q2.nbytes
+
+
 def check_fused_moe(ctx: Any) -> None:
     from gpu_check import assert_close
 
@@ -49,6 +67,12 @@ def check_fused_moe(ctx: Any) -> None:
             assert out.shape == (t, h) and out.dtype == dtype, f"fused_moe: {out.shape} {out.dtype}"
             assert_close(f"fused_moe T={t} E={e} k={k} H={h} I={i} {routing}/{dtype}", out,
                          reference.fused_moe(*case))
+            if h % 32 or i % 32:
+                continue
+            for bits in (8, 4):
+                qargs, _ = quantized_args(case, bits)
+                assert_close(f"fused_moe int{bits} T={t} E={e} k={k} H={h} I={i} {routing}/{dtype}",
+                             triton_backend.fused_moe(*qargs), reference.fused_moe(*qargs))
 
 
 def bench_moe(ctx: Any) -> None:
@@ -76,6 +100,13 @@ def bench_moe(ctx: Any) -> None:
         ctx.emit({"case": f"moe B={b} H={h} I={i} E={e} k={k}", "triton_ms": t_tri, "reference_ms": t_ref,
                   "vs_reference": t_ref / t_tri, "dense_active_ms": t_dense, "vs_dense": t_dense / t_tri,
                   "active_experts": active, "weight_gb_s": gb_s, "frac_of_copy": gb_s / ctx.copy_gb_s})
+        for bits in (8, 4):
+            qargs, nbytes = quantized_args((x, w13, w2, wts, ids), bits)
+            t_q = ctx.time_ms(lambda qargs=qargs: triton_backend.fused_moe(*qargs))
+            q_gb_s = active / e * nbytes / t_q / 1e6
+            ctx.emit({"case": f"moe-int{bits} B={b} H={h} I={i} E={e} k={k}", "triton_ms": t_q,
+                      "vs_bf16": t_tri / t_q, "active_experts": active, "weight_gb_s": q_gb_s,
+                      "frac_of_copy": q_gb_s / ctx.copy_gb_s})
 
 
 def register(check, bench) -> None:

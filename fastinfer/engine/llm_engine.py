@@ -166,6 +166,11 @@ class LLMEngine:
             raise ValueError(f"prompt_logits needs 1 to max_model_len={self.max_model_len} tokens, got {len(ids)}")
         return self.worker.prompt_logits(ids)
 
+    def expert_load(self) -> dict[int, list[int]]:
+        """Mixture-of-Experts routing balance: tokens routed to each expert so far, per MoE decoder layer
+        ({layer index: [count per expert]}; {} for a dense model). Each token counts once per expert it chose."""
+        return self.worker.expert_load()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)
 

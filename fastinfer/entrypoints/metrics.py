@@ -5,7 +5,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from fastinfer.outputs import RequestOutput
@@ -14,7 +14,7 @@ _LAT = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class _EngineCollector:
-    """Gauges read from the engine at scrape time."""
+    """Gauges (and the MoE routing counters) read from the engine at scrape time."""
 
     def __init__(self, get_engine: Callable[[], Any], model: str) -> None:
         self.get_engine, self.model = get_engine, model
@@ -50,6 +50,15 @@ class _EngineCollector:
             g = GaugeMetricFamily(name, doc, labels=["model_name"])
             g.add_metric([self.model], float(value))
             yield g
+        load = a.engine.expert_load()
+        if load:
+            c = CounterMetricFamily("fastinfer_moe_expert_tokens", "Tokens routed to each expert of each MoE "
+                                    "layer (a token counts once per expert it chose): the routing balance",
+                                    labels=["model_name", "layer", "expert"])
+            for layer, counts in sorted(load.items()):
+                for expert, n in enumerate(counts):
+                    c.add_metric([self.model, str(layer), str(expert)], float(n))
+            yield c
         g = GaugeMetricFamily("fastinfer_kv_cache_group_blocks_in_use", "KV blocks in use per KV cache group "
                               "(by sliding window; 'full': full attention)", labels=["model_name", "sliding_window"])
         for grp in s.kv_groups:

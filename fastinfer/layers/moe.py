@@ -203,13 +203,20 @@ class FusedExperts(nn.Module):
 
 class SparseMoeBlock(nn.Module):
     """``fused_moe(x, experts, router(x))`` plus, when ``shared_intermediate_size`` is given (Qwen2-MoE),
-    ``sigmoid(x @ shared_expert_gate.T) * shared_expert(x)``."""
+    ``sigmoid(x @ shared_expert_gate.T) * shared_expert(x)``.
+
+    ``expert_tokens`` [E] int64 counts the (token, expert) assignments routed so far, on the device, without a
+    host read (one static-shape ``index_add_`` per call): the routing balance that
+    :meth:`fastinfer.worker.worker.Worker.expert_load` reports and the server exports."""
+
+    expert_tokens: torch.Tensor
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, renormalize: bool,
                  ops: OpSet, dtype: torch.dtype, shared_intermediate_size: int | None = None) -> None:
         super().__init__()
         self.ops = ops
         self.gate = TopKRouter(hidden_size, num_experts, top_k, renormalize, dtype)
+        self.register_buffer("expert_tokens", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
         self.experts = FusedExperts(num_experts, hidden_size, intermediate_size, dtype)
         self.shared_expert: GatedMLP | None = None
         self.shared_expert_gate: nn.Parameter | None = None
@@ -219,6 +226,8 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
+        flat = ids.reshape(-1)
+        self.expert_tokens.index_add_(0, flat, torch.ones_like(flat))
         out = self.experts(self.ops, x, weights, ids)
         if self.shared_expert is not None and self.shared_expert_gate is not None:
             out = out + torch.sigmoid(F.linear(x, self.shared_expert_gate)) * self.shared_expert(x)

@@ -17,7 +17,9 @@ Ops (shapes: T tokens, H query heads, Hkv KV heads, D head dim):
   x [T, Hd]; w13 [E, 2I, Hd] (each expert's gate rows, then up rows), w2 [E, Hd, I], topk_weights [T, k] fp32
   (already normalised as the model routes), topk_ids [T, k] int32/int64: ``out[t] = sum_j topk_weights[t, j] *
   w2[e] @ (silu(w13[e, :I] @ x[t]) * (w13[e, I:] @ x[t]))``, ``e = topk_ids[t, j]``; fp32 accumulation, the
-  activation rounded to x's dtype before the down projection.
+  activation rounded to x's dtype before the down projection. Quantized experts: ``w13`` / ``w2`` int8 or packed
+  int4 (uint8) codes with ``w13_scales`` / ``w13_mins`` / ``w2_scales`` / ``w2_mins`` [E, N, K // group] fp32 (the
+  stacked weight-only format, ``quantization.format.QuantizedExperts``), each projection on its own.
 
 Every op traces without data (FakeTensorMode, also on a fake CUDA device without a GPU, and torch.compile): the
 Triton and compiled CPU kernels are torch custom ops (``torch.ops.fastinfer.triton_*``, and

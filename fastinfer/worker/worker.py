@@ -97,6 +97,17 @@ class Worker:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(sched)
 
+    def expert_load(self) -> dict[int, list[int]]:
+        """Tokens routed to each expert so far, per MoE layer of the served model: {decoder layer index: [count
+        per expert]} ({} for a dense model). Reads the layers' device counters (one copy each); meant for metric
+        scrapes, not for every step."""
+        load: dict[int, list[int]] = {}
+        for i, block in enumerate(self.model.moe_layers()):
+            counts = getattr(block, "expert_tokens", None)
+            if isinstance(counts, torch.Tensor):
+                load[_layer_index(self.model, block, i)] = counts.tolist()
+        return load
+
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Teacher-forced fp32 logits [n, vocab] (on the CPU) at every position of one whole sequence from
@@ -141,3 +152,14 @@ class Worker:
 def _vocab(tokenizer: Any) -> dict[str, int] | None:
     get = getattr(tokenizer, "get_vocab", None)
     return get() if callable(get) else None
+
+
+def _layer_index(model: Any, block: torch.nn.Module, default: int) -> int:
+    """The decoder layer number in the module path of ``block`` (``model.layers.7.mlp`` -> 7), else ``default``."""
+    for name, m in model.named_modules():
+        if m is block:
+            parts = name.split(".")
+            for a, b in zip(parts, parts[1:], strict=False):
+                if a == "layers" and b.isdigit():
+                    return int(b)
+    return default

@@ -187,3 +187,29 @@ def test_quantized_experts_are_their_dequantized_model(method, moe_dir, caplog, 
     llm = _llm(path, quantization=method)
     batch = [o.outputs[0].token_ids for o in llm.generate(BATCH, GREEDY, use_tqdm=False)]
     assert batch == [llm.generate(p, GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in BATCH]
+
+
+def test_expert_load_counts_every_routed_token_and_reaches_the_metrics(moe_dir):
+    """Each forwarded token counts once per chosen expert in each MoE layer: after a batch (no prefix cache, so
+    every prompt token is computed; a request forwards its prompt and all but its last generated token) each
+    layer's counts sum to top_k x the forwarded tokens, several experts get tokens, and the server's Prometheus
+    text carries the same numbers per (layer, expert)."""
+    from types import SimpleNamespace
+
+    from fastinfer.entrypoints.metrics import ServerMetrics
+
+    path, _ = moe_dir("mixtral")
+    llm = _llm(path, enable_prefix_caching=False)
+    assert llm.engine.expert_load() == {0: [0] * 8, 1: [0] * 8}
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    outs = llm.generate(BATCH, params, use_tqdm=False)
+    forwarded = sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) - 1 for o in outs)
+    load = llm.engine.expert_load()
+    assert sorted(load) == [0, 1]
+    for counts in load.values():
+        assert sum(counts) == 2 * forwarded and sum(c > 0 for c in counts) >= 3, counts
+    text = ServerMetrics(lambda: SimpleNamespace(engine=llm.engine, num_in_flight=0), "tiny").render()[0].decode()
+    for layer, counts in load.items():
+        for expert, n in enumerate(counts):
+            line = f'fastinfer_moe_expert_tokens_total{{expert="{expert}",layer="{layer}",model_name="tiny"}} {float(n)}'
+            assert line in text, line
