@@ -14,21 +14,31 @@ import torch
 from fastinfer.config import ModelConfig
 from fastinfer.models.gguf_quants import dequantize, to_quantized
 from fastinfer.models.gguf_reader import GGUFReader
-from fastinfer.quantization.format import QuantizedWeight
+from fastinfer.quantization.format import QuantizedExperts, QuantizedWeight
 
 __all__ = ["GGUFFile", "dequantize", "hf_name", "to_quantized", "unpermute_qk"]
 
 _ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-          "gemma3": "Gemma3ForCausalLM"}
+          "gemma3": "Gemma3ForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM",
+          "olmoe": "OlmoeForCausalLM"}  # "llama" with experts (llama.expert_count > 0): MixtralForCausalLM
+_MOE_ARCHS = ("qwen2moe", "qwen3moe", "olmoe")
+_HF_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}  # where HF's model_type differs
+_RENORMALIZE = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False}  # llama.cpp's MoE graphs
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    # MoE: the router, the experts stacked ([E, N, K]), Qwen2-MoE's shared expert and its sigmoid gate
+    "ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.experts.gate_proj", "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
-_GEMMA_LAYER_NAMES = {  # Gemma's four norms per layer, and per-head q/k norms
+_PER_EXPERT = {"ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}  # older files: blk.N.ffn_gate.E
+_GEMMA_LAYER_NAMES = {  # Gemma's four norms per layer
     **_LAYER_NAMES, "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 _ARCH_LAYER_NAMES = {"gemma3": _GEMMA_LAYER_NAMES}
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -72,8 +82,10 @@ class GGUFFile:
         scaling = None
         if self.field(f"{a}.rope.scaling.type") == "linear":
             scaling = {"rope_type": "linear", "factor": float(self.field(f"{a}.rope.scaling.factor"))}
+        moe = a in _MOE_ARCHS or (a == "llama" and bool(self.field("llama.expert_count")))
+        hf_config = self._gemma3_keys() if a == "gemma3" else self._moe_keys(names) if moe else {}
         return ModelConfig(
-            architecture=_ARCHS[a],
+            architecture="MixtralForCausalLM" if moe and a == "llama" else _ARCHS[a],
             vocab_size=int(vocab),
             hidden_size=hidden,
             intermediate_size=int(self.field(f"{a}.feed_forward_length")),
@@ -91,9 +103,44 @@ class GGUFFile:
             bos_token_id=self.field("tokenizer.ggml.bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype="float32",
-            model_type=a,
-            hf_config=self._gemma3_keys() if a == "gemma3" else {},
+            model_type="mixtral" if moe and a == "llama" else _HF_MODEL_TYPES.get(a, a),
+            hf_config=hf_config,
         )
+
+    def _moe_keys(self, names: set[str]) -> dict[str, Any]:
+        """The HF config keys the MoE models read, from llama.cpp's: ``expert_count``, ``expert_used_count``, the
+        experts' FFN size (Qwen: ``expert_feed_forward_length``, else ``feed_forward_length / expert_used_count`` as
+        llama.cpp falls back; Mixtral, OLMoE: ``feed_forward_length``), Qwen2-MoE's shared expert where the file
+        has its tensors, top-k renormalisation as llama.cpp's graph for the architecture fixes it (Mixtral,
+        Qwen3-MoE: yes; Qwen2-MoE, OLMoE: no), dense MLP layers where a layer has no router. OLMoE's ``clip_qkv``
+        has no GGUF key (llama.cpp does not clip). ValueError for MoE variants the native models cannot serve."""
+        a = self.arch
+        n, k = int(self.field(f"{a}.expert_count") or 0), int(self.field(f"{a}.expert_used_count") or 0)
+        if not 1 <= k <= n:
+            raise ValueError(f"{self.path}: a {a} MoE file needs {a}.expert_count >= 1 and 1 <= "
+                             f"{a}.expert_used_count <= expert_count, got {n} and {k}")
+        gating = self.field(f"{a}.expert_gating_func")
+        if gating not in (None, 1):  # gguf.ExpertGatingFuncType.SOFTMAX
+            raise ValueError(f"{self.path}: {a}.expert_gating_func = {gating} (sigmoid routing) is not supported: the "
+                             "MoE models route by softmax")
+        if float(self.field(f"{a}.expert_weights_scale") or 1.0) != 1.0:
+            raise ValueError(f"{self.path}: {a}.expert_weights_scale = {self.field(f'{a}.expert_weights_scale')} "
+                             "(scaled routing weights) is not supported")
+        blocks, ff = int(self.field(f"{a}.block_count")), int(self.field(f"{a}.feed_forward_length"))
+        shared = any(f"blk.{i}.ffn_gate_shexp.weight" in names for i in range(blocks))
+        if shared and a != "qwen2moe":
+            raise ValueError(f"{self.path}: shared experts in a {a} file are not supported (qwen2moe files only)")
+        keys: dict[str, Any] = {
+            "num_local_experts" if a == "llama" else "num_experts": n, "num_experts_per_tok": k,
+            "norm_topk_prob": _RENORMALIZE[a], "decoder_sparse_step": 1,
+            "mlp_only_layers": [i for i in range(blocks) if f"blk.{i}.ffn_gate_inp.weight" not in names]}
+        if a in ("qwen2moe", "qwen3moe"):
+            keys["moe_intermediate_size"] = int(self.field(f"{a}.expert_feed_forward_length") or ff // k)
+        if a == "qwen2moe":
+            keys["qkv_bias"] = "blk.0.attn_q.bias" in names
+        if shared:
+            keys["shared_expert_intermediate_size"] = int(self.field(f"{a}.expert_shared_feed_forward_length") or ff)
+        return keys
 
     def _gemma3_keys(self) -> dict[str, Any]:
         """The HF config keys Gemma 3 reads beyond the common ones, as llama.cpp fixes them for this architecture
@@ -118,24 +165,27 @@ class GGUFFile:
         }
 
     def tensors(self, cfg: ModelConfig, dtype: torch.dtype, keep_quantized: bool = False,
-                ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+                ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight | QuantizedExperts]]:
         """(HF name, tensor [out, in] in ``dtype``) for every tensor; Q/K rows un-permuted back to HF's
-        rotate-half order for llama-arch files (llama.cpp's converter interleaves them).
+        rotate-half order for llama-arch files (llama.cpp's converter interleaves them; Mixtral's too, not the
+        Qwen-MoE / OLMoE ones). A MoE layer's stacked experts (``ffn_{gate,up,down}_exps``) come as one [E, N, K]
+        tensor each, under the stacked HF names (``mlp.experts.gate_proj.weight``...).
 
         ``keep_quantized``: quantized projection weights come as :class:`QuantizedWeight` (lossless; int4 g32
-        for Q4_0 / Q4_1 / Q4_K, int8 for the other types, see :func:`~fastinfer.models.gguf_quants.to_quantized`);
-        a quantized tied embedding also yields a quantized ``lm_head.weight`` beside its dense copy (the
-        embedding lookup needs float rows)."""
+        for Q4_0 / Q4_1 / Q4_K, int8 for the other types, see :func:`~fastinfer.models.gguf_quants.to_quantized`),
+        stacked experts as :class:`QuantizedExperts`; a quantized tied embedding also yields a quantized
+        ``lm_head.weight`` beside its dense copy (the embedding lookup needs float rows)."""
         for t in self.reader.tensors:
             name = hf_name(t.name, self.arch)
             qw = to_quantized(t) if keep_quantized and (name.endswith("proj.weight") or name == "lm_head.weight"
                                                         or name == "model.embed_tokens.weight") else None
-            if qw is not None and name == "model.embed_tokens.weight":
+            if isinstance(qw, QuantizedWeight) and name == "model.embed_tokens.weight":
                 if cfg.tie_word_embeddings:
                     yield "lm_head.weight", qw
                 qw = None
             if qw is not None:
-                if self.arch in ("llama", "mistral") and (".q_proj." in name or ".k_proj." in name):
+                if isinstance(qw, QuantizedWeight) and self.arch in ("llama", "mistral") and (
+                        ".q_proj." in name or ".k_proj." in name):
                     n_head = cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads
                     qw = QuantizedWeight(qw.bits, qw.group_size, unpermute_qk(qw.qweight, n_head),
                                          unpermute_qk(qw.scales, n_head),
@@ -145,6 +195,8 @@ class GGUFFile:
             w = dequantize(t)
             if self.arch == "gemma3" and name.endswith("norm.weight"):
                 w = w - 1.0  # llama.cpp stores Gemma's (1 + w) norm weights with the 1 added; HF's hold w
+            if name.endswith(".shared_expert_gate.weight"):
+                w = w.reshape(1, -1)  # Qwen2-MoE's [1, H] shared-expert gate, a vector [H] in llama.cpp's files
             w = w.to(dtype)
             if self.arch in ("llama", "mistral") and (".q_proj." in name or ".k_proj." in name):
                 n_head = cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads
@@ -179,6 +231,8 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str:
     layer_names = _ARCH_LAYER_NAMES.get(arch, _LAYER_NAMES)
     if parts[0] == "blk" and len(parts) == 3 and parts[2] in layer_names:
         return f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{kind}"
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _PER_EXPERT and parts[3].isdigit():
+        return f"model.layers.{parts[1]}.mlp.experts.{parts[3]}.{_PER_EXPERT[parts[2]]}.{kind}"
     if base in _TOP_NAMES:
         return f"{_TOP_NAMES[base]}.{kind}"
     raise ValueError(f"unexpected GGUF tensor {gguf_name!r}")

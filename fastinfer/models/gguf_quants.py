@@ -13,8 +13,10 @@ super-block types' scales are products of an f16 factor and a 4-, 6- or 8-bit in
 
 The same decomposition is the lossless import into our weight-only format (:func:`to_quantized`): 4-bit types
 with groups of 32 (Q4_0, Q4_1, Q4_K) become int4 g32, every other type int8 with its own group size (32, or 16
-for Q2_K / Q3_K / Q6_K). Types without a decoder here (the IQ*, TQ* and FP4 types) are dequantized by the
-``gguf`` package (numpy), logged once per type; a type it cannot read either raises a ValueError.
+for Q2_K / Q3_K / Q6_K); a 3-D tensor (a MoE layer's stacked experts, [E, N, K]) is E * N rows of blocks and
+imports as :class:`~fastinfer.quantization.format.QuantizedExperts`. Types without a decoder here (the IQ*, TQ*
+and FP4 types) are dequantized by the ``gguf`` package (numpy), logged once per type; a type it cannot read
+either raises a ValueError.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastinfer.quantization.format import QuantizedWeight, pack_int4
+from fastinfer.quantization.format import QuantizedExperts, QuantizedWeight, pack_int4
 from fastinfer.quantization.format import dequantize as dequantize_groups
 
 logger = logging.getLogger("fastinfer")
@@ -143,8 +145,9 @@ def _raw(t: Any) -> torch.Tensor:
 
 
 def decode(t: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int] | None:
-    """(q int8 [N, K], scales [N, K // g], mins or None, g) of a quantized 2-D GGUF tensor (``t``: a
-    ``gguf.ReaderTensor``, shape [K, N]); None for the float types and types without a decoder."""
+    """(q int8 [rows, K], scales [rows, K // g], mins or None, g) of a quantized GGUF tensor (``t``: a
+    ``gguf.ReaderTensor``, shape [K, N, ...]; ``rows`` the product of all but K: N, or E * N for stacked experts);
+    None for the float types and types without a decoder."""
     entry = _DECODERS.get(t.tensor_type.name)
     if entry is None:
         return None
@@ -180,21 +183,27 @@ def dequantize(t: Any) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(shape)
 
 
-def to_quantized(t: Any) -> QuantizedWeight | None:
-    """A 2-D quantized GGUF tensor in our weight-only format, lossless (None for float types and types
-    without a decoder): Q4_0 / Q4_1 / Q4_K as int4 g32 (Q4_0's ``d * (q - 8)`` as ``q * d + (-8 d)``), all
-    others as int8 with their own group size. Dequantizing the result equals ``gguf``'s values exactly (Q4_0:
-    equal values; a ``-0.0`` of gguf's may come out as ``+0.0``)."""
-    if len(t.shape) != 2:
+def to_quantized(t: Any) -> QuantizedWeight | QuantizedExperts | None:
+    """A quantized GGUF tensor in our weight-only format, lossless (None for float types, types without a
+    decoder and tensors of other than 2 or 3 dimensions): Q4_0 / Q4_1 / Q4_K as int4 g32 (Q4_0's ``d * (q - 8)``
+    as ``q * d + (-8 d)``), all others as int8 with their own group size. A 2-D [N, K] tensor gives a
+    :class:`QuantizedWeight`; a 3-D one, stacked experts [E, N, K] (GGUF shape [K, N, E], blocks along K in every
+    row), a :class:`QuantizedExperts` (scales and mins in fp32, as it holds them). Dequantizing the result equals
+    ``gguf``'s values exactly (Q4_0: equal values; a ``-0.0`` of gguf's may come out as ``+0.0``)."""
+    if len(t.shape) not in (2, 3):
         return None
     d = decode(t)
     if d is None:
         return None
     q, s, m, g = d
-    if t.tensor_type.name not in ("Q4_0", "Q4_1", "Q4_K"):
-        return QuantizedWeight(8, g, q, s, m)
-    if m is None:  # Q4_0: q - 8 -> q with min -8 d (exact in fp32; kept f16 where it is exact there too)
+    bits = 4 if t.tensor_type.name in ("Q4_0", "Q4_1", "Q4_K") else 8
+    if bits == 4 and m is None:  # Q4_0: q - 8 -> q with min -8 d (exact in fp32; kept f16 where it is exact too)
         m32 = s.float() * -8.0
         m = m32.half() if bool((m32.half().float() == m32).all()) else m32
         q = q + 8
-    return QuantizedWeight(4, g, pack_int4(q), s, m)
+    qweight = pack_int4(q) if bits == 4 else q
+    if len(t.shape) == 2:
+        return QuantizedWeight(bits, g, qweight, s, m)
+    e = int(t.shape[2])
+    return QuantizedExperts(bits, g, qweight.reshape(e, -1, qweight.shape[-1]), s.float().reshape(e, -1, s.shape[-1]),
+                            None if m is None else m.float().reshape(e, -1, m.shape[-1]))
