@@ -14,6 +14,7 @@
 #include <string>
 
 #include "fastinfer/cpu_attention.h"
+#include "fastinfer/cpu_fused.h"
 #include "fastinfer/cpu_moe.h"
 #include "fastinfer/cpu_quant.h"
 
@@ -313,6 +314,104 @@ at::Tensor fused_moe_cpu(const at::Tensor& x, const at::Tensor& w13, const at::T
   return out;
 }
 
+// [T, H] rows with a unit inner stride (the row stride may differ), on the CPU, in a kernel dtype.
+void check_matrix(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.dim() == 2 && (t.size(1) <= 1 || t.stride(1) == 1),
+                    "fastinfer::", op, ": ", name, " must be a 2-D CPU tensor with contiguous rows, got ", t.sizes(),
+                    " strides ", t.strides());
+}
+
+at::Tensor rms_norm_impl(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& weight,
+                         double eps, at::Tensor* residual_out) {
+  check_matrix(x, "rms_norm", "x");
+  const fc::DType dt = cpu_dtype(x, "x");
+  TORCH_CHECK_VALUE(weight.scalar_type() == x.scalar_type() && weight.dim() == 1 && weight.size(0) == x.size(1) &&
+                        weight.is_contiguous() && weight.device().is_cpu(),
+                    "fastinfer::rms_norm: weight must be a contiguous [", x.size(1), "] CPU tensor of x's dtype");
+  fc::RmsNormParams p;
+  p.dtype = dt;
+  p.x = x.data_ptr();
+  p.weight = weight.data_ptr();
+  p.T = x.size(0), p.H = x.size(1), p.x_stride = x.stride(0);
+  p.eps = float(eps);
+  p.num_threads = at::get_num_threads();
+  at::Tensor out = at::empty({p.T, p.H}, x.options());
+  p.out = out.data_ptr();
+  if (residual.has_value()) {
+    check_matrix(*residual, "fused_add_rms_norm", "residual");
+    TORCH_CHECK_VALUE(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(),
+                      "fastinfer::fused_add_rms_norm: residual ", residual->sizes(), " must match x ", x.sizes());
+    *residual_out = at::empty({p.T, p.H}, x.options());
+    p.residual = residual->data_ptr();
+    p.r_stride = residual->stride(0);
+    p.residual_out = residual_out->data_ptr();
+  }
+  const int rc = fc::rms_norm(p);
+  TORCH_CHECK_VALUE(rc == 0, "fastinfer::rms_norm: ", fc::fused_error_string(rc));
+  return out;
+}
+
+at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  return rms_norm_impl(x, c10::nullopt, weight, eps, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm_cpu(const at::Tensor& x, const at::Tensor& residual,
+                                                          const at::Tensor& weight, double eps) {
+  at::Tensor res_out;
+  at::Tensor out = rms_norm_impl(x, residual, weight, eps, &res_out);
+  return {out, res_out};
+}
+
+void rotary_embedding_cpu(const at::Tensor& positions, at::Tensor& q, at::Tensor& k, const at::Tensor& cache) {
+  check_rows(q, "q");
+  check_rows(k, "k");
+  const fc::DType dt = cpu_dtype(q, "q");
+  TORCH_CHECK_VALUE(q.device().is_cpu() && k.device().is_cpu() && k.scalar_type() == q.scalar_type() &&
+                        q.size(0) == k.size(0) && q.size(2) == k.size(2),
+                    "fastinfer::rotary_embedding: q ", q.sizes(), " and k ", k.sizes(),
+                    " must be CPU tensors [T, heads, D] of one dtype");
+  check_int_vector(positions, "positions", at::kLong, 1);
+  TORCH_CHECK_VALUE(positions.size(0) == q.size(0), "fastinfer::rotary_embedding: ", positions.size(0),
+                    " positions for ", q.size(0), " tokens");
+  TORCH_CHECK_VALUE(cache.device().is_cpu() && cache.scalar_type() == at::kFloat && cache.dim() == 2 &&
+                        cache.is_contiguous() && cache.size(1) <= q.size(2),
+                    "fastinfer::rotary_embedding: cos_sin_cache must be a contiguous fp32 [max_pos, rot <= D]");
+  fc::RotaryParams p;
+  p.dtype = dt;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.cache = cache.data_ptr<float>();
+  p.positions = positions.data_ptr<int64_t>();
+  p.T = q.size(0), p.Hq = q.size(1), p.Hk = k.size(1), p.D = q.size(2), p.rot = cache.size(1);
+  p.q_stride = q.stride(0), p.k_stride = k.stride(0), p.max_pos = cache.size(0);
+  const int rc = fc::rotary_embedding(p);
+  TORCH_CHECK_VALUE(rc == 0, "fastinfer::rotary_embedding: ", fc::fused_error_string(rc));
+}
+
+at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
+  check_matrix(x, "silu_and_mul", "x");
+  TORCH_CHECK_VALUE(x.size(1) % 2 == 0, "fastinfer::silu_and_mul: x needs an even last dim, got ", x.sizes());
+  fc::SiluMulParams p;
+  p.dtype = cpu_dtype(x, "x");
+  p.x = x.data_ptr();
+  p.T = x.size(0), p.d = x.size(1) / 2, p.x_stride = x.stride(0);
+  p.num_threads = at::get_num_threads();
+  at::Tensor out = at::empty({p.T, p.d}, x.options());
+  p.out = out.data_ptr();
+  const int rc = fc::silu_and_mul(p);
+  TORCH_CHECK_VALUE(rc == 0, "fastinfer::silu_and_mul: ", fc::fused_error_string(rc));
+  return out;
+}
+
+at::Tensor argmax_rows_cpu(const at::Tensor& x) {
+  check_matrix(x, "argmax_rows", "x");
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && x.size(1) > 0, "fastinfer::argmax_rows: x must be fp32 [B, V>0]");
+  at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
+  const int rc = fc::argmax_rows(x.data_ptr<float>(), x.size(0), x.size(1), x.stride(0), out.data_ptr<int64_t>());
+  TORCH_CHECK_VALUE(rc == 0, "fastinfer::argmax_rows: ", fc::fused_error_string(rc));
+  return out;
+}
+
 // "" -> report; "auto" | "generic" | "avx2" | "avx512" | "avx512_bf16" -> select (falls back to what the CPU supports).
 std::string cpu_isa(std::string force) {
   if (force == "auto") fc::set_isa(fc::Isa::kAuto);
@@ -333,6 +432,11 @@ TORCH_LIBRARY(fastinfer, m) {
   m.def("cpu_isa(str force='') -> str", &cpu_isa);
   m.def("quant_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int bits, int group_size, "
         "Tensor? bias=None) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("fused_add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("rotary_embedding(Tensor positions, Tensor(a!) q, Tensor(b!) k, Tensor cos_sin_cache) -> ()");
+  m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("fused_moe(Tensor x, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, Tensor? w13_scales=None, "
         "Tensor? w13_mins=None, Tensor? w2_scales=None, Tensor? w2_mins=None) -> Tensor");
 }
@@ -342,6 +446,11 @@ TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
   m.impl("store_kv", &store_kv_cpu);
   m.impl("quant_linear", &quant_linear_cpu);
   m.impl("fused_moe", &fused_moe_cpu);
+  m.impl("rms_norm", &rms_norm_cpu);
+  m.impl("fused_add_rms_norm", &fused_add_rms_norm_cpu);
+  m.impl("rotary_embedding", &rotary_embedding_cpu);
+  m.impl("silu_and_mul", &silu_and_mul_cpu);
+  m.impl("argmax_rows", &argmax_rows_cpu);
 }
 
 // A plain Python module: importing it loads this library, whose static initialisers register the ops.

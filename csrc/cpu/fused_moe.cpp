@@ -16,6 +16,7 @@
 // by the ISA of cpu_attention.h (FASTINFER_CPU_ISA / set_isa; avx512_bf16 runs the AVX-512 code).
 #include "fastinfer/cpu_moe.h"
 #include "fastinfer/cpu_common.h"
+#include "cpu_vec.h"
 
 #include <algorithm>
 #include <cmath>
@@ -78,19 +79,9 @@ struct Kernels {
 };
 
 // ---------------------------------------------------------------------------------------------------------
-// Generic "vector" API: one float (portable; the SIMD variants below are what x86 runs).
-struct GenericOps {
-  static constexpr int kW = 1, kMT = 2, kPairs = 2;
-  using V = float;
-  static FI_INLINE V zero() { return 0.f; }
-  static FI_INLINE V load(const float* p) { return *p; }
-  template <class T>
-  static FI_INLINE V load_cvt(const T* p) { return to_float(*p); }
-  static FI_INLINE V fma(V a, V b, V c) { return a * b + c; }
-  static FI_INLINE float hsum(V a) { return a; }
-  static FI_INLINE V set1(float a) { return a; }
-  static FI_INLINE V load_q8(const uint8_t* q, int64_t k) { return float(int8_t(q[k])); }
-  static FI_INLINE V load_q4(const uint8_t* q, int64_t k) { return float((q[k >> 1] >> ((k & 1) * 4)) & 15); }
+// The vector APIs of cpu_vec.h plus the tile shapes of this kernel.
+struct GenericOps : GenericVec {
+  static constexpr int kMT = 2, kPairs = 2;
 };
 
 namespace generic {
@@ -101,38 +92,8 @@ using Ops = GenericOps;
 #if FI_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
-struct Avx2Ops {
-  static constexpr int kW = 8, kMT = 2, kPairs = 2;  // 4 rows x 2 tokens: 8 accumulators of 16 registers
-  using V = __m256;
-  static FI_INLINE V zero() { return _mm256_setzero_ps(); }
-  static FI_INLINE V load(const float* p) { return _mm256_loadu_ps(p); }
-  static FI_INLINE V load_cvt(const float* p) { return _mm256_loadu_ps(p); }
-  static FI_INLINE V load_cvt(const bf16_t* p) {
-    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-  }
-  static FI_INLINE V load_cvt(const fp16_t* p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  }
-  static FI_INLINE V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static FI_INLINE V set1(float a) { return _mm256_set1_ps(a); }
-  // 8 int8 codes from q + k.
-  static FI_INLINE V load_q8(const uint8_t* q, int64_t k) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k))));
-  }
-  // 8 int4 codes k .. k + 7 (k even) from the 4 bytes at q + k / 2: low nibble first.
-  static FI_INLINE V load_q4(const uint8_t* q, int64_t k) {
-    int32_t b4;
-    std::memcpy(&b4, q + (k >> 1), 4);
-    const __m128i b = _mm_cvtsi32_si128(b4), m = _mm_set1_epi8(0x0f);
-    const __m128i lh = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lh));
-  }
-  static FI_INLINE float hsum(V v) {
-    const __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    const __m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
-    return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
-  }
+struct Avx2Ops : Avx2Vec {
+  static constexpr int kMT = 2, kPairs = 2;  // 4 rows x 2 tokens: 8 accumulators of 16 registers
 };
 namespace avx2 {
 using Ops = Avx2Ops;
@@ -142,32 +103,8 @@ using Ops = Avx2Ops;
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")
-struct Avx512Ops {
-  static constexpr int kW = 16, kMT = 4, kPairs = 2;  // 4 rows x 4 tokens: 16 accumulators of 32 registers
-  using V = __m512;
-  static FI_INLINE V zero() { return _mm512_setzero_ps(); }
-  static FI_INLINE V load(const float* p) { return _mm512_loadu_ps(p); }
-  static FI_INLINE V load_cvt(const float* p) { return _mm512_loadu_ps(p); }
-  static FI_INLINE V load_cvt(const bf16_t* p) {
-    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-  }
-  static FI_INLINE V load_cvt(const fp16_t* p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
-  static FI_INLINE V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static FI_INLINE float hsum(V a) { return _mm512_reduce_add_ps(a); }
-  static FI_INLINE V set1(float a) { return _mm512_set1_ps(a); }
-  // 16 int8 codes from q + k.
-  static FI_INLINE V load_q8(const uint8_t* q, int64_t k) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k))));
-  }
-  // 16 int4 codes k .. k + 15 (k even) from the 8 bytes at q + k / 2: low nibble first.
-  static FI_INLINE V load_q4(const uint8_t* q, int64_t k) {
-    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + (k >> 1))), m = _mm_set1_epi8(0x0f);
-    const __m128i lh = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
-    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lh));
-  }
+struct Avx512Ops : Avx512Vec {
+  static constexpr int kMT = 4, kPairs = 2;  // 4 rows x 4 tokens: 16 accumulators of 32 registers
 };
 namespace avx512 {
 using Ops = Avx512Ops;

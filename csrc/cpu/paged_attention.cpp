@@ -7,6 +7,7 @@
 // path on one machine.
 #include "fastinfer/cpu_attention.h"
 #include "fastinfer/cpu_common.h"
+#include "cpu_vec.h"
 
 #include <algorithm>
 #include <cmath>
@@ -233,39 +234,10 @@ bool g_dpbf16 = false;  // the avx512_bf16 variant: bf16 scores with VDPBF16PS (
 using QkDpFn = void (*)(const bf16_t* const*, int, const bf16_t* const*, int64_t, int64_t, float, __m512*);
 QkDpFn g_qk_rows_dpbf16 = nullptr;
 
-struct Avx512Ops {
-  using V = __m512;
-  static FI_INLINE V zero() { return _mm512_setzero_ps(); }
-  static FI_INLINE V set1(float x) { return _mm512_set1_ps(x); }
-  static FI_INLINE V load(const float* p) { return _mm512_loadu_ps(p); }
-  static FI_INLINE V load_cvt(const float* p) { return _mm512_loadu_ps(p); }
-  static FI_INLINE V load_cvt(const bf16_t* p) {
-    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-  }
-  static FI_INLINE V load_cvt(const fp16_t* p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
+// The loads / stores / conversions of cpu_vec.h plus what the attention kernel needs.
+struct Avx512Ops : Avx512Vec {
   static FI_INLINE void store(float* p, V a) { _mm512_storeu_ps(p, a); }
-  static FI_INLINE void store_cvt(float* p, V a) { _mm512_storeu_ps(p, a); }
-  static FI_INLINE void store_cvt(bf16_t* p, V a) {  // round to nearest even, NaN stays NaN
-    const __m512i u = _mm512_castps_si512(a);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
-  }
-  static FI_INLINE void store_cvt(fp16_t* p, V a) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                        _mm512_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
-  static FI_INLINE V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static FI_INLINE V sub(V a, V b) { return _mm512_sub_ps(a, b); }
-  static FI_INLINE V mul(V a, V b) { return _mm512_mul_ps(a, b); }
-  static FI_INLINE V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static FI_INLINE float hmax(V a) { return _mm512_reduce_max_ps(a); }
-  static FI_INLINE float hsum(V a) { return _mm512_reduce_add_ps(a); }
   static FI_INLINE V select(uint32_t mask, V a, V b) { return _mm512_mask_blend_ps(__mmask16(mask), b, a); }
   static FI_INLINE V exp2_maskz(uint32_t mask, V x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-127.f));

@@ -105,6 +105,12 @@ class CausalLM(Protocol):
         ...
 
 
+def moe_blocks(model: Any) -> list[torch.nn.Module]:
+    """``model.moe_layers()``, or [] for a model without the optional method (a dense model)."""
+    fn = getattr(model, "moe_layers", None)
+    return list(fn()) if callable(fn) else []
+
+
 def build_model(config: ModelConfig, ops: OpSet, dtype: torch.dtype, device: torch.device | str) -> CausalLM:
     """The registered class for ``config.architecture`` (the generic class when ``config.model_impl`` is
     "transformers"), with its parameters allocated on ``device``."""

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from fastinfer.config import DEFAULT_MODEL, ModelConfig
 from fastinfer.layers.moe import StackedWeight
 from fastinfer.models.gguf_loader import GGUFFile
-from fastinfer.models.interface import CausalLM, build_model
+from fastinfer.models.interface import CausalLM, build_model, moe_blocks
 from fastinfer.ops import OpSet
 from fastinfer.quantization.format import QuantizedExperts, QuantizedWeight
 from fastinfer.quantization.methods import QuantMethod, get_method, method_of
@@ -220,7 +220,7 @@ def describe_quantization(net: CausalLM) -> str:
         if m.quant is not None and m.quant_method is not None:
             key = m.quant_method.describe(m.quant)
             kinds[key] = kinds.get(key, 0) + 1
-    for block in net.moe_layers():
+    for block in moe_blocks(net):
         for w in (m for m in block.modules() if isinstance(m, StackedWeight) and m.quant is not None):
             assert w.quant is not None
             key = f"int{w.quant.bits} g{w.quant.group_size} experts"

@@ -21,6 +21,8 @@ Ops (shapes: T tokens, H query heads, Hkv KV heads, D head dim):
   int4 (uint8) codes with ``w13_scales`` / ``w13_mins`` / ``w2_scales`` / ``w2_mins`` [E, N, K // group] fp32 (the
   stacked weight-only format, ``quantization.format.QuantizedExperts``), each projection on its own.
 
+- ``argmax(logits) -> [B]``: the greedy token of each row of fp32 logits [B, V] (first maximum; NaN wins).
+
 Every op traces without data (FakeTensorMode, also on a fake CUDA device without a GPU, and torch.compile): the
 Triton and compiled CPU kernels are torch custom ops (``torch.ops.fastinfer.triton_*``, and
 ``torch.ops.fastinfer.paged_attention`` / ``store_kv`` / ``quant_linear``) with fake implementations, and the

@@ -50,6 +50,31 @@ def _fused_moe_fake(x, w13, w2, topk_weights, topk_ids, w13_scales=None, w13_min
     return x.new_empty(x.shape)  # [T, H]
 
 
+@torch.library.register_fake("fastinfer::rms_norm")
+def _rms_norm_fake(x, weight, eps) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("fastinfer::fused_add_rms_norm")
+def _fused_add_rms_norm_fake(x, residual, weight, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+@torch.library.register_fake("fastinfer::rotary_embedding")
+def _rotary_fake(positions, q, k, cos_sin_cache) -> None:
+    return None
+
+
+@torch.library.register_fake("fastinfer::silu_and_mul")
+def _silu_and_mul_fake(x) -> torch.Tensor:
+    return x.new_empty((x.shape[0], x.shape[1] // 2))
+
+
+@torch.library.register_fake("fastinfer::argmax_rows")
+def _argmax_rows_fake(x) -> torch.Tensor:
+    return x.new_empty((x.shape[0],), dtype=torch.int64)
+
+
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _warned: set[str] = set()
 
@@ -199,3 +224,71 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         return torch_backend.fused_moe(x, w13, w2, topk_weights, topk_ids, w13_scales, w13_mins, w2_scales, w2_mins)
     return torch.ops.fastinfer.fused_moe(x.contiguous(), w13, w2, topk_weights.float(), topk_ids, w13_scales,
                                          w13_mins, w2_scales, w2_mins)
+
+
+# ----------------------------------------------------------------------- the per-layer ops (csrc/cpu/fused_ops.cpp)
+
+
+def _rows_2d(x: torch.Tensor) -> torch.Tensor | None:
+    """x as [rows, last] with a unit inner stride (a view when it can be), or None when x is not a CPU tensor of
+    a kernel dtype."""
+    if not x.is_cpu or x.dtype not in _KERNEL_DTYPES or x.dim() < 1:
+        return None
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    return x2 if x2.shape[-1] <= 1 or x2.stride(-1) == 1 else x2.contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of the rows of x [..., H]; same contract as :func:`fastinfer.ops.reference.rms_norm` (fp32 sums,
+    the normalised row rounded to x's dtype, then times the weight)."""
+    x2 = _rows_2d(x)
+    if x2 is None or weight.dtype != x.dtype or not weight.is_cpu:
+        _fallback(f"rms_norm on {x.device.type} {x.dtype} (weight {weight.dtype})")
+        return torch_backend.rms_norm(x, weight, eps)
+    return torch.ops.fastinfer.rms_norm(x2, weight.contiguous(), float(eps)).view(x.shape)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = residual + x`` (rounded to the dtype), then RMSNorm of s, in one pass; returns (normed, s)."""
+    x2, r2 = _rows_2d(x), _rows_2d(residual)
+    if x2 is None or r2 is None or residual.dtype != x.dtype or weight.dtype != x.dtype or x.shape != residual.shape:
+        _fallback(f"fused_add_rms_norm on {x.device.type} {x.dtype} (residual {residual.dtype}, weight "
+                  f"{weight.dtype})")
+        return torch_backend.fused_add_rms_norm(x, residual, weight, eps)
+    out, s = torch.ops.fastinfer.fused_add_rms_norm(x2, r2, weight.contiguous(), float(eps))
+    return out.view(x.shape), s.view(x.shape)
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """NeoX rotary embedding of q [T, H, D] and k [T, Hkv, D] **in place** (they are returned); the numbers of
+    :func:`fastinfer.ops.reference.rotary_embedding` (cos / sin rounded to the dtype, each product and sum rounded
+    as the torch ops round them)."""
+    ok = (q.is_cpu and k.is_cpu and q.dtype in _KERNEL_DTYPES and k.dtype == q.dtype and q.dim() == 3
+          and k.dim() == 3 and _rows_ok(q) and _rows_ok(k) and cos_sin_cache.dtype == torch.float32
+          and cos_sin_cache.is_contiguous())
+    if not ok:
+        _fallback(f"rotary_embedding on {q.device.type} {q.dtype} q {tuple(q.shape)} strides {q.stride()}")
+        return torch_backend.rotary_embedding(positions, q, k, cos_sin_cache)
+    torch.ops.fastinfer.rotary_embedding(positions.long(), q, k, cos_sin_cache)
+    return q, k
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :d]) * x[..., d:]`` (silu rounded to x's dtype, then the product), one pass."""
+    x2 = _rows_2d(x)
+    if x2 is None or x.shape[-1] % 2:
+        _fallback(f"silu_and_mul on {x.device.type} {x.dtype} {tuple(x.shape)}")
+        return torch_backend.silu_and_mul(x)
+    return torch.ops.fastinfer.silu_and_mul(x2).view(*x.shape[:-1], x.shape[-1] // 2)
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The greedy token of each row of fp32 logits [B, V]: the first index of the maximum (a NaN wins, as in
+    ``torch.argmax``), int64 [B]; one SIMD pass per row (csrc/cpu/fused_ops.cpp)."""
+    if not logits.is_cpu or logits.dtype != torch.float32 or logits.dim() != 2 or logits.shape[1] == 0:
+        _fallback(f"argmax on {logits.device.type} {logits.dtype} {tuple(logits.shape)}")
+        return torch_backend.argmax(logits)
+    x2 = logits if logits.stride(-1) == 1 else logits.contiguous()
+    return torch.ops.fastinfer.argmax_rows(x2)

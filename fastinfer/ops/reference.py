@@ -91,6 +91,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(x[..., :d]) * x[..., d:]
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The greedy token of each row of logits [B, V]: the first index of the maximum, a NaN counting as the
+    maximum (``torch.argmax``'s rule), int64 [B]."""
+    return logits.argmax(dim=-1)
+
+
 def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, src_to_dst: torch.Tensor) -> None:
     """Copy block ``src`` to block ``dst`` in both caches for each row of ``src_to_dst`` [N, 2] (int64)."""
     for src, dst in src_to_dst.tolist():

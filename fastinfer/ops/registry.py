@@ -17,7 +17,7 @@ from typing import Any
 logger = logging.getLogger("fastinfer.ops")
 
 OPS = ("store_kv", "paged_attention", "rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul",
-       "copy_blocks", "quant_linear", "fused_moe")
+       "copy_blocks", "quant_linear", "fused_moe", "argmax")
 BACKENDS = ("cuda", "triton", "cpp", "torch")
 # Modules that provide each backend, imported lazily (a missing compiler or GPU must not break import).
 _BACKEND_MODULES = {
@@ -95,3 +95,4 @@ class OpSet:
     copy_blocks: Callable[..., Any] = field(init=False, repr=False)
     quant_linear: Callable[..., Any] = field(init=False, repr=False)
     fused_moe: Callable[..., Any] = field(init=False, repr=False)
+    argmax: Callable[..., Any] = field(init=False, repr=False)

@@ -132,6 +132,11 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return rms_norm(s, weight, eps), s
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The greedy token of each row of logits [B, V] (int64 [B], the first maximum; NaN wins)."""
+    return logits.argmax(dim=-1)
+
+
 def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, src_to_dst: torch.Tensor) -> None:
     src, dst = src_to_dst.select(1, 0), src_to_dst.select(1, 1)
     k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
@@ -219,8 +224,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     chosen = torch.zeros(t, num_experts, dtype=torch.bool, device=x.device).scatter_(1, ids, True)  # [T, E]
     out = torch.zeros(t, hidden, dtype=torch.float32, device=x.device)
     for e in range(num_experts):
-        gu = F.linear(xf, _experts_fp32(w13, w13_scales, w13_mins, e)[0])  # [T, 2I]
+        gu = F.linear(xf, _experts_fp32(w13, w13_scales, w13_mins, e).select(0, 0))  # [T, 2I]
         act = (F.silu(gu.narrow(1, 0, inter)) * gu.narrow(1, inter, inter)).to(x.dtype).float()
-        y = F.linear(act, _experts_fp32(w2, w2_scales, w2_mins, e)[0])  # [T, H]; rows of tokens that did not
+        y = F.linear(act, _experts_fp32(w2, w2_scales, w2_mins, e).select(0, 0))  # [T, H]; rows of tokens that did not
         out.addcmul_(torch.where(chosen.narrow(1, e, 1), y, 0.0), combine.narrow(1, e, 1))  # choose e are dropped
     return out.to(x.dtype)

@@ -18,7 +18,7 @@ import logging
 import time
 from typing import Any
 
-from fastinfer.models.interface import CausalLM
+from fastinfer.models.interface import CausalLM, moe_blocks
 from fastinfer.quantization.gptq import calibration_sequences, gptq_quantize_model
 from fastinfer.quantization.rotation import rotate_model
 from fastinfer.quantization.tune import teacher_targets, tune_group_params
@@ -40,7 +40,7 @@ def calibrated_quantize(model: CausalLM, tokenizer: Any, method: str = "int4", g
     if rotate:
         info["rotation"] = rotate_model(model, seed)
     gptq_quantize_model(model, seqs, method, group_size)
-    if model.moe_layers():  # GPTQ covers the dense projections; experts take round-to-nearest
+    if moe_blocks(model):  # GPTQ covers the dense projections; experts take round-to-nearest
         model.quantize(method, group_size, lm_head=None)
         info["experts"] = "round-to-nearest"
     if targets is not None:

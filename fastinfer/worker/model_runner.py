@@ -114,7 +114,8 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden.index_select(0, idx))  # [S + sum(k + 1), V] fp32
         s = len(step.sample_idx)
         if s:
-            out.sampled = sample(logits.narrow(0, 0, s), [states[i] for i in step.sample_idx], self.generator)
+            out.sampled = sample(logits.narrow(0, 0, s), [states[i] for i in step.sample_idx], self.generator,
+                                 self.ops.argmax)
         if step.spec_idx:
             assert self.speculator is not None
             spec_states = [states[i] for i in step.spec_idx]

@@ -17,7 +17,7 @@ rounding of the probabilities, and each row is computed independently of the oth
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -323,9 +323,10 @@ class SamplerOutput:
 
 
 def sample(logits: torch.Tensor, states: Sequence[SamplingState], generator: torch.Generator | None = None,
-           ) -> SamplerOutput:
+           argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SamplerOutput:
     """Sample one token per row of ``logits`` [S, V] (fp32) for ``states[i]``: device tensors, no sync.
-    ``generator`` draws the keys of unseeded rows (default: the logits device's default generator)."""
+    ``generator`` draws the keys of unseeded rows (default: the logits device's default generator); ``argmax``
+    takes the greedy tokens (the op set's ``argmax``; default ``torch.argmax``)."""
     s, vocab = logits.shape
     device = logits.device
     sps = [st.sampling_params for st in states]
@@ -333,7 +334,7 @@ def sample(logits: torch.Tensor, states: Sequence[SamplingState], generator: tor
     if any(sp.needs_penalties or st.num_output_tokens < sp.min_tokens for sp, st in zip(sps, states)):
         logits = logits.clone()
         apply_penalties(logits, states)
-    tokens = logits.argmax(dim=-1)
+    tokens = argmax(logits) if argmax is not None else logits.argmax(dim=-1)
     sampled = [not sp.greedy for sp in sps]
     if any(sampled):
         probs = sampling_probs(logits, sps)

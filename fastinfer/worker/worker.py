@@ -12,7 +12,7 @@ import torch
 
 from fastinfer.config import EngineConfig, SpeculativeConfig
 from fastinfer.core.outputs import ModelRunnerOutput, SchedulerOutput
-from fastinfer.models.interface import allocate_kv_caches, forward_sequence, scratch_kv_cache
+from fastinfer.models.interface import allocate_kv_caches, forward_sequence, moe_blocks, scratch_kv_cache
 from fastinfer.models.loader import LoadedModel, load_model
 from fastinfer.ops import OpSet
 from fastinfer.worker.draft_model import DraftModelProposer
@@ -102,7 +102,7 @@ class Worker:
         per expert]} ({} for a dense model). Reads the layers' device counters (one copy each); meant for metric
         scrapes, not for every step."""
         load: dict[int, list[int]] = {}
-        for i, block in enumerate(self.model.moe_layers()):
+        for i, block in enumerate(moe_blocks(self.model)):
             counts = getattr(block, "expert_tokens", None)
             if isinstance(counts, torch.Tensor):
                 load[_layer_index(self.model, block, i)] = counts.tolist()

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from fastinfer import LLM, SamplingParams
-from fastinfer.layers.moe import SparseMoeBlock, TopKRouter
+from fastinfer.layers.moe import TopKRouter
 from fastinfer.models.interface import forward_sequence, scratch_kv_cache
 from fastinfer.models.loader import describe_quantization, load_model, save_quantized
 from tests.conftest import save_tiny_model
@@ -158,8 +158,8 @@ def test_router_matches_hf(renormalize):
 def test_quantized_experts_are_their_dequantized_model(method, moe_dir, caplog, tmp_path):
     """``quantization=`` quantizes the experts too (stacked int8 / int4, read by ``fused_moe`` as they are): the
     logits equal those of the float model whose every quantized weight (experts, dense projections, head) is
-    replaced by its dequantization, differ from the float model's (int8: by under 5%), and survive save + load bit for bit; the engine
-    serves the quantized model, a batch giving each prompt's own tokens."""
+    replaced by its dequantization, differ from the float model's (int8: by under 5%), and survive save + load bit
+    for bit; the engine serves the quantized model, a batch giving each prompt's own tokens."""
     path, _ = moe_dir("qwen3_moe_i64")  # experts' I = 64: int4 groups of 32 fit both projections
     dense = load_model(path, "float32", progress=False).model
     with caplog.at_level("INFO", logger="fastinfer"):
@@ -211,5 +211,6 @@ def test_expert_load_counts_every_routed_token_and_reaches_the_metrics(moe_dir):
     text = ServerMetrics(lambda: SimpleNamespace(engine=llm.engine, num_in_flight=0), "tiny").render()[0].decode()
     for layer, counts in load.items():
         for expert, n in enumerate(counts):
-            line = f'fastinfer_moe_expert_tokens_total{{expert="{expert}",layer="{layer}",model_name="tiny"}} {float(n)}'
+            labels = f'expert="{expert}",layer="{layer}",model_name="tiny"'
+            line = f"fastinfer_moe_expert_tokens_total{{{labels}}} {float(n)}"
             assert line in text, line
