@@ -5,6 +5,7 @@ ModelRunnerOutput`` every step."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,24 @@ def select_device(device: str) -> torch.device:
     return dev
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: a container's cpuset, ``taskset``), not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def fit_cpu_threads() -> int:
+    """torch's intra-op threads capped at :func:`usable_cpus` (torch counts the host's cores, so in a container
+    limited to fewer CPUs its default oversubscribes them); a lower count set by the user stays. Returns it."""
+    n, usable = torch.get_num_threads(), usable_cpus()
+    if n > usable:
+        torch.set_num_threads(usable)
+        logger.info("CPU threads: %d (this process may use %d CPUs; torch had %d)", usable, usable, n)
+    return torch.get_num_threads()
+
+
 @dataclass(frozen=True)
 class WorkerInfo:
     """What the engine needs to know of the loaded model and the cache, as plain data."""
@@ -56,6 +75,8 @@ class Worker:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = select_device(config.device)
+        if self.device.type == "cpu":
+            fit_cpu_threads()
         self.ops = OpSet(self.device.type, config.attention_backend)
         loaded = load_model(config.model, config.dtype, self.ops, config.max_model_len, config.tokenizer,
                             config.load_progress, quantization=config.quantization, device=self.device,
