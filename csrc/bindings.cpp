@@ -17,6 +17,7 @@
 #include "fastinfer/cpu_fused.h"
 #include "fastinfer/cpu_moe.h"
 #include "fastinfer/cpu_quant.h"
+#include "fastinfer/cpu_quant_a8.h"
 
 namespace {
 
@@ -412,6 +413,46 @@ at::Tensor argmax_rows_cpu(const at::Tensor& x) {
   return out;
 }
 
+at::Tensor quant_linear_a8_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                              const c10::optional<at::Tensor>& mins, int64_t group_size,
+                              const c10::optional<at::Tensor>& bias) {
+  check_matrix(x, "quant_linear_a8", "x");
+  const fc::DType dt = cpu_dtype(x, "x");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK_VALUE(qweight.device().is_cpu() && qweight.scalar_type() == at::kByte && qweight.dim() == 2 &&
+                        qweight.is_contiguous() && qweight.size(1) * 2 == K,
+                    "fastinfer::quant_linear_a8: qweight must be contiguous uint8 [N, K / 2] (K = ", K, "), got ",
+                    qweight.sizes());
+  TORCH_CHECK_VALUE(group_size > 0 && K % group_size == 0, "fastinfer::quant_linear_a8: group_size ", group_size,
+                    " does not divide K = ", K);
+  const int64_t G = K / group_size;
+  for (const at::Tensor* t : {&scales, mins.has_value() ? &*mins : &scales})
+    TORCH_CHECK_VALUE(t->device().is_cpu() && (t->scalar_type() == at::kFloat || t->scalar_type() == at::kHalf) &&
+                          t->scalar_type() == scales.scalar_type() && t->is_contiguous() && t->dim() == 2 &&
+                          t->size(0) == N && t->size(1) == G,
+                      "fastinfer::quant_linear_a8: scales / mins must be contiguous fp32 or fp16 [", N, ", ", G,
+                      "] alike, got ", t->sizes(), " ", t->scalar_type());
+  if (bias.has_value())
+    TORCH_CHECK_VALUE(bias->scalar_type() == x.scalar_type() && bias->numel() == N && bias->is_contiguous(),
+                      "fastinfer::quant_linear_a8: bias must be a contiguous [", N, "] of x's dtype");
+  at::Tensor out = at::empty({M, N}, x.options());
+  fc::QuantLinearA8Params p;
+  p.dtype = dt;
+  p.x = x.data_ptr();
+  p.x_stride = x.stride(0);
+  p.qweight = qweight.data_ptr<uint8_t>();
+  p.scales = scales.data_ptr();
+  p.mins = mins.has_value() ? mins->data_ptr() : nullptr;
+  p.scales_f16 = scales.scalar_type() == at::kHalf;
+  p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.M = M, p.N = N, p.K = K, p.group = group_size;
+  p.num_threads = at::get_num_threads();
+  const int rc = fc::quant_linear_a8(p);
+  TORCH_CHECK_VALUE(rc == 0, "fastinfer::quant_linear_a8: ", fc::quant_a8_error_string(rc));
+  return out;
+}
+
 // "" -> report; "auto" | "generic" | "avx2" | "avx512" | "avx512_bf16" -> select (falls back to what the CPU supports).
 std::string cpu_isa(std::string force) {
   if (force == "auto") fc::set_isa(fc::Isa::kAuto);
@@ -432,6 +473,8 @@ TORCH_LIBRARY(fastinfer, m) {
   m.def("cpu_isa(str force='') -> str", &cpu_isa);
   m.def("quant_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int bits, int group_size, "
         "Tensor? bias=None) -> Tensor");
+  m.def("quant_linear_a8(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int group_size, "
+        "Tensor? bias=None) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("fused_add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rotary_embedding(Tensor positions, Tensor(a!) q, Tensor(b!) k, Tensor cos_sin_cache) -> ()");
@@ -446,6 +489,7 @@ TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
   m.impl("store_kv", &store_kv_cpu);
   m.impl("quant_linear", &quant_linear_cpu);
   m.impl("fused_moe", &fused_moe_cpu);
+  m.impl("quant_linear_a8", &quant_linear_a8_cpu);
   m.impl("rms_norm", &rms_norm_cpu);
   m.impl("fused_add_rms_norm", &fused_add_rms_norm_cpu);
   m.impl("rotary_embedding", &rotary_embedding_cpu);

@@ -104,6 +104,15 @@ def _quant_linear(m, dev, t, n, k, bits):
     return lambda: m.quant_linear(x, qweight, scales, mins, bits, qw.group_size)
 
 
+def _quant_linear_a8(m, dev, t, n, k):
+    from fastinfer.quantization.rtn import quantize_int4
+
+    qw = quantize_int4(torch.randn(n, k) * 0.02, 32, search=False)
+    x = _rand(t, k, dev=dev)
+    q, s, mn = qw.qweight.to(dev), qw.scales.to(dev), qw.mins.to(dev)
+    return lambda: m.quant_linear_a8(x, q, s, mn, 32)
+
+
 def _fused_moe(m, dev, t, h, i, e, k):
     x = _rand(t, h, dev=dev)
     w13, w2 = _rand(e, 2 * i, h, dev=dev) * 0.03, _rand(e, h, i, dev=dev) * 0.03
@@ -139,6 +148,7 @@ OPS: dict[str, tuple[Callable[..., Callable[[], Any]], list[dict[str, int]]]] = 
                                            dict(t=1, ctx=2048, hq=32, hk=8, d=128)]),
     "quant_linear": (_quant_linear, [dict(t=1, n=4096, k=4096, bits=4), dict(t=1, n=4096, k=4096, bits=8),
                                      dict(t=16, n=1536, k=576, bits=4)]),
+    "quant_linear_a8": (_quant_linear_a8, [dict(t=1, n=4096, k=4096), dict(t=16, n=1536, k=576)]),
     "fused_moe": (_fused_moe, [dict(t=1, h=1024, i=896, e=8, k=2), dict(t=16, h=1024, i=896, e=8, k=2)]),
 }
 

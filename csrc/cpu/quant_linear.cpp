@@ -57,21 +57,6 @@ enum QuantError : int {
   kBadDType = -3,
 };
 
-FI_INLINE float load_elem(const void* p, DType dt, int64_t i) {
-  switch (dt) {
-    case DType::kFloat32: return static_cast<const float*>(p)[i];
-    case DType::kBFloat16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
-    default: return fp16_to_float(static_cast<const uint16_t*>(p)[i]);
-  }
-}
-FI_INLINE void store_elem(void* p, DType dt, int64_t i, float v) {
-  switch (dt) {
-    case DType::kFloat32: static_cast<float*>(p)[i] = v; break;
-    case DType::kBFloat16: static_cast<uint16_t*>(p)[i] = float_to_bf16(v); break;
-    default: static_cast<uint16_t*>(p)[i] = float_to_fp16(v); break;
-  }
-}
-
 // Growable per-thread fp32 buffers (index 0: prepared x on the calling thread; 1: scales/mins; 2: a row).
 float* thread_buf(int which, size_t n) {
   thread_local std::vector<float> bufs[3];

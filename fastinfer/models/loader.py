@@ -190,6 +190,11 @@ def load_model(model: str, dtype: str = "auto", ops: OpSet | None = None, max_mo
     bar = tqdm(weights, total=n_tensors, desc="loading weights", unit="tensor", disable=not progress,
                leave=False)
     net.load_weights(bar)
+    applier = qm or saved_method
+    if applier is not None:  # weights read quantized from the file that this method applies (W4A8: the int4 ones)
+        for m in net.quantizable_layers().values():
+            if m.quant is not None and applier.adopts(m.quant):
+                m.quant_method = applier
     if qm is not None and qm.quantize_at_load:
         assert quantization is not None
         net.quantize(quantization)  # the still-float projections (RTN); the lm_head int8 per channel

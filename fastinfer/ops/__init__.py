@@ -13,6 +13,9 @@ Ops (shapes: T tokens, H query heads, Hkv KV heads, D head dim):
 - ``copy_blocks(k_cache, v_cache, src_to_dst)``: copy whole KV blocks (copy-on-write forks), pairs [N, 2].
 - ``quant_linear(x, qweight, scales, mins, bits, group_size, bias=None) -> [..., N]``: weight-only int8/int4
   matmul over the format of :mod:`fastinfer.quantization` (W = q * scale + min per group, fp32).
+- ``quant_linear_a8(x, qweight, scales, mins, group_size, bias=None) -> [..., N]``: W4A8, int4 weights times x
+  quantized to int8 per block of 32 (integer dot products, llama.cpp's Q4 x Q8 technique; changes numerics, so
+  only the ``w4a8`` quantization method uses it).
 - ``fused_moe(x, w13, w2, topk_weights, topk_ids) -> [T, Hd]``: routed SwiGLU experts (Mixture of Experts) for
   x [T, Hd]; w13 [E, 2I, Hd] (each expert's gate rows, then up rows), w2 [E, Hd, I], topk_weights [T, k] fp32
   (already normalised as the model routes), topk_ids [T, k] int32/int64: ``out[t] = sum_j topk_weights[t, j] *

@@ -50,6 +50,11 @@ def _fused_moe_fake(x, w13, w2, topk_weights, topk_ids, w13_scales=None, w13_min
     return x.new_empty(x.shape)  # [T, H]
 
 
+@torch.library.register_fake("fastinfer::quant_linear_a8")
+def _quant_linear_a8_fake(x, qweight, scales, mins, group_size, bias=None) -> torch.Tensor:
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
 @torch.library.register_fake("fastinfer::rms_norm")
 def _rms_norm_fake(x, weight, eps) -> torch.Tensor:
     return x.new_empty(x.shape)
@@ -224,6 +229,24 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         return torch_backend.fused_moe(x, w13, w2, topk_weights, topk_ids, w13_scales, w13_mins, w2_scales, w2_mins)
     return torch.ops.fastinfer.fused_moe(x.contiguous(), w13, w2, topk_weights.float(), topk_ids, w13_scales,
                                          w13_mins, w2_scales, w2_mins)
+
+
+def quant_linear_a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                    group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W4A8 (int4 weights, x quantized to int8 per block of 32, integer dot products); same contract as
+    :func:`fastinfer.ops.reference.quant_linear_a8` (csrc/cpu/quant_linear_a8.cpp). Every row count runs in the
+    kernel, so a row's output does not depend on the batch."""
+    x2 = _rows_2d(x)
+    k = x.shape[-1]
+    ok = (x2 is not None and qweight.is_cpu and qweight.dtype == torch.uint8 and group_size % 32 == 0
+          and k % group_size == 0 and scales.dtype in _SCALE_DTYPES and (mins is None or mins.dtype == scales.dtype)
+          and (bias is None or bias.dtype == x.dtype))
+    if not ok or x2 is None:
+        _fallback(f"quant_linear_a8 on {x.device.type} {x.dtype} group {group_size} scales {scales.dtype}")
+        return torch_backend.quant_linear_a8(x, qweight, scales, mins, group_size, bias)
+    out = torch.ops.fastinfer.quant_linear_a8(x2, qweight.contiguous(), scales.contiguous(),
+                                              None if mins is None else mins.contiguous(), group_size, bias)
+    return out.view(*x.shape[:-1], qweight.shape[0])
 
 
 # ----------------------------------------------------------------------- the per-layer ops (csrc/cpu/fused_ops.cpp)

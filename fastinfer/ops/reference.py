@@ -115,6 +115,40 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, m
     return y.to(x.dtype)
 
 
+def quantize_activations(x: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of x [M, K] quantized to int8 per block of ``block`` inputs, symmetric: (xq [M, K / block, block]
+    float holding integers in [-127, 127], d [M, K / block] fp32) with ``d = max|x| / 127`` and ``xq =
+    round_half_even(x * (127 / max|x|))`` in fp32 (0 for an all-zero block), the rounding of the W4A8 kernels."""
+    m, k = x.shape
+    blocks = x.float().view(m, k // block, block)
+    amax = blocks.abs().amax(dim=-1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return torch.round(blocks * inv.unsqueeze(-1)), amax / 127.0
+
+
+def quant_linear_a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                    group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W4A8 ``x @ W.T + bias`` for x [..., K]: int4 weights (the format of :mod:`fastinfer.quantization`, group
+    ``group_size`` a multiple of 32) times x quantized to int8 per block of 32 (:func:`quantize_activations`):
+    ``y[m, n] = sum_b d[m, b] * scale[n, g(b)] * (q[n, b] . xq[m, b]) + sum_g min[n, g] * sum_{k in g} x[m, k]``
+    with exact integer dots and the exact sums of x; float64 here, cast to x's dtype."""
+    from fastinfer.quantization import unpack_int4
+
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    m, n = x2.shape[0], qweight.shape[0]
+    xq, d = quantize_activations(x2)
+    q = unpack_int4(qweight).double().view(n, k // 32, 32)
+    dots = torch.einsum("mbi,nbi->mnb", xq.double(), q)  # [M, N, B], exact integers
+    s = scales.double().repeat_interleave(group_size // 32, dim=1)  # [N, B]
+    y = (dots * d.double().unsqueeze(1) * s.unsqueeze(0)).sum(-1)  # [M, N]
+    if mins is not None:
+        y = y + x2.double().view(m, k // group_size, group_size).sum(-1) @ mins.double().T
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(x.dtype).view(*x.shape[:-1], n)
+
+
 def expert_format(w: torch.Tensor, scales: torch.Tensor | None) -> tuple[int, int, int]:
     """(bits, group size, K) of a stacked expert projection ``w`` [E, N, K'] as ``fused_moe`` takes it: float
     (bits 16 or 32, one group of K), int8 [E, N, K] or packed int4 uint8 [E, N, K // 2] with ``scales``

@@ -17,7 +17,7 @@ from typing import Any
 logger = logging.getLogger("fastinfer.ops")
 
 OPS = ("store_kv", "paged_attention", "rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul",
-       "copy_blocks", "quant_linear", "fused_moe", "argmax")
+       "copy_blocks", "quant_linear", "quant_linear_a8", "fused_moe", "argmax")
 BACKENDS = ("cuda", "triton", "cpp", "torch")
 # Modules that provide each backend, imported lazily (a missing compiler or GPU must not break import).
 _BACKEND_MODULES = {
@@ -94,5 +94,6 @@ class OpSet:
     silu_and_mul: Callable[..., Any] = field(init=False, repr=False)
     copy_blocks: Callable[..., Any] = field(init=False, repr=False)
     quant_linear: Callable[..., Any] = field(init=False, repr=False)
+    quant_linear_a8: Callable[..., Any] = field(init=False, repr=False)
     fused_moe: Callable[..., Any] = field(init=False, repr=False)
     argmax: Callable[..., Any] = field(init=False, repr=False)

@@ -174,6 +174,32 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, m
     return F.linear(x, w, bias)
 
 
+def quant_linear_a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                    group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`fastinfer.ops.reference.quant_linear_a8` in fp32 (the integer block dots are exact in fp32: at most
+    32 x 15 x 127), in chunks of rows so the [rows, N, blocks] dot tensor stays under 16M elements."""
+    from fastinfer.quantization import unpack_int4
+
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    m, n, nb = x2.shape[0], qweight.shape[0], k // 32
+    q = unpack_int4(qweight).float().view(n, nb, 32)
+    s = scales.float().repeat_interleave(group_size // 32, dim=1)  # [N, B]
+    step = max(1, (1 << 24) // max(1, n * nb))
+    outs = []
+    for r0 in range(0, m, step):
+        xc = x2.narrow(0, r0, min(step, m - r0))
+        xq, d = reference.quantize_activations(xc)
+        y = (torch.einsum("mbi,nbi->mnb", xq, q) * d.unsqueeze(1) * s.unsqueeze(0)).sum(-1)
+        if mins is not None:
+            y = y + xc.float().view(xc.shape[0], k // group_size, group_size).sum(-1) @ mins.float().T
+        outs.append(y)
+    y = torch.cat(outs) if len(outs) != 1 else outs[0]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).view(*x.shape[:-1], n)
+
+
 def _experts_fp32(w: torch.Tensor, scales: torch.Tensor | None, mins: torch.Tensor | None,
                   ids: torch.Tensor | int) -> torch.Tensor:
     """Experts ``ids``' weights [len(ids), N, K] in fp32 (an int: that one expert, [1, N, K]) of a stacked

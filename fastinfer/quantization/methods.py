@@ -81,6 +81,11 @@ class QuantMethod:
         assert q is not None and layer.ops is not None, "a quantized Linear needs its weight and an OpSet"
         return layer.ops.quant_linear(x, q.qweight, q.scales, q.mins, q.bits, q.group_size, layer.bias)
 
+    def adopts(self, qw: QuantizedWeight) -> bool:
+        """Whether a quantized weight read from a file (a GGUF file's kept tensors, a saved directory's) is applied
+        by this method rather than by the plain int8 / int4 method of its bits (W4A8 takes the int4 ones)."""
+        return False
+
     def describe(self, qw: QuantizedWeight) -> str:
         """A short name for a weight of this method (``describe_quantization``, saved configs)."""
         return f"int{qw.bits} g{qw.group_size}"
@@ -94,6 +99,7 @@ _METHODS: dict[str, Any] = {
     "int8": "fastinfer.quantization.int8:Int8",
     "int4": "fastinfer.quantization.int4:Int4",
     "gguf": "fastinfer.quantization.gguf:GGUF",
+    "w4a8": "fastinfer.quantization.w4a8:W4A8",
 }
 
 

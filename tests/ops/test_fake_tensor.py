@@ -59,8 +59,10 @@ def test_opset_cuda_resolves_without_gpu(caplog):
         pytest.skip("triton not installed")
     with caplog.at_level("INFO", logger="fastinfer.ops"):
         ops = OpSet("cuda")
-    # every kernel op in Triton; the greedy argmax is torch's (one device kernel already, nothing to fuse)
-    assert {op: b for op, b in ops.chosen.items() if b != "triton"} == {"argmax": "torch"}, ops.chosen
+    # every kernel op in Triton; the greedy argmax is torch's (one device kernel already, nothing to fuse) and so is
+    # W4A8 (a CPU technique)
+    not_triton = {op: b for op, b in ops.chosen.items() if b != "triton"}
+    assert not_triton == {"argmax": "torch", "quant_linear_a8": "torch"}, ops.chosen
     assert "ops on cuda: store_kv=triton" in caplog.text and "cpp skipped" in caplog.text
 
 
@@ -117,6 +119,9 @@ def test_every_op_traces_on_fake_cuda(backend):
         bias = torch.empty(24, dtype=dt, device="cuda")
         y = be.quant_linear(torch.empty(2, T, 64, dtype=dt, device="cuda"), qweight, scales, mins, 4, 32, bias)
         called.append("quant_linear")
+        y = be.quant_linear_a8(torch.empty(2, T, 64, dtype=dt, device="cuda"), qweight, scales, mins, 32, bias)
+        called.append("quant_linear_a8")
+        assert (y.shape, y.dtype, y.device) == ((2, T, 24), dt, CUDA)
         assert (y.shape, y.dtype, y.device) == ((2, T, 24), dt, CUDA)
 
         w13 = torch.empty(8, 80, 64, dtype=dt, device="cuda")  # [E, 2I, H]
@@ -224,7 +229,8 @@ def _opcheck_cases(dev: str) -> dict:
     }
 
 
-@pytest.mark.parametrize("op", [op for op in OPS if op != "argmax"])  # argmax on a GPU is torch's own kernel
+# argmax on a GPU is torch's own kernel; quant_linear_a8 (W4A8, a CPU technique) runs the torch backend there
+@pytest.mark.parametrize("op", [op for op in OPS if op not in ("argmax", "quant_linear_a8")])
 def test_triton_custom_op_opcheck(op):
     """torch.library.opcheck: the schema declares every mutation, the fake matches the real output's metadata,
     and the op survives AOT dispatch (what torch.compile does to it)."""
@@ -306,7 +312,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from fastinfer.ops import AttentionMetadata, OpSet
 ops = OpSet("cuda")
-assert {op: b for op, b in ops.chosen.items() if b != "triton"} == {"argmax": "torch"}, ops.chosen
+assert {op: b for op, b in ops.chosen.items() if b != "triton"} == {"argmax": "torch", "quant_linear_a8": "torch"}
 with FakeTensorMode():
     meta = AttentionMetadata.build([1, 4], [9, 4], [[0, 1, 2], [3]], 4, "cuda")
     kc = torch.empty(8, 4, 2, 16, dtype=torch.float16, device="cuda")

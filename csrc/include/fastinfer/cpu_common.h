@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "fastinfer/cpu_attention.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -90,6 +92,22 @@ FI_INLINE float to_float(fp16_t v) { return fp16_to_float(v.x); }
 FI_INLINE void from_float(float f, float* dst) { *dst = f; }
 FI_INLINE void from_float(float f, bf16_t* dst) { dst->x = float_to_bf16(f); }
 FI_INLINE void from_float(float f, fp16_t* dst) { dst->x = float_to_fp16(f); }
+
+// Element i of a buffer of x's dtype, as fp32 / stored from fp32 (round to nearest even).
+FI_INLINE float load_elem(const void* p, DType dt, int64_t i) {
+  switch (dt) {
+    case DType::kFloat32: return static_cast<const float*>(p)[i];
+    case DType::kBFloat16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+    default: return fp16_to_float(static_cast<const uint16_t*>(p)[i]);
+  }
+}
+FI_INLINE void store_elem(void* p, DType dt, int64_t i, float v) {
+  switch (dt) {
+    case DType::kFloat32: static_cast<float*>(p)[i] = v; break;
+    case DType::kBFloat16: static_cast<uint16_t*>(p)[i] = float_to_bf16(v); break;
+    default: static_cast<uint16_t*>(p)[i] = float_to_fp16(v); break;
+  }
+}
 
 // Threads for a kernel call: n, or the OpenMP default when n <= 0.
 FI_INLINE int resolve_threads(int n) {

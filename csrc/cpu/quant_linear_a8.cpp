@@ -1,0 +1,317 @@
+// W4A8 linear layers on the CPU: int4 weights x int8-quantized activations, integer dot products per block of 32
+// (raw pointers, no torch). See fastinfer/cpu_quant_a8.h for the contract.
+//
+// The activation row is quantized once per call on the calling thread (scalar code, so every variant sees the
+// same int8 values), each 32-block stored even k then odd k to match the nibbles: a weight block is 16 bytes, its
+// low nibbles (even k) and high nibbles (odd k) masked apart, and one VPMADDUBSW (u8 weight x s8 activation, pairs
+// summed to i16: at most 2 x 15 x 127, no saturation) + VPMADDWD (pairs to i32) give the block's dot in 8 (AVX2)
+// or, two blocks at a time, 16 (AVX-512) i32 lanes, converted and scaled by d_block x scale_group into fp32
+// accumulators. The mins term uses the exact fp32 group sums of x. Tiles: R output rows x MT rows of x; OpenMP
+// threads take contiguous ranges of output rows.
+#include "fastinfer/cpu_quant_a8.h"
+#include "fastinfer/cpu_common.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace fastinfer {
+namespace cpu {
+namespace {
+
+enum A8Error : int { kOk = 0, kBadArgs = -1, kBadGroup = -2, kBadDType = -3 };
+
+constexpr int64_t kBlock = 32;
+constexpr int64_t kPrefetchBytes = 4096;
+
+// Everything the tiles read, fixed per call.
+struct Job {
+  const QuantLinearA8Params* p;
+  const int8_t* xq;    // [M, K], each 32-block even k then odd k
+  const float* d;      // [M, B] block scales of x
+  const float* gsum;   // [M, G] exact fp32 group sums of x
+  const float* s;      // [N, G] fp32 scales
+  const float* mn;     // [N, G] fp32 mins, or null
+  int64_t M, N, K, B, G, bpg;  // bpg: blocks per group
+};
+
+// Row m of x: int8 blocks (even | odd), their scales, and the exact group sums.
+void prep_row(const QuantLinearA8Params& p, int64_t m, int8_t* xq, float* d, float* gsum, int64_t bpg) {
+  const int64_t K = p.K, B = K / kBlock;
+  float xb[kBlock];
+  for (int64_t b = 0; b < B; ++b) {
+    float amax = 0.f, sum = 0.f;
+    for (int64_t i = 0; i < kBlock; ++i) {
+      xb[i] = load_elem(p.x, p.dtype, m * p.x_stride + b * kBlock + i);
+      amax = std::max(amax, std::fabs(xb[i]));
+      sum += xb[i];
+    }
+    const float db = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+    d[b] = db;
+    if (b % bpg == 0) gsum[b / bpg] = 0.f;
+    gsum[b / bpg] += sum;
+    int8_t* o = xq + b * kBlock;
+    for (int64_t i = 0; i < kBlock / 2; ++i) {
+      o[i] = int8_t(std::nearbyint(xb[2 * i] * id));
+      o[kBlock / 2 + i] = int8_t(std::nearbyint(xb[2 * i + 1] * id));
+    }
+  }
+}
+
+// The mins term of rows n0 .. n0 + R - 1 for x rows m0 .. m0 + MT - 1.
+template <int R, int MT>
+FI_INLINE void mins_term(const Job& j, int64_t n0, int64_t m0, float (&res)[R][MT]) {
+  for (int r = 0; r < R; ++r)
+    for (int mt = 0; mt < MT; ++mt) {
+      float acc = 0.f;
+      if (j.mn)
+        for (int64_t g = 0; g < j.G; ++g) acc += j.mn[(n0 + r) * j.G + g] * j.gsum[(m0 + mt) * j.G + g];
+      res[r][mt] = acc;
+    }
+}
+
+template <int R, int MT>
+FI_INLINE void store(const Job& j, int64_t n0, int64_t m0, const float (&res)[R][MT]) {
+  const QuantLinearA8Params& p = *j.p;
+  for (int r = 0; r < R; ++r) {
+    const float bias = p.bias ? load_elem(p.bias, p.dtype, n0 + r) : 0.f;
+    for (int mt = 0; mt < MT; ++mt) store_elem(p.out, p.dtype, (m0 + mt) * j.N + n0 + r, res[r][mt] + bias);
+  }
+}
+
+// ------------------------------------------------------------------------------------------- generic (scalar)
+namespace generic {
+constexpr int kR = 1, kMT = 1;
+
+template <int R, int MT>
+void tile(const Job& j, int64_t n0, int64_t m0) {
+  float res[R][MT];
+  mins_term<R, MT>(j, n0, m0, res);
+  float acc = 0.f;
+  const uint8_t* q = j.p->qweight + n0 * (j.K / 2);
+  const int8_t* xq = j.xq + m0 * j.K;
+  for (int64_t b = 0; b < j.B; ++b) {
+    int32_t dot = 0;
+    for (int64_t i = 0; i < kBlock / 2; ++i) {
+      const uint8_t byte = q[b * 16 + i];
+      dot += int32_t(byte & 15) * xq[b * kBlock + i] + int32_t(byte >> 4) * xq[b * kBlock + 16 + i];
+    }
+    acc += float(dot) * (j.d[m0 * j.B + b] * j.s[n0 * j.G + b / j.bpg]);
+  }
+  res[0][0] += acc;
+  store<R, MT>(j, n0, m0, res);
+}
+}  // namespace generic
+
+#if FI_X86
+// ------------------------------------------------------------------------------------------------------- AVX2
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+constexpr int kR = 4, kMT = 2;
+
+FI_INLINE float hsum(__m256 v) {
+  const __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
+}
+
+// The 32 codes of one block as u8, low nibbles (even k) then high nibbles (odd k).
+FI_INLINE __m256i codes(const uint8_t* q) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q)), m = _mm_set1_epi8(0x0f);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
+}
+
+template <int R, int MT>
+void tile(const Job& j, int64_t n0, int64_t m0) {
+  float res[R][MT];
+  mins_term<R, MT>(j, n0, m0, res);
+  __m256 acc[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int mt = 0; mt < MT; ++mt) acc[r][mt] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t qrow = j.K / 2;
+  const uint8_t* q = j.p->qweight + n0 * qrow;
+  for (int64_t b = 0; b < j.B; ++b) {
+    if ((b & 3) == 0)
+      for (int r = 0; r < R; ++r) FI_PREFETCH(q + r * qrow + b * 16 + kPrefetchBytes);
+    __m256i xv[MT];
+    float dm[MT];
+    for (int mt = 0; mt < MT; ++mt) {
+      xv[mt] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(j.xq + (m0 + mt) * j.K + b * kBlock));
+      dm[mt] = j.d[(m0 + mt) * j.B + b];
+    }
+    const int64_t g = b / j.bpg;
+    for (int r = 0; r < R; ++r) {
+      const __m256i w = codes(q + r * qrow + b * 16);
+      const float sg = j.s[(n0 + r) * j.G + g];
+      for (int mt = 0; mt < MT; ++mt) {
+        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv[mt]), ones);
+        acc[r][mt] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dm[mt] * sg), acc[r][mt]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int mt = 0; mt < MT; ++mt) res[r][mt] += hsum(acc[r][mt]);
+  store<R, MT>(j, n0, m0, res);
+}
+}  // namespace avx2
+#pragma GCC pop_options
+
+// ---------------------------------------------------------------------------------------------------- AVX-512
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")
+namespace avx512 {
+constexpr int kR = 4, kMT = 4;
+
+// Two blocks' codes: [lo(b), hi(b), lo(b + 1), hi(b + 1)].
+FI_INLINE __m512i codes2(const uint8_t* q) {
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)), m = _mm256_set1_epi8(0x0f);
+  const __m256i lo = _mm256_and_si256(b, m), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_permute2x128_si256(lo, hi, 0x20)),
+                            _mm256_permute2x128_si256(lo, hi, 0x31), 1);
+}
+
+template <int R, int MT>
+void tile(const Job& j, int64_t n0, int64_t m0) {
+  float res[R][MT];
+  mins_term<R, MT>(j, n0, m0, res);
+  __m512 acc[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int mt = 0; mt < MT; ++mt) acc[r][mt] = _mm512_setzero_ps();
+  const __m512i ones = _mm512_set1_epi16(1);
+  const int64_t qrow = j.K / 2;
+  const uint8_t* q = j.p->qweight + n0 * qrow;
+  int64_t b = 0;
+  for (; b + 2 <= j.B; b += 2) {
+    if ((b & 3) == 0)
+      for (int r = 0; r < R; ++r) FI_PREFETCH(q + r * qrow + b * 16 + kPrefetchBytes);
+    __m512i xv[MT];
+    float d0[MT], d1[MT];
+    for (int mt = 0; mt < MT; ++mt) {
+      xv[mt] = _mm512_loadu_si512(j.xq + (m0 + mt) * j.K + b * kBlock);
+      d0[mt] = j.d[(m0 + mt) * j.B + b];
+      d1[mt] = j.d[(m0 + mt) * j.B + b + 1];
+    }
+    const int64_t g0 = b / j.bpg, g1 = (b + 1) / j.bpg;
+    for (int r = 0; r < R; ++r) {
+      const __m512i w = codes2(q + r * qrow + b * 16);
+      const float s0 = j.s[(n0 + r) * j.G + g0], s1 = j.s[(n0 + r) * j.G + g1];
+      for (int mt = 0; mt < MT; ++mt) {
+        const __m512i dot = _mm512_madd_epi16(_mm512_maddubs_epi16(w, xv[mt]), ones);
+        const __m512 f = _mm512_insertf32x8(_mm512_set1_ps(d0[mt] * s0), _mm256_set1_ps(d1[mt] * s1), 1);
+        acc[r][mt] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), f, acc[r][mt]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int mt = 0; mt < MT; ++mt) res[r][mt] += _mm512_reduce_add_ps(acc[r][mt]);
+  if (b < j.B) {  // an odd last block: 256-bit
+    const __m256i ones8 = _mm256_set1_epi16(1);
+    const __m128i k = _mm_set1_epi8(0x0f);
+    for (int r = 0; r < R; ++r) {
+      const __m128i by = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * qrow + b * 16));
+      const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(by, 4), k), _mm_and_si128(by, k));
+      const float sg = j.s[(n0 + r) * j.G + b / j.bpg];
+      for (int mt = 0; mt < MT; ++mt) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(j.xq + (m0 + mt) * j.K + b * kBlock));
+        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones8);
+        const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(dot), _mm256_extracti128_si256(dot, 1));
+        const __m128i h2 = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+        const int32_t isum = _mm_cvtsi128_si32(_mm_add_epi32(h2, _mm_shuffle_epi32(h2, 0xb1)));
+        res[r][mt] += float(isum) * (j.d[(m0 + mt) * j.B + b] * sg);
+      }
+    }
+  }
+  store<R, MT>(j, n0, m0, res);
+}
+}  // namespace avx512
+#pragma GCC pop_options
+#endif  // FI_X86
+
+// Rows [n0, n1) of a variant: blocks of kR output rows (then single rows), each against all of x in tiles of up to
+// kMT rows (then single rows), so every (x row, output row) pair runs the same instructions.
+#define FQ_A8_ROWS(NS)                                                                   \
+  void NS##_rows(const Job& j, int64_t n0, int64_t n1) {                                 \
+    int64_t n = n0;                                                                      \
+    for (; n + NS::kR <= n1; n += NS::kR) {                                              \
+      int64_t m = 0;                                                                     \
+      for (; m + NS::kMT <= j.M; m += NS::kMT) NS::tile<NS::kR, NS::kMT>(j, n, m);       \
+      for (; m < j.M; ++m) NS::tile<NS::kR, 1>(j, n, m);                                 \
+    }                                                                                    \
+    for (; n < n1; ++n) {                                                                \
+      int64_t m = 0;                                                                     \
+      for (; m + NS::kMT <= j.M; m += NS::kMT) NS::tile<1, NS::kMT>(j, n, m);            \
+      for (; m < j.M; ++m) NS::tile<1, 1>(j, n, m);                                      \
+    }                                                                                    \
+  }
+FQ_A8_ROWS(generic)
+#if FI_X86
+FQ_A8_ROWS(avx2)
+FQ_A8_ROWS(avx512)
+#endif
+
+}  // namespace
+
+int quant_linear_a8(const QuantLinearA8Params& p) {
+  if (p.M == 0 || p.N == 0) return kOk;
+  if (!p.x || !p.qweight || !p.scales || !p.out || p.M < 0 || p.N < 0 || p.K <= 0) return kBadArgs;
+  if (p.dtype != DType::kFloat32 && p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return kBadDType;
+  if (p.group <= 0 || p.group % kBlock || p.K % p.group) return kBadGroup;
+  const int64_t B = p.K / kBlock, G = p.K / p.group, bpg = p.group / kBlock;
+  thread_local std::vector<int8_t> xq_buf;
+  thread_local std::vector<float> f_buf;
+  xq_buf.resize(size_t(p.M * p.K));
+  const bool conv = p.scales_f16;
+  f_buf.resize(size_t(p.M * B + p.M * G + (conv ? 2 * p.N * G : 0)));
+  float* d = f_buf.data();
+  float* gsum = d + p.M * B;
+  for (int64_t m = 0; m < p.M; ++m) prep_row(p, m, xq_buf.data() + m * p.K, d + m * B, gsum + m * G, bpg);
+  const float* s = static_cast<const float*>(p.scales);
+  const float* mn = static_cast<const float*>(p.mins);
+  if (conv) {
+    float* sc = gsum + p.M * G;
+    for (int64_t i = 0; i < p.N * G; ++i) sc[i] = fp16_to_float(static_cast<const uint16_t*>(p.scales)[i]);
+    s = sc;
+    if (p.mins) {
+      float* mc = sc + p.N * G;
+      for (int64_t i = 0; i < p.N * G; ++i) mc[i] = fp16_to_float(static_cast<const uint16_t*>(p.mins)[i]);
+      mn = mc;
+    }
+  }
+  const Job j{&p, xq_buf.data(), d, gsum, s, mn, p.M, p.N, p.K, B, G, bpg};
+  void (*rows)(const Job&, int64_t, int64_t) = generic_rows;
+  int align = 1;
+#if FI_X86
+  const Isa isa = active_isa();
+  if (isa == Isa::kAvx512 || isa == Isa::kAvx512Bf16) rows = avx512_rows, align = avx512::kR;
+  else if (isa == Isa::kAvx2) rows = avx2_rows, align = avx2::kR;
+#endif
+  const int64_t work = p.M * p.N * p.K;
+  const int nt = work >= (int64_t(1) << 18) ? int(std::min<int64_t>(resolve_threads(p.num_threads), p.N / align + 1)) : 1;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+#ifdef _OPENMP
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+    const int t = 0, T = 1;
+#endif
+    const int64_t units = (p.N + align - 1) / align;
+    const int64_t n0 = std::min(p.N, units * t / T * align), n1 = std::min(p.N, units * (t + 1) / T * align);
+    if (n1 > n0) rows(j, n0, n1);
+  }
+  return kOk;
+}
+
+const char* quant_a8_error_string(int code) {
+  switch (code) {
+    case kOk: return "ok";
+    case kBadArgs: return "null pointer or bad size";
+    case kBadGroup: return "group size must be a multiple of 32 that divides K";
+    case kBadDType: return "unsupported dtype (fp32 / bf16 / fp16)";
+    default: return "unknown error";
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastinfer
