@@ -166,7 +166,9 @@ def check_engine_mixed(ctx: Any) -> None:
 
     llm = _llm(ctx)
     chosen = llm.engine.worker.ops.chosen
-    assert set(chosen.values()) == {"triton"}, f"not every op ran on Triton: {chosen}"
+    # every kernel op on Triton; argmax (torch's own device kernel on a GPU) and W4A8 (a CPU technique) have none
+    kernels = {op: b for op, b in chosen.items() if op not in ("argmax", "quant_linear_a8")}
+    assert set(kernels.values()) == {"triton"}, f"not every op ran on Triton: {chosen}"
     prompts = _prompts(8, seed=2, dry=ctx.dry)
     sps = [SamplingParams(temperature=0, max_tokens=MIX, ignore_eos=True),
            SamplingParams(temperature=0.7, seed=3, max_tokens=MIX, ignore_eos=True),
