@@ -30,9 +30,11 @@ struct Job {
   const int8_t* xq;    // [M, K], each 32-block even k then odd k
   const float* d;      // [M, B] block scales of x
   const float* gsum;   // [M, G] exact fp32 group sums of x
-  const float* s;      // [N, G] fp32 scales
-  const float* mn;     // [N, G] fp32 mins, or null
+  const void* s;       // [N, G] scales, fp32 or fp16 (f16)
+  const void* mn;      // [N, G] mins like the scales, or null
+  bool f16;
   int64_t M, N, K, B, G, bpg;  // bpg: blocks per group
+
 };
 
 // Row m of x: int8 blocks (even | odd), their scales, and the exact group sums.
@@ -58,14 +60,50 @@ void prep_row(const QuantLinearA8Params& p, int64_t m, int8_t* xq, float* d, flo
   }
 }
 
+// fp32 scales and mins [G] of up to 4 consecutive output rows: pointers into fp32 tables, or converted (fp16
+// tables) into a per-thread buffer by the variant's own F16C code. m[r] is null without mins.
+struct Tables {
+  const float* s[4];
+  const float* m[4];
+};
+
+FI_INLINE float* table_buf(size_t n) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+template <class Cvt>
+FI_INLINE Tables tables(const Job& j, int64_t n0, int R, Cvt cvt) {
+  Tables t{};
+  float* buf = j.f16 ? table_buf(size_t(2 * R * j.G)) : nullptr;
+  for (int r = 0; r < R; ++r) {
+    const int64_t off = (n0 + r) * j.G;
+    for (int which = 0; which < 2; ++which) {
+      const void* src = which ? j.mn : j.s;
+      const float** dst = which ? t.m : t.s;
+      if (!src) {
+        dst[r] = nullptr;
+      } else if (!j.f16) {
+        dst[r] = static_cast<const float*>(src) + off;
+      } else {
+        float* o = buf + (2 * r + which) * j.G;
+        cvt(static_cast<const uint16_t*>(src) + off, o, j.G);
+        dst[r] = o;
+      }
+    }
+  }
+  return t;
+}
+
 // The mins term of rows n0 .. n0 + R - 1 for x rows m0 .. m0 + MT - 1.
 template <int R, int MT>
-FI_INLINE void mins_term(const Job& j, int64_t n0, int64_t m0, float (&res)[R][MT]) {
+FI_INLINE void mins_term(const Job& j, const Tables& t, int64_t m0, float (&res)[R][MT]) {
   for (int r = 0; r < R; ++r)
     for (int mt = 0; mt < MT; ++mt) {
       float acc = 0.f;
-      if (j.mn)
-        for (int64_t g = 0; g < j.G; ++g) acc += j.mn[(n0 + r) * j.G + g] * j.gsum[(m0 + mt) * j.G + g];
+      if (t.m[r])
+        for (int64_t g = 0; g < j.G; ++g) acc += t.m[r][g] * j.gsum[(m0 + mt) * j.G + g];
       res[r][mt] = acc;
     }
 }
@@ -82,11 +120,14 @@ FI_INLINE void store(const Job& j, int64_t n0, int64_t m0, const float (&res)[R]
 // ------------------------------------------------------------------------------------------- generic (scalar)
 namespace generic {
 constexpr int kR = 1, kMT = 1;
+void cvt(const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = fp16_to_float(src[i]);
+}
 
 template <int R, int MT>
-void tile(const Job& j, int64_t n0, int64_t m0) {
+void tile(const Job& j, const Tables& t, int64_t n0, int64_t m0) {
   float res[R][MT];
-  mins_term<R, MT>(j, n0, m0, res);
+  mins_term<R, MT>(j, t, m0, res);
   float acc = 0.f;
   const uint8_t* q = j.p->qweight + n0 * (j.K / 2);
   const int8_t* xq = j.xq + m0 * j.K;
@@ -96,7 +137,7 @@ void tile(const Job& j, int64_t n0, int64_t m0) {
       const uint8_t byte = q[b * 16 + i];
       dot += int32_t(byte & 15) * xq[b * kBlock + i] + int32_t(byte >> 4) * xq[b * kBlock + 16 + i];
     }
-    acc += float(dot) * (j.d[m0 * j.B + b] * j.s[n0 * j.G + b / j.bpg]);
+    acc += float(dot) * (j.d[m0 * j.B + b] * t.s[0][b / j.bpg]);
   }
   res[0][0] += acc;
   store<R, MT>(j, n0, m0, res);
@@ -109,6 +150,12 @@ void tile(const Job& j, int64_t n0, int64_t m0) {
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 constexpr int kR = 4, kMT = 2;
+void cvt(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+}
 
 FI_INLINE float hsum(__m256 v) {
   const __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -123,9 +170,9 @@ FI_INLINE __m256i codes(const uint8_t* q) {
 }
 
 template <int R, int MT>
-void tile(const Job& j, int64_t n0, int64_t m0) {
+void tile(const Job& j, const Tables& t, int64_t n0, int64_t m0) {
   float res[R][MT];
-  mins_term<R, MT>(j, n0, m0, res);
+  mins_term<R, MT>(j, t, m0, res);
   __m256 acc[R][MT];
   for (int r = 0; r < R; ++r)
     for (int mt = 0; mt < MT; ++mt) acc[r][mt] = _mm256_setzero_ps();
@@ -144,7 +191,7 @@ void tile(const Job& j, int64_t n0, int64_t m0) {
     const int64_t g = b / j.bpg;
     for (int r = 0; r < R; ++r) {
       const __m256i w = codes(q + r * qrow + b * 16);
-      const float sg = j.s[(n0 + r) * j.G + g];
+      const float sg = t.s[r][g];
       for (int mt = 0; mt < MT; ++mt) {
         const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv[mt]), ones);
         acc[r][mt] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dm[mt] * sg), acc[r][mt]);
@@ -163,6 +210,12 @@ void tile(const Job& j, int64_t n0, int64_t m0) {
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")
 namespace avx512 {
 constexpr int kR = 4, kMT = 4;
+void cvt(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+}
 
 // Two blocks' codes: [lo(b), hi(b), lo(b + 1), hi(b + 1)].
 FI_INLINE __m512i codes2(const uint8_t* q) {
@@ -173,9 +226,9 @@ FI_INLINE __m512i codes2(const uint8_t* q) {
 }
 
 template <int R, int MT>
-void tile(const Job& j, int64_t n0, int64_t m0) {
+void tile(const Job& j, const Tables& t, int64_t n0, int64_t m0) {
   float res[R][MT];
-  mins_term<R, MT>(j, n0, m0, res);
+  mins_term<R, MT>(j, t, m0, res);
   __m512 acc[R][MT];
   for (int r = 0; r < R; ++r)
     for (int mt = 0; mt < MT; ++mt) acc[r][mt] = _mm512_setzero_ps();
@@ -196,7 +249,7 @@ void tile(const Job& j, int64_t n0, int64_t m0) {
     const int64_t g0 = b / j.bpg, g1 = (b + 1) / j.bpg;
     for (int r = 0; r < R; ++r) {
       const __m512i w = codes2(q + r * qrow + b * 16);
-      const float s0 = j.s[(n0 + r) * j.G + g0], s1 = j.s[(n0 + r) * j.G + g1];
+      const float s0 = t.s[r][g0], s1 = t.s[r][g1];
       for (int mt = 0; mt < MT; ++mt) {
         const __m512i dot = _mm512_madd_epi16(_mm512_maddubs_epi16(w, xv[mt]), ones);
         const __m512 f = _mm512_insertf32x8(_mm512_set1_ps(d0[mt] * s0), _mm256_set1_ps(d1[mt] * s1), 1);
@@ -212,7 +265,7 @@ void tile(const Job& j, int64_t n0, int64_t m0) {
     for (int r = 0; r < R; ++r) {
       const __m128i by = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * qrow + b * 16));
       const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(by, 4), k), _mm_and_si128(by, k));
-      const float sg = j.s[(n0 + r) * j.G + b / j.bpg];
+      const float sg = t.s[r][b / j.bpg];
       for (int mt = 0; mt < MT; ++mt) {
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(j.xq + (m0 + mt) * j.K + b * kBlock));
         const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones8);
@@ -231,19 +284,21 @@ void tile(const Job& j, int64_t n0, int64_t m0) {
 
 // Rows [n0, n1) of a variant: blocks of kR output rows (then single rows), each against all of x in tiles of up to
 // kMT rows (then single rows), so every (x row, output row) pair runs the same instructions.
-#define FQ_A8_ROWS(NS)                                                                   \
-  void NS##_rows(const Job& j, int64_t n0, int64_t n1) {                                 \
-    int64_t n = n0;                                                                      \
-    for (; n + NS::kR <= n1; n += NS::kR) {                                              \
-      int64_t m = 0;                                                                     \
-      for (; m + NS::kMT <= j.M; m += NS::kMT) NS::tile<NS::kR, NS::kMT>(j, n, m);       \
-      for (; m < j.M; ++m) NS::tile<NS::kR, 1>(j, n, m);                                 \
-    }                                                                                    \
-    for (; n < n1; ++n) {                                                                \
-      int64_t m = 0;                                                                     \
-      for (; m + NS::kMT <= j.M; m += NS::kMT) NS::tile<1, NS::kMT>(j, n, m);            \
-      for (; m < j.M; ++m) NS::tile<1, 1>(j, n, m);                                      \
-    }                                                                                    \
+#define FQ_A8_ROWS(NS)                                                                     \
+  void NS##_rows(const Job& j, int64_t n0, int64_t n1) {                                   \
+    int64_t n = n0;                                                                        \
+    for (; n + NS::kR <= n1; n += NS::kR) {                                                \
+      const Tables t = tables(j, n, NS::kR, NS::cvt);                                      \
+      int64_t m = 0;                                                                       \
+      for (; m + NS::kMT <= j.M; m += NS::kMT) NS::tile<NS::kR, NS::kMT>(j, t, n, m);      \
+      for (; m < j.M; ++m) NS::tile<NS::kR, 1>(j, t, n, m);                                \
+    }                                                                                      \
+    for (; n < n1; ++n) {                                                                  \
+      const Tables t = tables(j, n, 1, NS::cvt);                                           \
+      int64_t m = 0;                                                                       \
+      for (; m + NS::kMT <= j.M; m += NS::kMT) NS::tile<1, NS::kMT>(j, t, n, m);           \
+      for (; m < j.M; ++m) NS::tile<1, 1>(j, t, n, m);                                     \
+    }                                                                                      \
   }
 FQ_A8_ROWS(generic)
 #if FI_X86
@@ -262,24 +317,11 @@ int quant_linear_a8(const QuantLinearA8Params& p) {
   thread_local std::vector<int8_t> xq_buf;
   thread_local std::vector<float> f_buf;
   xq_buf.resize(size_t(p.M * p.K));
-  const bool conv = p.scales_f16;
-  f_buf.resize(size_t(p.M * B + p.M * G + (conv ? 2 * p.N * G : 0)));
+  f_buf.resize(size_t(p.M * B + p.M * G));
   float* d = f_buf.data();
   float* gsum = d + p.M * B;
   for (int64_t m = 0; m < p.M; ++m) prep_row(p, m, xq_buf.data() + m * p.K, d + m * B, gsum + m * G, bpg);
-  const float* s = static_cast<const float*>(p.scales);
-  const float* mn = static_cast<const float*>(p.mins);
-  if (conv) {
-    float* sc = gsum + p.M * G;
-    for (int64_t i = 0; i < p.N * G; ++i) sc[i] = fp16_to_float(static_cast<const uint16_t*>(p.scales)[i]);
-    s = sc;
-    if (p.mins) {
-      float* mc = sc + p.N * G;
-      for (int64_t i = 0; i < p.N * G; ++i) mc[i] = fp16_to_float(static_cast<const uint16_t*>(p.mins)[i]);
-      mn = mc;
-    }
-  }
-  const Job j{&p, xq_buf.data(), d, gsum, s, mn, p.M, p.N, p.K, B, G, bpg};
+  const Job j{&p, xq_buf.data(), d, gsum, p.scales, p.mins, p.scales_f16, p.M, p.N, p.K, B, G, bpg};
   void (*rows)(const Job&, int64_t, int64_t) = generic_rows;
   int align = 1;
 #if FI_X86
