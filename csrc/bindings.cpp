@@ -419,10 +419,11 @@ at::Tensor quant_linear_a8_cpu(const at::Tensor& x, const at::Tensor& qweight, c
   check_matrix(x, "quant_linear_a8", "x");
   const fc::DType dt = cpu_dtype(x, "x");
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
-  TORCH_CHECK_VALUE(qweight.device().is_cpu() && qweight.scalar_type() == at::kByte && qweight.dim() == 2 &&
-                        qweight.is_contiguous() && qweight.size(1) * 2 == K,
-                    "fastinfer::quant_linear_a8: qweight must be contiguous uint8 [N, K / 2] (K = ", K, "), got ",
-                    qweight.sizes());
+  const int bits = qweight.scalar_type() == at::kChar ? 8 : 4;
+  TORCH_CHECK_VALUE(qweight.device().is_cpu() && (qweight.scalar_type() == at::kByte || bits == 8) &&
+                        qweight.dim() == 2 && qweight.is_contiguous() && qweight.size(1) * (bits == 4 ? 2 : 1) == K,
+                    "fastinfer::quant_linear_a8: qweight must be contiguous uint8 [N, K / 2] (int4) or int8 [N, K] "
+                    "(K = ", K, "), got ", qweight.scalar_type(), " ", qweight.sizes());
   TORCH_CHECK_VALUE(group_size > 0 && K % group_size == 0, "fastinfer::quant_linear_a8: group_size ", group_size,
                     " does not divide K = ", K);
   const int64_t G = K / group_size;
@@ -440,7 +441,8 @@ at::Tensor quant_linear_a8_cpu(const at::Tensor& x, const at::Tensor& qweight, c
   p.dtype = dt;
   p.x = x.data_ptr();
   p.x_stride = x.stride(0);
-  p.qweight = qweight.data_ptr<uint8_t>();
+  p.qweight = static_cast<const uint8_t*>(qweight.data_ptr());
+  p.bits = bits;
   p.scales = scales.data_ptr();
   p.mins = mins.has_value() ? mins->data_ptr() : nullptr;
   p.scales_f16 = scales.scalar_type() == at::kHalf;

@@ -1,12 +1,14 @@
-// W4A8 linear layers on the CPU: int4 weights x int8-quantized activations, integer dot products per block of 32
-// (raw pointers, no torch). See fastinfer/cpu_quant_a8.h for the contract.
+// W4A8 / W8A8 linear layers on the CPU: int4 or int8 weights x int8-quantized activations, integer dot products
+// per block of 32 (raw pointers, no torch). See fastinfer/cpu_quant_a8.h for the contract.
 //
 // The activation row is quantized once per call on the calling thread (scalar code, so every variant sees the
 // same int8 values), each 32-block stored even k then odd k to match the nibbles: a weight block is 16 bytes, its
 // low nibbles (even k) and high nibbles (odd k) masked apart, and one VPMADDUBSW (u8 weight x s8 activation, pairs
 // summed to i16: at most 2 x 15 x 127, no saturation) + VPMADDWD (pairs to i32) give the block's dot in 8 (AVX2)
 // or, two blocks at a time, 16 (AVX-512) i32 lanes, converted and scaled by d_block x scale_group into fp32
-// accumulators. The mins term uses the exact fp32 group sums of x. Tiles: R output rows x MT rows of x; OpenMP
+// accumulators. int8 weights (natural order, signed): VPMADDUBSW(|w|, x * sign(w)), llama.cpp's Q8 x Q8 trick
+// (|w| <= 128, so the i16 pair sums stay below 2^15), with a scale per half-block for groups of 16 (Q6_K).
+// The mins term uses the exact fp32 group sums of x. Tiles: R output rows x MT rows of x; OpenMP
 // threads take contiguous ranges of output rows.
 #include "fastinfer/cpu_quant_a8.h"
 #include "fastinfer/cpu_common.h"
@@ -27,35 +29,36 @@ constexpr int64_t kPrefetchBytes = 4096;
 // Everything the tiles read, fixed per call.
 struct Job {
   const QuantLinearA8Params* p;
-  const int8_t* xq;    // [M, K], each 32-block even k then odd k
+  const int8_t* xq;    // [M, K]: int4 weights: each 32-block even k then odd k; int8: natural order
   const float* d;      // [M, B] block scales of x
   const float* gsum;   // [M, G] exact fp32 group sums of x
+  const int32_t* gh;   // [B, 2] group of each half-block (16 inputs)
   const void* s;       // [N, G] scales, fp32 or fp16 (f16)
   const void* mn;      // [N, G] mins like the scales, or null
   bool f16;
-  int64_t M, N, K, B, G, bpg;  // bpg: blocks per group
-
+  int64_t M, N, K, B, G;
 };
 
-// Row m of x: int8 blocks (even | odd), their scales, and the exact group sums.
-void prep_row(const QuantLinearA8Params& p, int64_t m, int8_t* xq, float* d, float* gsum, int64_t bpg) {
+// Row m of x: int8 blocks (even | odd for int4 weights, natural for int8), their scales, and the exact group sums.
+void prep_row(const QuantLinearA8Params& p, int64_t m, int8_t* xq, float* d, float* gsum) {
   const int64_t K = p.K, B = K / kBlock;
+  const bool split = p.bits == 4;
+  std::fill(gsum, gsum + K / p.group, 0.f);
   float xb[kBlock];
   for (int64_t b = 0; b < B; ++b) {
-    float amax = 0.f, sum = 0.f;
+    float amax = 0.f, half[2] = {0.f, 0.f};
     for (int64_t i = 0; i < kBlock; ++i) {
       xb[i] = load_elem(p.x, p.dtype, m * p.x_stride + b * kBlock + i);
       amax = std::max(amax, std::fabs(xb[i]));
-      sum += xb[i];
+      half[i / 16] += xb[i];
     }
-    const float db = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
-    d[b] = db;
-    if (b % bpg == 0) gsum[b / bpg] = 0.f;
-    gsum[b / bpg] += sum;
+    for (int h = 0; h < 2; ++h) gsum[(b * kBlock + 16 * h) / p.group] += half[h];
+    const float id = amax > 0.f ? 127.f / amax : 0.f;
+    d[b] = amax / 127.f;
     int8_t* o = xq + b * kBlock;
-    for (int64_t i = 0; i < kBlock / 2; ++i) {
-      o[i] = int8_t(std::nearbyint(xb[2 * i] * id));
-      o[kBlock / 2 + i] = int8_t(std::nearbyint(xb[2 * i + 1] * id));
+    for (int64_t i = 0; i < kBlock; ++i) {
+      const int64_t pos = split ? (i % 2) * 16 + i / 2 : i;
+      o[pos] = int8_t(std::nearbyint(xb[i] * id));
     }
   }
 }
@@ -129,15 +132,18 @@ void tile(const Job& j, const Tables& t, int64_t n0, int64_t m0) {
   float res[R][MT];
   mins_term<R, MT>(j, t, m0, res);
   float acc = 0.f;
-  const uint8_t* q = j.p->qweight + n0 * (j.K / 2);
+  const bool int4 = j.p->bits == 4;
+  const uint8_t* q = j.p->qweight + n0 * (int4 ? j.K / 2 : j.K);
   const int8_t* xq = j.xq + m0 * j.K;
   for (int64_t b = 0; b < j.B; ++b) {
-    int32_t dot = 0;
-    for (int64_t i = 0; i < kBlock / 2; ++i) {
-      const uint8_t byte = q[b * 16 + i];
-      dot += int32_t(byte & 15) * xq[b * kBlock + i] + int32_t(byte >> 4) * xq[b * kBlock + 16 + i];
+    for (int h = 0; h < 2; ++h) {  // half-blocks: 16 inputs (int4: even / odd codes; int8: k in order)
+      int32_t dot = 0;
+      for (int64_t i = 0; i < 16; ++i) {
+        const int32_t w = int4 ? (h ? q[b * 16 + i] >> 4 : q[b * 16 + i] & 15) : int8_t(q[b * kBlock + 16 * h + i]);
+        dot += w * xq[b * kBlock + 16 * h + i];
+      }
+      acc += float(dot) * (j.d[m0 * j.B + b] * t.s[0][j.gh[2 * b + h]]);
     }
-    acc += float(dot) * (j.d[m0 * j.B + b] * t.s[0][b / j.bpg]);
   }
   res[0][0] += acc;
   store<R, MT>(j, n0, m0, res);
@@ -169,38 +175,52 @@ FI_INLINE __m256i codes(const uint8_t* q) {
   return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
 }
 
-template <int R, int MT>
-void tile(const Job& j, const Tables& t, int64_t n0, int64_t m0) {
+// i32 dot lanes of one block: lanes 0-3 the first 16 bytes, 4-7 the second.
+template <int BITS>
+FI_INLINE __m256i block_dot(const uint8_t* q, __m256i x) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (BITS == 4) return _mm256_madd_epi16(_mm256_maddubs_epi16(codes(q), x), ones);
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), ones);
+}
+
+template <int R, int MT, int BITS>
+FI_INLINE void tile_impl(const Job& j, const Tables& t, int64_t n0, int64_t m0) {
   float res[R][MT];
   mins_term<R, MT>(j, t, m0, res);
   __m256 acc[R][MT];
   for (int r = 0; r < R; ++r)
     for (int mt = 0; mt < MT; ++mt) acc[r][mt] = _mm256_setzero_ps();
-  const __m256i ones = _mm256_set1_epi16(1);
-  const int64_t qrow = j.K / 2;
+  const int64_t qrow = BITS == 4 ? j.K / 2 : j.K, qblock = BITS == 4 ? 16 : kBlock;
   const uint8_t* q = j.p->qweight + n0 * qrow;
   for (int64_t b = 0; b < j.B; ++b) {
     if ((b & 3) == 0)
-      for (int r = 0; r < R; ++r) FI_PREFETCH(q + r * qrow + b * 16 + kPrefetchBytes);
+      for (int r = 0; r < R; ++r) FI_PREFETCH(q + r * qrow + b * qblock + kPrefetchBytes);
     __m256i xv[MT];
     float dm[MT];
     for (int mt = 0; mt < MT; ++mt) {
       xv[mt] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(j.xq + (m0 + mt) * j.K + b * kBlock));
       dm[mt] = j.d[(m0 + mt) * j.B + b];
     }
-    const int64_t g = b / j.bpg;
+    const int32_t g0 = j.gh[2 * b], g1 = j.gh[2 * b + 1];
     for (int r = 0; r < R; ++r) {
-      const __m256i w = codes(q + r * qrow + b * 16);
-      const float sg = t.s[r][g];
+      const float s0 = t.s[r][g0], s1 = t.s[r][g1];
       for (int mt = 0; mt < MT; ++mt) {
-        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv[mt]), ones);
-        acc[r][mt] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dm[mt] * sg), acc[r][mt]);
+        const __m256i dot = block_dot<BITS>(q + r * qrow + b * qblock, xv[mt]);
+        const __m256 f = _mm256_set_m128(_mm_set1_ps(dm[mt] * s1), _mm_set1_ps(dm[mt] * s0));
+        acc[r][mt] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), f, acc[r][mt]);
       }
     }
   }
   for (int r = 0; r < R; ++r)
     for (int mt = 0; mt < MT; ++mt) res[r][mt] += hsum(acc[r][mt]);
   store<R, MT>(j, n0, m0, res);
+}
+
+template <int R, int MT>
+void tile(const Job& j, const Tables& t, int64_t n0, int64_t m0) {
+  if (j.p->bits == 4) tile_impl<R, MT, 4>(j, t, n0, m0);
+  else tile_impl<R, MT, 8>(j, t, n0, m0);
 }
 }  // namespace avx2
 #pragma GCC pop_options
@@ -217,7 +237,7 @@ void cvt(const uint16_t* src, float* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
 }
 
-// Two blocks' codes: [lo(b), hi(b), lo(b + 1), hi(b + 1)].
+// Two blocks' int4 codes: [lo(b), hi(b), lo(b + 1), hi(b + 1)].
 FI_INLINE __m512i codes2(const uint8_t* q) {
   const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)), m = _mm256_set1_epi8(0x0f);
   const __m256i lo = _mm256_and_si256(b, m), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
@@ -225,20 +245,44 @@ FI_INLINE __m512i codes2(const uint8_t* q) {
                             _mm256_permute2x128_si256(lo, hi, 0x31), 1);
 }
 
-template <int R, int MT>
-void tile(const Job& j, const Tables& t, int64_t n0, int64_t m0) {
+// i32 dot lanes of two blocks: lanes 4h .. 4h + 3 half-block h (0, 1 of block b; 2, 3 of block b + 1).
+template <int BITS>
+FI_INLINE __m512i pair_dot(const uint8_t* q, __m512i x) {
+  const __m512i ones = _mm512_set1_epi16(1);
+  if constexpr (BITS == 4) return _mm512_madd_epi16(_mm512_maddubs_epi16(codes2(q), x), ones);
+  const __m512i w = _mm512_loadu_si512(q);
+  const __m512i sx = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);  // x * sign(w)
+  return _mm512_madd_epi16(_mm512_maddubs_epi16(_mm512_abs_epi8(w), sx), ones);
+}
+
+// The same for one block in 256 bits (the odd last block).
+template <int BITS>
+FI_INLINE __m256i block_dot(const uint8_t* q, __m256i x) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (BITS == 4) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q)), m = _mm_set1_epi8(0x0f);
+    const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
+  }
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), ones);
+}
+
+FI_INLINE __m256 quarter_scales(float a, float b) { return _mm256_set_m128(_mm_set1_ps(b), _mm_set1_ps(a)); }
+
+template <int R, int MT, int BITS>
+FI_INLINE void tile_impl(const Job& j, const Tables& t, int64_t n0, int64_t m0) {
   float res[R][MT];
   mins_term<R, MT>(j, t, m0, res);
   __m512 acc[R][MT];
   for (int r = 0; r < R; ++r)
     for (int mt = 0; mt < MT; ++mt) acc[r][mt] = _mm512_setzero_ps();
-  const __m512i ones = _mm512_set1_epi16(1);
-  const int64_t qrow = j.K / 2;
+  const int64_t qrow = BITS == 4 ? j.K / 2 : j.K, qblock = BITS == 4 ? 16 : kBlock;
   const uint8_t* q = j.p->qweight + n0 * qrow;
   int64_t b = 0;
   for (; b + 2 <= j.B; b += 2) {
     if ((b & 3) == 0)
-      for (int r = 0; r < R; ++r) FI_PREFETCH(q + r * qrow + b * 16 + kPrefetchBytes);
+      for (int r = 0; r < R; ++r) FI_PREFETCH(q + r * qrow + b * qblock + kPrefetchBytes);
     __m512i xv[MT];
     float d0[MT], d1[MT];
     for (int mt = 0; mt < MT; ++mt) {
@@ -246,13 +290,14 @@ void tile(const Job& j, const Tables& t, int64_t n0, int64_t m0) {
       d0[mt] = j.d[(m0 + mt) * j.B + b];
       d1[mt] = j.d[(m0 + mt) * j.B + b + 1];
     }
-    const int64_t g0 = b / j.bpg, g1 = (b + 1) / j.bpg;
+    const int32_t* gh = j.gh + 2 * b;
     for (int r = 0; r < R; ++r) {
-      const __m512i w = codes2(q + r * qrow + b * 16);
-      const float s0 = t.s[r][g0], s1 = t.s[r][g1];
+      const float* sr = t.s[r];
       for (int mt = 0; mt < MT; ++mt) {
-        const __m512i dot = _mm512_madd_epi16(_mm512_maddubs_epi16(w, xv[mt]), ones);
-        const __m512 f = _mm512_insertf32x8(_mm512_set1_ps(d0[mt] * s0), _mm256_set1_ps(d1[mt] * s1), 1);
+        const __m512i dot = pair_dot<BITS>(q + r * qrow + b * qblock, xv[mt]);
+        const __m512 f = _mm512_insertf32x8(
+            _mm512_castps256_ps512(quarter_scales(d0[mt] * sr[gh[0]], d0[mt] * sr[gh[1]])),
+            quarter_scales(d1[mt] * sr[gh[2]], d1[mt] * sr[gh[3]]), 1);
         acc[r][mt] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), f, acc[r][mt]);
       }
     }
@@ -260,23 +305,26 @@ void tile(const Job& j, const Tables& t, int64_t n0, int64_t m0) {
   for (int r = 0; r < R; ++r)
     for (int mt = 0; mt < MT; ++mt) res[r][mt] += _mm512_reduce_add_ps(acc[r][mt]);
   if (b < j.B) {  // an odd last block: 256-bit
-    const __m256i ones8 = _mm256_set1_epi16(1);
-    const __m128i k = _mm_set1_epi8(0x0f);
     for (int r = 0; r < R; ++r) {
-      const __m128i by = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * qrow + b * 16));
-      const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(by, 4), k), _mm_and_si128(by, k));
-      const float sg = t.s[r][b / j.bpg];
+      const float s0 = t.s[r][j.gh[2 * b]], s1 = t.s[r][j.gh[2 * b + 1]];
       for (int mt = 0; mt < MT; ++mt) {
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(j.xq + (m0 + mt) * j.K + b * kBlock));
-        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones8);
-        const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(dot), _mm256_extracti128_si256(dot, 1));
-        const __m128i h2 = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
-        const int32_t isum = _mm_cvtsi128_si32(_mm_add_epi32(h2, _mm_shuffle_epi32(h2, 0xb1)));
-        res[r][mt] += float(isum) * (j.d[(m0 + mt) * j.B + b] * sg);
+        const __m256i dot = block_dot<BITS>(q + r * qrow + b * qblock, xv);
+        const float dm = j.d[(m0 + mt) * j.B + b];
+        const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), quarter_scales(dm * s0, dm * s1));
+        const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        res[r][mt] += _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
       }
     }
   }
   store<R, MT>(j, n0, m0, res);
+}
+
+template <int R, int MT>
+void tile(const Job& j, const Tables& t, int64_t n0, int64_t m0) {
+  if (j.p->bits == 4) tile_impl<R, MT, 4>(j, t, n0, m0);
+  else tile_impl<R, MT, 8>(j, t, n0, m0);
 }
 }  // namespace avx512
 #pragma GCC pop_options
@@ -312,16 +360,21 @@ int quant_linear_a8(const QuantLinearA8Params& p) {
   if (p.M == 0 || p.N == 0) return kOk;
   if (!p.x || !p.qweight || !p.scales || !p.out || p.M < 0 || p.N < 0 || p.K <= 0) return kBadArgs;
   if (p.dtype != DType::kFloat32 && p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return kBadDType;
-  if (p.group <= 0 || p.group % kBlock || p.K % p.group) return kBadGroup;
-  const int64_t B = p.K / kBlock, G = p.K / p.group, bpg = p.group / kBlock;
+  if ((p.bits != 4 && p.bits != 8) || p.group <= 0 || p.group % (p.bits == 4 ? kBlock : 16) || p.K % p.group ||
+      p.K % kBlock)
+    return kBadGroup;
+  const int64_t B = p.K / kBlock, G = p.K / p.group;
   thread_local std::vector<int8_t> xq_buf;
   thread_local std::vector<float> f_buf;
+  thread_local std::vector<int32_t> gh_buf;
   xq_buf.resize(size_t(p.M * p.K));
   f_buf.resize(size_t(p.M * B + p.M * G));
+  gh_buf.resize(size_t(2 * B));
+  for (int64_t h = 0; h < 2 * B; ++h) gh_buf[size_t(h)] = int32_t(h * 16 / p.group);
   float* d = f_buf.data();
   float* gsum = d + p.M * B;
-  for (int64_t m = 0; m < p.M; ++m) prep_row(p, m, xq_buf.data() + m * p.K, d + m * B, gsum + m * G, bpg);
-  const Job j{&p, xq_buf.data(), d, gsum, p.scales, p.mins, p.scales_f16, p.M, p.N, p.K, B, G, bpg};
+  for (int64_t m = 0; m < p.M; ++m) prep_row(p, m, xq_buf.data() + m * p.K, d + m * B, gsum + m * G);
+  const Job j{&p, xq_buf.data(), d, gsum, gh_buf.data(), p.scales, p.mins, p.scales_f16, p.M, p.N, p.K, B, G};
   void (*rows)(const Job&, int64_t, int64_t) = generic_rows;
   int align = 1;
 #if FI_X86
@@ -349,7 +402,7 @@ const char* quant_a8_error_string(int code) {
   switch (code) {
     case kOk: return "ok";
     case kBadArgs: return "null pointer or bad size";
-    case kBadGroup: return "group size must be a multiple of 32 that divides K";
+    case kBadGroup: return "bits must be 4 or 8, K a multiple of 32 and the group a multiple of 32 (int4) / 16 (int8) dividing K";
     case kBadDType: return "unsupported dtype (fp32 / bf16 / fp16)";
     default: return "unknown error";
   }

@@ -233,14 +233,15 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
 
 def quant_linear_a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                     group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """W4A8 (int4 weights, x quantized to int8 per block of 32, integer dot products); same contract as
+    """W4A8 / W8A8 (int4 or int8 weights, x quantized to int8 per block of 32, integer dot products); same contract as
     :func:`fastinfer.ops.reference.quant_linear_a8` (csrc/cpu/quant_linear_a8.cpp). Every row count runs in the
     kernel, so a row's output does not depend on the batch."""
     x2 = _rows_2d(x)
     k = x.shape[-1]
-    ok = (x2 is not None and qweight.is_cpu and qweight.dtype == torch.uint8 and group_size % 32 == 0
-          and k % group_size == 0 and scales.dtype in _SCALE_DTYPES and (mins is None or mins.dtype == scales.dtype)
-          and (bias is None or bias.dtype == x.dtype))
+    int4 = qweight.dtype == torch.uint8
+    ok = (x2 is not None and qweight.is_cpu and qweight.dtype in (torch.uint8, torch.int8) and k % 32 == 0
+          and group_size % (32 if int4 else 16) == 0 and k % group_size == 0 and scales.dtype in _SCALE_DTYPES
+          and (mins is None or mins.dtype == scales.dtype) and (bias is None or bias.dtype == x.dtype))
     if not ok or x2 is None:
         _fallback(f"quant_linear_a8 on {x.device.type} {x.dtype} group {group_size} scales {scales.dtype}")
         return torch_backend.quant_linear_a8(x, qweight, scales, mins, group_size, bias)

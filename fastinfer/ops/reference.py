@@ -128,20 +128,22 @@ def quantize_activations(x: torch.Tensor, block: int = 32) -> tuple[torch.Tensor
 
 def quant_linear_a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                     group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """W4A8 ``x @ W.T + bias`` for x [..., K]: int4 weights (the format of :mod:`fastinfer.quantization`, group
-    ``group_size`` a multiple of 32) times x quantized to int8 per block of 32 (:func:`quantize_activations`):
-    ``y[m, n] = sum_b d[m, b] * scale[n, g(b)] * (q[n, b] . xq[m, b]) + sum_g min[n, g] * sum_{k in g} x[m, k]``
-    with exact integer dots and the exact sums of x; float64 here, cast to x's dtype."""
+    """W4A8 / W8A8 ``x @ W.T + bias`` for x [..., K]: int4 (uint8 [N, K / 2]) or int8 ([N, K]) weights in the
+    format of :mod:`fastinfer.quantization` (groups of ``group_size``: a multiple of 32 for int4, of 16 for int8)
+    times x quantized to int8 per block of 32 (:func:`quantize_activations`): ``y[m, n] = sum_h d[m, b(h)] *
+    scale[n, g(h)] * (q[n, h] . xq[m, h]) + sum_g min[n, g] * sum_{k in g} x[m, k]`` over half-blocks h of 16
+    inputs, with exact integer dots and the exact sums of x; float64 here, cast to x's dtype."""
     from fastinfer.quantization import unpack_int4
 
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     m, n = x2.shape[0], qweight.shape[0]
     xq, d = quantize_activations(x2)
-    q = unpack_int4(qweight).double().view(n, k // 32, 32)
-    dots = torch.einsum("mbi,nbi->mnb", xq.double(), q)  # [M, N, B], exact integers
-    s = scales.double().repeat_interleave(group_size // 32, dim=1)  # [N, B]
-    y = (dots * d.double().unsqueeze(1) * s.unsqueeze(0)).sum(-1)  # [M, N]
+    codes = unpack_int4(qweight) if qweight.dtype == torch.uint8 else qweight
+    q = codes.double().view(n, k // 16, 16)
+    dots = torch.einsum("mhi,nhi->mnh", xq.double().reshape(m, k // 16, 16), q)  # [M, N, 2B], exact integers
+    s = scales.double().repeat_interleave(group_size // 16, dim=1)  # [N, 2B] scale of each half-block
+    y = (dots * d.double().repeat_interleave(2, dim=1).unsqueeze(1) * s.unsqueeze(0)).sum(-1)  # [M, N]
     if mins is not None:
         y = y + x2.double().view(m, k // group_size, group_size).sum(-1) @ mins.double().T
     if bias is not None:

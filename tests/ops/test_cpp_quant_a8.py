@@ -1,4 +1,4 @@
-"""W4A8 ``quant_linear_a8`` (int4 weights x int8 activations per block of 32, integer dot products) on every
+"""W4A8 / W8A8 ``quant_linear_a8`` (int4 or int8 weights x int8 activations per block of 32, integer dots) on every
 instruction-set variant against ``ops.reference.quant_linear_a8`` (float64 over the same integer dots): odd N,
 block counts that leave the AVX-512 pair loop a tail, groups 32 / 64 / 128, fp32 / fp16 scales (GGUF keeps f16),
 with and without bias, x in fp32 / bf16 / fp16, 1 to 33 rows, 2 threads; a row's output is bit-identical whatever
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fastinfer.ops import reference, torch_backend
-from fastinfer.quantization.rtn import quantize_int4
+from fastinfer.quantization.format import QuantizedWeight
+from fastinfer.quantization.rtn import quantize_int4, quantize_int8
 
 pytest.importorskip("fastinfer._C", reason="compiled extension not built (pip install -e . --no-build-isolation)")
 from fastinfer.ops import cpp_backend as cpp  # noqa: E402
@@ -44,6 +45,38 @@ def test_matches_reference_and_rows_do_not_depend_on_the_batch(m, n, k, group, f
     x = args[0]
     single = torch.cat([cpp.quant_linear_a8(x[i:i + 1], *args[1:]) for i in range(m)])
     assert torch.equal(single, out)
+
+
+def int8_case(m: int, n: int, k: int, group: int | None, mins: bool, seed: int = 0):
+    """int8 weights per channel (group None) or in groups (32: Q8_0, 16: Q6_K), optionally asymmetric (Q5_1-like
+    mins), with some codes at -128 (GGUF Q8_0 may hold it)."""
+    gen = torch.Generator().manual_seed(seed)
+    qw = quantize_int8(torch.randn(n, k, generator=gen) * 0.05, group)
+    q = qw.qweight.clone()
+    q.view(-1)[:: 7] = -128
+    m_t = (torch.randn(qw.scales.shape, generator=gen) * 0.01) if mins else None
+    qw = QuantizedWeight(8, qw.group_size, q, qw.scales, m_t)
+    x = (torch.randn(m, k, generator=gen) * 2).float()
+    return x, qw.qweight, qw.scales, qw.mins, qw.group_size, None
+
+
+INT8_CASES = [(1, 37, 96, None, False), (5, 64, 256, 32, False), (9, 17, 160, 16, True), (3, 20, 256, 64, True),
+              (2, 9, 96, 32, True), (4, 130, 160, None, True)]
+
+
+@pytest.mark.usefixtures("isa")
+@pytest.mark.parametrize("m,n,k,group,mins", INT8_CASES,
+                         ids=[f"{m}x{n}x{k}-g{g or 'K'}{'-mins' if mn else ''}" for m, n, k, g, mn in INT8_CASES])
+def test_int8_weights(m, n, k, group, mins):
+    args = int8_case(m, n, k, group, mins, seed=m + n)
+    out = cpp.quant_linear_a8(*args)
+    torch.testing.assert_close(out, reference.quant_linear_a8(*args), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(torch_backend.quant_linear_a8(*args), reference.quant_linear_a8(*args),
+                               atol=2e-5, rtol=2e-5)
+    single = torch.cat([cpp.quant_linear_a8(args[0][i:i + 1], *args[1:]) for i in range(m)])
+    assert torch.equal(single, out)
+    exact = reference.quant_linear(args[0], args[1], args[2], args[3], 8, args[4])
+    assert 0 < ((out - exact).abs().max() / exact.abs().max()) < 0.03
 
 
 @pytest.mark.usefixtures("isa")
