@@ -207,7 +207,9 @@ FI_INLINE void tile_impl(const Job& j, const Tables& t, int64_t n0, int64_t m0) 
       const float s0 = t.s[r][g0], s1 = t.s[r][g1];
       for (int mt = 0; mt < MT; ++mt) {
         const __m256i dot = block_dot<BITS>(q + r * qrow + b * qblock, xv[mt]);
-        const __m256 f = _mm256_set_m128(_mm_set1_ps(dm[mt] * s1), _mm_set1_ps(dm[mt] * s0));
+        // int4 groups span whole blocks: one scale; int8 groups of 16 may give the halves their own
+        const __m256 f = BITS == 4 ? _mm256_set1_ps(dm[mt] * s0)
+                                   : _mm256_set_m128(_mm_set1_ps(dm[mt] * s1), _mm_set1_ps(dm[mt] * s0));
         acc[r][mt] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), f, acc[r][mt]);
       }
     }
@@ -295,9 +297,11 @@ FI_INLINE void tile_impl(const Job& j, const Tables& t, int64_t n0, int64_t m0) 
       const float* sr = t.s[r];
       for (int mt = 0; mt < MT; ++mt) {
         const __m512i dot = pair_dot<BITS>(q + r * qrow + b * qblock, xv[mt]);
-        const __m512 f = _mm512_insertf32x8(
-            _mm512_castps256_ps512(quarter_scales(d0[mt] * sr[gh[0]], d0[mt] * sr[gh[1]])),
-            quarter_scales(d1[mt] * sr[gh[2]], d1[mt] * sr[gh[3]]), 1);
+        const __m512 f =
+            BITS == 4 ? _mm512_insertf32x8(_mm512_set1_ps(d0[mt] * sr[gh[0]]), _mm256_set1_ps(d1[mt] * sr[gh[2]]), 1)
+                      : _mm512_insertf32x8(
+                            _mm512_castps256_ps512(quarter_scales(d0[mt] * sr[gh[0]], d0[mt] * sr[gh[1]])),
+                            quarter_scales(d1[mt] * sr[gh[2]], d1[mt] * sr[gh[3]]), 1);
         acc[r][mt] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), f, acc[r][mt]);
       }
     }
