@@ -70,19 +70,7 @@ bool dtype_ok(DType d) { return d == DType::kFloat32 || d == DType::kBFloat16 ||
 template <class P, class Fn>
 void over_rows(const P& p, Fn fn, int64_t T, int64_t per_row) {
   const int nt = T * per_row >= (int64_t(1) << 16) ? int(std::min<int64_t>(resolve_threads(p.num_threads), T)) : 1;
-  if (nt <= 1) {
-    fn(p, 0, T);
-    return;
-  }
-#pragma omp parallel num_threads(nt)
-  {
-#ifdef _OPENMP
-    const int t = omp_get_thread_num(), n = omp_get_num_threads();
-#else
-    const int t = 0, n = 1;
-#endif
-    fn(p, T * t / n, T * (t + 1) / n);
-  }
+  parallel_ranges(T, 1, nt, [&](int64_t t0, int64_t t1) { fn(p, t0, t1); });
 }
 
 }  // namespace

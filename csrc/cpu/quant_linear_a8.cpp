@@ -12,6 +12,7 @@
 // threads take contiguous ranges of output rows.
 #include "fastinfer/cpu_quant_a8.h"
 #include "fastinfer/cpu_common.h"
+#include "cpu_vec.h"
 
 #include <algorithm>
 #include <cmath>
@@ -163,11 +164,8 @@ void cvt(const uint16_t* src, float* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
 }
 
-FI_INLINE float hsum(__m256 v) {
-  const __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
-  return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
-}
+// Scales of the two half-blocks of a block as the i32 lanes of block_dot hold them: a in lanes 0-3, b in 4-7.
+FI_INLINE __m256 half_scales(float a, float b) { return _mm256_set_m128(_mm_set1_ps(b), _mm_set1_ps(a)); }
 
 // The 32 codes of one block as u8, low nibbles (even k) then high nibbles (odd k).
 FI_INLINE __m256i codes(const uint8_t* q) {
@@ -208,14 +206,13 @@ FI_INLINE void tile_impl(const Job& j, const Tables& t, int64_t n0, int64_t m0) 
       for (int mt = 0; mt < MT; ++mt) {
         const __m256i dot = block_dot<BITS>(q + r * qrow + b * qblock, xv[mt]);
         // int4 groups span whole blocks: one scale; int8 groups of 16 may give the halves their own
-        const __m256 f = BITS == 4 ? _mm256_set1_ps(dm[mt] * s0)
-                                   : _mm256_set_m128(_mm_set1_ps(dm[mt] * s1), _mm_set1_ps(dm[mt] * s0));
+        const __m256 f = BITS == 4 ? _mm256_set1_ps(dm[mt] * s0) : half_scales(dm[mt] * s0, dm[mt] * s1);
         acc[r][mt] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), f, acc[r][mt]);
       }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int mt = 0; mt < MT; ++mt) res[r][mt] += hsum(acc[r][mt]);
+    for (int mt = 0; mt < MT; ++mt) res[r][mt] += Avx2Vec::hsum(acc[r][mt]);
   store<R, MT>(j, n0, m0, res);
 }
 
@@ -257,21 +254,6 @@ FI_INLINE __m512i pair_dot(const uint8_t* q, __m512i x) {
   return _mm512_madd_epi16(_mm512_maddubs_epi16(_mm512_abs_epi8(w), sx), ones);
 }
 
-// The same for one block in 256 bits (the odd last block).
-template <int BITS>
-FI_INLINE __m256i block_dot(const uint8_t* q, __m256i x) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  if constexpr (BITS == 4) {
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q)), m = _mm_set1_epi8(0x0f);
-    const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
-  }
-  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), ones);
-}
-
-FI_INLINE __m256 quarter_scales(float a, float b) { return _mm256_set_m128(_mm_set1_ps(b), _mm_set1_ps(a)); }
-
 template <int R, int MT, int BITS>
 FI_INLINE void tile_impl(const Job& j, const Tables& t, int64_t n0, int64_t m0) {
   float res[R][MT];
@@ -300,8 +282,8 @@ FI_INLINE void tile_impl(const Job& j, const Tables& t, int64_t n0, int64_t m0) 
         const __m512 f =
             BITS == 4 ? _mm512_insertf32x8(_mm512_set1_ps(d0[mt] * sr[gh[0]]), _mm256_set1_ps(d1[mt] * sr[gh[2]]), 1)
                       : _mm512_insertf32x8(
-                            _mm512_castps256_ps512(quarter_scales(d0[mt] * sr[gh[0]], d0[mt] * sr[gh[1]])),
-                            quarter_scales(d1[mt] * sr[gh[2]], d1[mt] * sr[gh[3]]), 1);
+                            _mm512_castps256_ps512(avx2::half_scales(d0[mt] * sr[gh[0]], d0[mt] * sr[gh[1]])),
+                            avx2::half_scales(d1[mt] * sr[gh[2]], d1[mt] * sr[gh[3]]), 1);
         acc[r][mt] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), f, acc[r][mt]);
       }
     }
@@ -313,12 +295,9 @@ FI_INLINE void tile_impl(const Job& j, const Tables& t, int64_t n0, int64_t m0) 
       const float s0 = t.s[r][j.gh[2 * b]], s1 = t.s[r][j.gh[2 * b + 1]];
       for (int mt = 0; mt < MT; ++mt) {
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(j.xq + (m0 + mt) * j.K + b * kBlock));
-        const __m256i dot = block_dot<BITS>(q + r * qrow + b * qblock, xv);
+        const __m256i dot = avx2::block_dot<BITS>(q + r * qrow + b * qblock, xv);  // the AVX2 block, as is
         const float dm = j.d[(m0 + mt) * j.B + b];
-        const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), quarter_scales(dm * s0, dm * s1));
-        const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        res[r][mt] += _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+        res[r][mt] += Avx2Vec::hsum(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), avx2::half_scales(dm * s0, dm * s1)));
       }
     }
   }
@@ -388,17 +367,7 @@ int quant_linear_a8(const QuantLinearA8Params& p) {
 #endif
   const int64_t work = p.M * p.N * p.K;
   const int nt = work >= (int64_t(1) << 18) ? int(std::min<int64_t>(resolve_threads(p.num_threads), p.N / align + 1)) : 1;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-#ifdef _OPENMP
-    const int t = omp_get_thread_num(), T = omp_get_num_threads();
-#else
-    const int t = 0, T = 1;
-#endif
-    const int64_t units = (p.N + align - 1) / align;
-    const int64_t n0 = std::min(p.N, units * t / T * align), n1 = std::min(p.N, units * (t + 1) / T * align);
-    if (n1 > n0) rows(j, n0, n1);
-  }
+  parallel_ranges(p.N, align, nt, [&](int64_t n0, int64_t n1) { rows(j, n0, n1); });
   return kOk;
 }
 

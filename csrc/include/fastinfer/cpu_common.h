@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 
 #include "fastinfer/cpu_attention.h"
@@ -117,6 +118,27 @@ FI_INLINE int resolve_threads(int n) {
   (void)n;
   return 1;
 #endif
+}
+
+// fn(begin, end) over [0, n) on nt OpenMP threads (nt <= 1: once, on the caller), each thread one contiguous range
+// whose ends are multiples of `align` (the last ends at n); empty ranges are skipped.
+template <class Fn>
+inline void parallel_ranges(int64_t n, int64_t align, int nt, Fn&& fn) {
+  if (nt <= 1) {
+    if (n > 0) fn(int64_t(0), n);
+    return;
+  }
+#pragma omp parallel num_threads(nt)
+  {
+#ifdef _OPENMP
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+    const int t = 0, T = 1;
+#endif
+    const int64_t units = (n + align - 1) / align;
+    const int64_t b = std::min(n, units * t / T * align), e = std::min(n, units * (t + 1) / T * align);
+    if (e > b) fn(b, e);
+  }
 }
 
 }  // namespace cpu
