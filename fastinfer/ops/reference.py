@@ -126,6 +126,30 @@ def quantize_activations(x: torch.Tensor, block: int = 32) -> tuple[torch.Tensor
     return torch.round(blocks * inv.unsqueeze(-1)), amax / 127.0
 
 
+def a8_weights(qweight: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight side of :func:`quant_linear_a8` in ``dtype``: codes [N, K / 16, 16] (int4 unpacked, or int8) and
+    the scale of each half-block of 16 inputs [N, K / 16]."""
+    from fastinfer.quantization import unpack_int4
+
+    codes = unpack_int4(qweight) if qweight.dtype == torch.uint8 else qweight
+    n, k = codes.shape
+    return codes.to(dtype).view(n, k // 16, 16), scales.to(dtype).repeat_interleave(group_size // 16, dim=1)
+
+
+def a8_rows(x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor, mins: torch.Tensor | None, group_size: int,
+            ) -> torch.Tensor:
+    """:func:`quant_linear_a8` without the bias for rows x2 [M, K], in the dtype of ``q`` / ``s``
+    (:func:`a8_weights`): the half-block integer dots (exact in fp32 too: at most 16 x 128 x 127), scaled."""
+    m, k = x2.shape
+    xq, d = quantize_activations(x2)
+    dots = torch.einsum("mhi,nhi->mnh", xq.to(q.dtype).reshape(m, k // 16, 16), q)  # [M, N, 2B]
+    y = (dots * d.to(q.dtype).repeat_interleave(2, dim=1).unsqueeze(1) * s.unsqueeze(0)).sum(-1)  # [M, N]
+    if mins is not None:
+        y = y + x2.to(q.dtype).view(m, k // group_size, group_size).sum(-1) @ mins.to(q.dtype).T
+    return y
+
+
 def quant_linear_a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                     group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """W4A8 / W8A8 ``x @ W.T + bias`` for x [..., K]: int4 (uint8 [N, K / 2]) or int8 ([N, K]) weights in the
@@ -133,22 +157,12 @@ def quant_linear_a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     times x quantized to int8 per block of 32 (:func:`quantize_activations`): ``y[m, n] = sum_h d[m, b(h)] *
     scale[n, g(h)] * (q[n, h] . xq[m, h]) + sum_g min[n, g] * sum_{k in g} x[m, k]`` over half-blocks h of 16
     inputs, with exact integer dots and the exact sums of x; float64 here, cast to x's dtype."""
-    from fastinfer.quantization import unpack_int4
-
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    m, n = x2.shape[0], qweight.shape[0]
-    xq, d = quantize_activations(x2)
-    codes = unpack_int4(qweight) if qweight.dtype == torch.uint8 else qweight
-    q = codes.double().view(n, k // 16, 16)
-    dots = torch.einsum("mhi,nhi->mnh", xq.double().reshape(m, k // 16, 16), q)  # [M, N, 2B], exact integers
-    s = scales.double().repeat_interleave(group_size // 16, dim=1)  # [N, 2B] scale of each half-block
-    y = (dots * d.double().repeat_interleave(2, dim=1).unsqueeze(1) * s.unsqueeze(0)).sum(-1)  # [M, N]
-    if mins is not None:
-        y = y + x2.double().view(m, k // group_size, group_size).sum(-1) @ mins.double().T
+    x2 = x.reshape(-1, x.shape[-1])
+    q, s = a8_weights(qweight, scales, group_size, torch.float64)
+    y = a8_rows(x2, q, s, mins, group_size)
     if bias is not None:
         y = y + bias.double()
-    return y.to(x.dtype).view(*x.shape[:-1], n)
+    return y.to(x.dtype).view(*x.shape[:-1], qweight.shape[0])
 
 
 def expert_format(w: torch.Tensor, scales: torch.Tensor | None) -> tuple[int, int, int]:

@@ -176,27 +176,15 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, m
 
 def quant_linear_a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                     group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`fastinfer.ops.reference.quant_linear_a8` in fp32 (the integer half-block dots are exact in fp32: at
-    most 16 x 128 x 127), in chunks of rows so the [rows, N, half-blocks] dot tensor stays under 16M elements."""
-    from fastinfer.quantization import unpack_int4
-
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    m, n, nh = x2.shape[0], qweight.shape[0], k // 16
-    codes = unpack_int4(qweight) if qweight.dtype == torch.uint8 else qweight
-    q = codes.float().view(n, nh, 16)
-    s = scales.float().repeat_interleave(group_size // 16, dim=1)  # [N, 2B]
+    """:func:`fastinfer.ops.reference.quant_linear_a8` in fp32 (its integer half-block dots are exact there), in
+    chunks of rows so the [rows, N, half-blocks] dot tensor stays under 16M elements."""
+    x2 = x.reshape(-1, x.shape[-1])
+    q, s = reference.a8_weights(qweight, scales, group_size, torch.float32)
+    n, nh = q.shape[0], q.shape[1]
     step = max(1, (1 << 24) // max(1, n * nh))
-    outs = []
-    for r0 in range(0, m, step):
-        xc = x2.narrow(0, r0, min(step, m - r0))
-        xq, d = reference.quantize_activations(xc)
-        dots = torch.einsum("mhi,nhi->mnh", xq.reshape(xc.shape[0], nh, 16), q)
-        y = (dots * d.repeat_interleave(2, dim=1).unsqueeze(1) * s.unsqueeze(0)).sum(-1)
-        if mins is not None:
-            y = y + xc.float().view(xc.shape[0], k // group_size, group_size).sum(-1) @ mins.float().T
-        outs.append(y)
-    y = torch.cat(outs) if len(outs) != 1 else outs[0]
+    chunks = [reference.a8_rows(x2.narrow(0, r0, min(step, x2.shape[0] - r0)), q, s, mins, group_size)
+              for r0 in range(0, x2.shape[0], step)]
+    y = torch.cat(chunks) if chunks else x2.new_zeros(0, n, dtype=torch.float32)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).view(*x.shape[:-1], n)
