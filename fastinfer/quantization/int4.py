@@ -22,11 +22,13 @@ class Int4(QuantMethod):
     supports_calibration = True
 
     def parse(self, spec: str) -> QuantSpec | None:
-        if spec == "int4":
-            return QuantSpec("int4", DEFAULT_GROUP_SIZE)
-        g = spec.removeprefix("int4-g")
+        """``NAME`` (group 128) or ``NAME-gN`` for N in INT4_GROUP_SIZES; NAME is this method's (subclasses of
+        int4 weights, such as ``w4a8``, parse the same way)."""
+        if spec == self.name:
+            return QuantSpec(self.name, DEFAULT_GROUP_SIZE)
+        g = spec.removeprefix(f"{self.name}-g")
         if g != spec and g.isdigit() and int(g) in INT4_GROUP_SIZES:
-            return QuantSpec("int4", int(g))
+            return QuantSpec(self.name, int(g))
         return None
 
     def group_size(self, in_features: int, requested: int | None = None) -> int:

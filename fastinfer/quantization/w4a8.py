@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from fastinfer.quantization.int4 import INT4_GROUP_SIZES, Int4
-from fastinfer.quantization.methods import QuantSpec
 
 if TYPE_CHECKING:
     import torch
@@ -23,14 +22,6 @@ class W4A8(Int4):
     name = "w4a8"
     spellings = ("w4a8 (int4 group 128, int8 activations)",) + tuple(f"w4a8-g{g}" for g in INT4_GROUP_SIZES)
     supports_calibration = False
-
-    def parse(self, spec: str) -> QuantSpec | None:
-        if spec == "w4a8":
-            return QuantSpec("w4a8", None)
-        g = spec.removeprefix("w4a8-g")
-        if g != spec and g.isdigit() and int(g) in INT4_GROUP_SIZES:
-            return QuantSpec("w4a8", int(g))
-        return None
 
     def adopts(self, qw: QuantizedWeight) -> bool:
         """int4 weights in groups of 32k and int8 ones in groups of 16k (Q8_0, Q6_K, per channel), K a multiple
