@@ -122,11 +122,12 @@ class Worker:
         """Tokens routed to each expert so far, per MoE layer of the served model: {decoder layer index: [count
         per expert]} ({} for a dense model). Reads the layers' device counters (one copy each); meant for metric
         scrapes, not for every step."""
+        names = {id(m): name for name, m in self.model.named_modules()}  # type: ignore[attr-defined]
         load: dict[int, list[int]] = {}
         for i, block in enumerate(moe_blocks(self.model)):
             counts = getattr(block, "expert_tokens", None)
             if isinstance(counts, torch.Tensor):
-                load[_layer_index(self.model, block, i)] = counts.tolist()
+                load[_layer_index(names.get(id(block), ""), i)] = counts.tolist()
         return load
 
     @torch.inference_mode()
@@ -175,12 +176,10 @@ def _vocab(tokenizer: Any) -> dict[str, int] | None:
     return get() if callable(get) else None
 
 
-def _layer_index(model: Any, block: torch.nn.Module, default: int) -> int:
-    """The decoder layer number in the module path of ``block`` (``model.layers.7.mlp`` -> 7), else ``default``."""
-    for name, m in model.named_modules():
-        if m is block:
-            parts = name.split(".")
-            for a, b in zip(parts, parts[1:], strict=False):
-                if a == "layers" and b.isdigit():
-                    return int(b)
+def _layer_index(module_name: str, default: int) -> int:
+    """The decoder layer number in a module path (``model.layers.7.mlp`` -> 7), else ``default``."""
+    parts = module_name.split(".")
+    for a, b in zip(parts, parts[1:], strict=False):
+        if a == "layers" and b.isdigit():
+            return int(b)
     return default
