@@ -40,3 +40,6 @@ class RequestOutput:
     error: str | None = None
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    # with SamplingParams.prompt_logprobs: per prompt position, the prompt token's logprob and the top-k
+    # alternatives (token id -> Logprob); None at position 0, which has no context
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
