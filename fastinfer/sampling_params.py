@@ -41,6 +41,7 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    disable_any_whitespace: bool = False  # JSON: no whitespace between tokens (compact output)
 
     def __post_init__(self) -> None:
         given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
@@ -74,6 +75,8 @@ class StructuredOutputsParams:
             self.choice = list(self.choice)
         if self.json_object is not None and not isinstance(self.json_object, bool):
             raise ValueError("structured_outputs.json_object must be a bool")
+        if not isinstance(self.disable_any_whitespace, bool):
+            raise ValueError("structured_outputs.disable_any_whitespace must be a bool")
 
     @property
     def kind(self) -> str:
@@ -82,16 +85,18 @@ class StructuredOutputsParams:
             return "json_object"
         return next(k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None)
 
-    def key(self) -> tuple[str, str]:
-        """(kind, canonical text): equal keys compile to the same grammar (the compile cache's key)."""
+    def key(self) -> tuple[str, str, bool]:
+        """(kind, canonical text, compact): equal keys compile to the same grammar (the compile cache's key)."""
         kind = self.kind
         if kind == "json":
-            return kind, self.json if isinstance(self.json, str) else _json.dumps(self.json, sort_keys=True)
-        if kind == "json_object":
-            return kind, ""
-        if kind == "choice":
-            return kind, _json.dumps(self.choice)
-        return kind, getattr(self, kind)
+            text = self.json if isinstance(self.json, str) else _json.dumps(self.json, sort_keys=True)
+        elif kind == "json_object":
+            text = ""
+        elif kind == "choice":
+            text = _json.dumps(self.choice)
+        else:
+            text = getattr(self, kind)
+        return kind, text, self.disable_any_whitespace
 
 
 def _check_len(name: str, text: str) -> None:

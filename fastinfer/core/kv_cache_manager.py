@@ -129,10 +129,11 @@ class KVCacheManager:
     # -- prefix cache ----------------------------------------------------------------------------------
     def get_computed_blocks(self, req: Request) -> ComputedBlocks:
         """Longest cached prefix of ``req`` in whole blocks that every group can serve. Never covers the last
-        token: its logits are needed, so at least one token is always computed."""
+        token: its logits are needed, so at least one token is always computed; nothing for a request that asks
+        for prompt logprobs."""
         none = ComputedBlocks(0, tuple([] for _ in self.groups))
-        if not self.enable_caching or req.num_computed_tokens:
-            return none
+        if not self.enable_caching or req.num_computed_tokens or req.sampling_params.prompt_logprobs is not None:
+            return none  # prompt logprobs need every prompt position computed
         req.update_block_hashes(self.block_size)
         hashes = req.block_hashes[:(req.num_tokens - 1) // self.block_size]
         cached: list[list[int | None]] = [[] for _ in self.groups]

@@ -60,3 +60,6 @@ class ModelRunnerOutput:
     nonfinite_req_ids: set[str] = field(default_factory=set)  # produced NaN/inf: never cache their blocks
     draft_token_ids: dict[str, list[int]] = field(default_factory=dict)  # to verify next step
     draft_time_s: float = 0.0  # spent proposing this step
+    # prompt logprobs of the chunks computed this step: req_id -> (first position, per position {token id:
+    # (logprob, rank)}, the prompt token and its top-k alternatives)
+    prompt_logprobs: dict[str, tuple[int, list[dict[int, tuple[float, int]]]]] = field(default_factory=dict)

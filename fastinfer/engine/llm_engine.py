@@ -6,6 +6,7 @@ worker (:mod:`fastinfer.worker`), which it reaches only with plain data (``Sched
 ``ModelRunnerOutput`` out)."""
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import time
@@ -25,6 +26,8 @@ from fastinfer.sampling_params import SamplingParams
 logger = logging.getLogger("fastinfer")
 
 PromptType = str | list[int] | dict[str, Any]
+
+GRAMMAR_COMPILE_TIMEOUT_S = 30.0  # a structured-output grammar that takes longer fails its request
 
 
 @dataclass
@@ -47,6 +50,8 @@ class _Parent:
     arrival: float = field(default_factory=time.monotonic)
     first_token: float | None = None
     error: str | None = None
+    grammar: concurrent.futures.Future | None = None  # structured outputs: compiling, not yet scheduled
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # filled as prefill chunks are computed
 
     @property
     def finished(self) -> bool:
@@ -82,6 +87,8 @@ class LLMEngine:
                                              "draft_time_s": 0.0, "verify_time_s": 0.0}
         self._parents: dict[str, _Parent] = {}
         self._owner: dict[str, _Parent] = {}  # core request id -> parent
+        self._compiling: dict[str, _Parent] = {}  # structured-output requests whose grammar is compiling
+        self._grammar_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.num_steps = 0
 
     # -- requests --------------------------------------------------------------------------------------
@@ -129,7 +136,12 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len} "
                              "(prompt plus at least one generated token)")
+        params = self._check_logit_rules(params)
+        if params.structured_outputs is not None:
+            self.worker.check_grammar(params.structured_outputs)  # ValueError before anything is queued
         parent = _Parent(request_id, text, ids, params)
+        if params.prompt_logprobs is not None:
+            parent.prompt_logprobs = [None] * len(ids)
         count = params.num_samples
         # best_of ranks by cumulative logprob: track it even when the user did not ask for logprobs
         run_params = dataclasses.replace(params, logprobs=0) if count > params.n and params.logprobs is None \
@@ -140,11 +152,69 @@ class LLMEngine:
             parent.samples.append(_Sample(req, IncrementalDetokenizer(self.tokenizer, ids, params),
                                           [] if run_params.logprobs is not None else None,
                                           0.0 if run_params.logprobs is not None else None))
+        for s in parent.samples:
+            self._owner[s.req.request_id] = parent
+        self._parents[request_id] = parent
+        if params.structured_outputs is not None:  # scheduled once its grammar is compiled (off this thread)
+            if self._grammar_pool is None:
+                self._grammar_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fastinfer-grammar")
+            parent.grammar = self._grammar_pool.submit(self.worker.compile_grammar, params.structured_outputs)
+            self._compiling[request_id] = parent
+        else:
+            self._schedule_parent(parent)
+
+    def _schedule_parent(self, parent: _Parent) -> None:
         leader = parent.samples[0].req
         for s in parent.samples:
             self.scheduler.add_request(s.req, fork_from=None if s.req is leader else leader)
-            self._owner[s.req.request_id] = parent
-        self._parents[request_id] = parent
+
+    def _check_logit_rules(self, params: SamplingParams) -> SamplingParams:
+        """Token ids of logit_bias / allowed_token_ids within the vocabulary; bad_words tokenized (each word with
+        and without a leading space, as it can appear mid-text) into ``bad_words_token_ids``."""
+        vocab = self.model_config.vocab_size
+        for name, ids in (("logit_bias", list(params.logit_bias or ())),
+                          ("allowed_token_ids", params.allowed_token_ids or [])):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise ValueError(f"SamplingParams.{name} has token ids outside the vocabulary [0, {vocab}): "
+                                 f"{bad[:5]}")
+        if not params.bad_words:
+            return params
+        words: list[list[int]] = []
+        for w in params.bad_words:
+            for text in (w.lstrip(), " " + w.lstrip()):
+                toks = list(self.tokenizer.encode(text, add_special_tokens=False))
+                if toks and toks not in words:
+                    words.append(toks)
+        return dataclasses.replace(params, bad_words_token_ids=words)
+
+    def _admit_compiled(self, wait: bool) -> list[RequestOutput]:
+        """Structured-output requests whose grammar finished compiling join the scheduler; a failed (invalid
+        grammar) or too slow compile fails its request. ``wait``: block briefly for one (nothing else to run)."""
+        if not self._compiling:
+            return []
+        if wait:
+            concurrent.futures.wait([p.grammar for p in self._compiling.values() if p.grammar is not None],
+                                    timeout=0.05, return_when=concurrent.futures.FIRST_COMPLETED)
+        out, now = [], time.monotonic()
+        for rid, parent in list(self._compiling.items()):
+            fut = parent.grammar
+            assert fut is not None
+            if fut.done() and fut.exception() is None:
+                del self._compiling[rid]
+                parent.grammar = None
+                self._schedule_parent(parent)
+            elif fut.done() or now - parent.arrival > GRAMMAR_COMPILE_TIMEOUT_S:
+                del self._compiling[rid]
+                e = fut.exception() if fut.done() else None
+                parent.error = (str(e) if isinstance(e, ValueError) else
+                                f"structured outputs: grammar compilation failed: {e!r}" if e is not None else
+                                f"structured outputs: grammar compilation took longer than "
+                                f"{GRAMMAR_COMPILE_TIMEOUT_S:.0f} s")
+                for s in parent.samples:
+                    s.req.status = RequestStatus.FINISHED_ERROR
+                out.append(self._emit(parent, now))
+        return out
 
     def abort_request(self, request_ids: str | Sequence[str]) -> None:
         """Stop requests (e.g. a client went away); their KV blocks are freed at once."""
@@ -152,6 +222,9 @@ class LLMEngine:
             parent = self._parents.pop(rid, None)
             if parent is None:
                 continue
+            if self._compiling.pop(rid, None) is not None:
+                for s in parent.samples:
+                    s.req.status = RequestStatus.FINISHED_ABORTED
             ids = [s.req.request_id for s in parent.samples]
             self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
             for i in ids:
@@ -180,11 +253,12 @@ class LLMEngine:
     # -- the loop --------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; returns an output for every request that changed."""
+        admitted = self._admit_compiled(wait=not self.scheduler.has_unfinished_requests())
         sched = self.scheduler.schedule()
         if sched.is_empty():
             if sched.finished_req_ids or sched.preempted_req_ids:
                 self.worker.execute(sched)  # let the worker drop what it held for them
-            return []
+            return admitted
         self.num_steps += 1
         t0 = time.perf_counter()
         try:
@@ -202,6 +276,8 @@ class LLMEngine:
         self.scheduler.update_draft_token_ids(result.draft_token_ids)
         now = time.monotonic()
         dirty: dict[str, _Parent] = {}
+        for rid, (start, rows) in result.prompt_logprobs.items():
+            self._add_prompt_logprobs(self._owner[rid], start, rows)
         for req in touched:
             parent = self._owner[req.request_id]
             sample = parent.samples[req.sample_index]
@@ -215,7 +291,18 @@ class LLMEngine:
                 self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
             dirty[parent.request_id] = parent
         best_of_pending = [p for p in dirty.values() if p.params.num_samples > p.params.n and not p.finished]
-        return [self._emit(p, now) for p in dirty.values() if p not in best_of_pending]
+        return admitted + [self._emit(p, now) for p in dirty.values() if p not in best_of_pending]
+
+    def _add_prompt_logprobs(self, parent: _Parent, start: int, rows: list[dict[int, tuple[float, int]]]) -> None:
+        """Positions ``start ..`` of the prompt (kept from their first computation: a recompute after preemption
+        or a sibling sample's prefill gives the same values)."""
+        lps = parent.prompt_logprobs
+        if lps is None:
+            return
+        detok = parent.samples[0].detok
+        for j, row in enumerate(rows):
+            if lps[start + j] is None:
+                lps[start + j] = {t: Logprob(v, r, detok.token_text(t)) for t, (v, r) in row.items()}
 
     def _record_spec(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> None:
         for rid, draft in sched.spec_token_ids.items():
@@ -276,5 +363,6 @@ class LLMEngine:
             metrics["ttft_s"] = parent.first_token - parent.arrival
         if finished:
             metrics["e2e_s"] = now - parent.arrival
+        prompt_lps = list(parent.prompt_logprobs) if parent.prompt_logprobs is not None else None
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outs, finished,
-                             parent.error, parent.samples[0].req.num_cached_tokens, metrics)
+                             parent.error, parent.samples[0].req.num_cached_tokens, metrics, prompt_lps)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,6 +34,7 @@ class CachedRequestState:
         self.block_hashes: list[bytes] = []
         self.spec_acceptance = 1.0  # moving average of the fraction of drafts accepted
         self.is_finished = False  # set when the worker drops it (proposers prune on it)
+        self.grammar: Any = None  # structured outputs: its GrammarState
 
     @property
     def num_tokens(self) -> int:

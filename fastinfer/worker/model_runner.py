@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from fastinfer.core.outputs import ModelRunnerOutput, SchedulerOutput
 from fastinfer.models.interface import CausalLM, KVCaches
 from fastinfer.ops import OpSet
+from fastinfer.structured_output import GrammarCompiler, GrammarState, apply_bitmask, new_bitmask
 from fastinfer.worker.input_batch import CachedRequestState, Chunk, PackedInputs, pack_inputs
 from fastinfer.worker.kv_cache import KVCacheLayout
 from fastinfer.worker.rejection_sampler import VerifyOutput, rejection_sample
@@ -27,15 +28,18 @@ class ModelRunner:
 
     def __init__(self, model: CausalLM, kv_caches: KVCaches, block_size: int, ops: OpSet,
                  device: torch.device, generator: torch.Generator | None = None,
-                 speculator: Speculator | None = None, kv_layout: KVCacheLayout | None = None) -> None:
+                 speculator: Speculator | None = None, kv_layout: KVCacheLayout | None = None,
+                 grammars: GrammarCompiler | None = None) -> None:
         """``generator`` draws the random keys of unseeded requests (None: the device's default generator);
-        ``kv_layout`` gives the KV cache groups (None: one group for every layer)."""
+        ``kv_layout`` gives the KV cache groups (None: one group for every layer); ``grammars`` compiles (or
+        finds in its cache) the grammars of structured-output requests."""
         self.model, self.kv_caches, self.block_size, self.ops, self.device = model, kv_caches, block_size, ops, device
         self.group_of_window = None if kv_layout is None or len(kv_layout.windows) == 1 else kv_layout.group_of_window
         self.layer_groups = kv_layout.layer_groups if kv_layout is not None else (0,) * len(kv_caches)
         model.bind_kv_cache(kv_caches)
         self.generator = generator
         self.speculator = speculator
+        self.grammars = grammars
         self.requests: dict[str, CachedRequestState] = {}
 
     def _update_states(self, sched: SchedulerOutput) -> None:
@@ -50,7 +54,15 @@ class ModelRunner:
             old = self.requests.get(new.req_id)
             if old is not None:
                 old.is_finished = True
-            self.requests[new.req_id] = CachedRequestState(new)
+            st = self.requests[new.req_id] = CachedRequestState(new)
+            if new.sampling_params.structured_outputs is not None:
+                st.grammar = self._grammar_state(new.sampling_params)
+                st.grammar.accept(st.output_token_ids)  # resumed after preemption: replay what it generated
+
+    def _grammar_state(self, sp) -> GrammarState:
+        if self.grammars is None:
+            raise ValueError("this model runner has no grammar compiler (structured outputs unavailable)")
+        return GrammarState(self.grammars.compile(sp.structured_outputs))
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -85,8 +97,10 @@ class ModelRunner:
                 if g in pairs:
                     self.ops.copy_blocks(k, v, pairs[g])
         states = [self.requests[rid] for rid in sched.req_ids]
-        chunks, sample_idx, spec_idx = [], [], []
+        chunks, sample_idx, spec_idx, prompt_lp_idx = [], [], [], []
         for i, (st, n, start) in enumerate(zip(states, sched.num_scheduled_tokens, sched.num_computed_tokens)):
+            if st.sampling_params.prompt_logprobs is not None and start + 1 < st.num_prompt_tokens:
+                prompt_lp_idx.append(i)
             st.num_computed_tokens = start
             draft = sched.spec_token_ids.get(st.request_id, [])
             known = st.all_token_ids[start:start + n]  # slice only this step's tokens (no full-list copy)
@@ -96,7 +110,7 @@ class ModelRunner:
             elif start + n == st.num_tokens:  # caught up: the last position's logits give the next token
                 sample_idx.append(i)
         packed = pack_inputs(chunks, self.block_size, self.device, self.group_of_window)
-        return StepInputs(sched, states, packed, sample_idx, spec_idx)
+        return StepInputs(sched, states, packed, sample_idx, spec_idx, prompt_lp_idx)
 
     def run(self, step: StepInputs) -> StepDeviceOutput:
         """Forward, logits of the rows that sample or verify, sampling and batched verification: device tensors
@@ -108,11 +122,14 @@ class ModelRunner:
         for i, d in zip(step.spec_idx, drafts):
             rows.extend(range(packed.last_rows[i] - len(d), packed.last_rows[i] + 1))
         out = StepDeviceOutput(nonfinite=_nonfinite_per_chunk(hidden, packed.first_rows, packed.last_rows))
+        if step.prompt_lp_idx:
+            out.prompt_logprobs = self._prompt_logprobs(hidden, step)
         if not rows:
             return out
         idx = torch.tensor(rows, dtype=torch.int64).to(self.device)
         logits = self.model.compute_logits(hidden.index_select(0, idx))  # [S + sum(k + 1), V] fp32
         s = len(step.sample_idx)
+        self._apply_grammars(logits, step, drafts)
         if s:
             out.sampled = sample(logits.narrow(0, 0, s), [states[i] for i in step.sample_idx], self.generator,
                                  self.ops.argmax)
@@ -122,6 +139,57 @@ class ModelRunner:
             q = [self.speculator.draft_probs(st, d) for st, d in zip(spec_states, drafts)]
             out.verified = rejection_sample(logits.narrow(0, s, len(rows) - s), drafts, spec_states, q, self.generator)
         return out
+
+    def _apply_grammars(self, logits: torch.Tensor, step: StepInputs, drafts: list[list[int]]) -> None:
+        """Structured outputs: each grammar request's rows of ``logits`` (its sample row, or one row per draft
+        position plus the bonus row) keep only the tokens its grammar allows there; one batched op."""
+        states = step.states
+        rows: list[int] = []
+        bitmask = None
+        for j, i in enumerate(step.sample_idx):
+            g = states[i].grammar
+            if g is not None:
+                bitmask = new_bitmask(logits.shape[0], logits.shape[1]) if bitmask is None else bitmask
+                g.fill(bitmask, j)
+                rows.append(j)
+        r = len(step.sample_idx)
+        for i, d in zip(step.spec_idx, drafts):
+            g = states[i].grammar
+            if g is not None:
+                bitmask = new_bitmask(logits.shape[0], logits.shape[1]) if bitmask is None else bitmask
+                g.fill_with_draft(bitmask, r, d)
+                rows.extend(range(r, r + len(d) + 1))
+            r += len(d) + 1
+        if bitmask is not None:
+            apply_bitmask(logits, bitmask, rows)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, step: StepInputs) -> list[PromptLogprobsPart]:
+        """Per chunk that holds prompt positions of a request asking for prompt logprobs: the logprob and rank of
+        each next prompt token under the logits of the row before it, and the top-k alternatives (device
+        tensors; logits computed a slice of rows at a time to bound memory)."""
+        parts = []
+        for i in step.prompt_lp_idx:
+            st, start = step.states[i], step.sched.num_computed_tokens[i]
+            n = step.sched.num_scheduled_tokens[i]
+            m = min(n, st.num_prompt_tokens - 1 - start)  # rows whose next token is still a prompt token
+            first = step.packed.first_rows[i]
+            target_ids = st.prompt_token_ids[start + 1:start + 1 + m]
+            targets = torch.tensor(target_ids, dtype=torch.int64).to(self.device)
+            k = st.sampling_params.prompt_logprobs or 0
+            lp, rank, top_v, top_i = [], [], [], []
+            for a in range(0, m, PROMPT_LOGPROB_ROWS):
+                b = min(m, a + PROMPT_LOGPROB_ROWS)
+                lps = self.model.compute_logits(hidden.narrow(0, first + a, b - a)).float().log_softmax(dim=-1)
+                tgt = lps.gather(1, targets[a:b, None])  # [rows, 1]
+                lp.append(tgt.squeeze(1))
+                rank.append((lps > tgt).sum(dim=-1) + 1)
+                if k:
+                    v, ids = lps.topk(min(k, lps.shape[1]), dim=-1)
+                    top_v.append(v)
+                    top_i.append(ids)
+            parts.append(PromptLogprobsPart(st.request_id, start + 1, target_ids, torch.cat(lp), torch.cat(rank),
+                                            torch.cat(top_v) if k else None, torch.cat(top_i) if k else None))
+        return parts
 
     def finish(self, step: StepInputs, dev: StepDeviceOutput) -> ModelRunnerOutput:
         """The one device-to-host copy of the step (sampled and verified ids with the non-finite flags; a
@@ -165,10 +233,14 @@ class ModelRunner:
                 out.num_rejected[st.request_id] = len(draft) - accepted[j]
                 assert self.speculator is not None
                 self.speculator.record_acceptance(st, len(draft), accepted[j])
+        for part in dev.prompt_logprobs:
+            out.prompt_logprobs[part.req_id] = part.to_host()
         for i, st in enumerate(states):
             new = out.sampled_token_ids.get(st.request_id)
             if new:
                 st.append_output_tokens(new)
+                if st.grammar is not None:
+                    st.grammar.accept(new)
                 st.num_computed_tokens = sched.num_computed_tokens[i] + sched.num_scheduled_tokens[i] - \
                     out.num_rejected.get(st.request_id, 0)
         return out
@@ -184,6 +256,35 @@ class StepInputs:
     packed: PackedInputs
     sample_idx: list[int]
     spec_idx: list[int]
+    prompt_lp_idx: list[int] = field(default_factory=list)  # chunks with prompt positions to score
+
+
+PROMPT_LOGPROB_ROWS = 256  # prompt-logprob logits computed this many rows at a time
+
+
+@dataclass
+class PromptLogprobsPart:
+    """Prompt logprobs of one chunk: positions ``start .. start + len(logprob) - 1`` of request ``req_id``."""
+
+    req_id: str
+    start: int
+    token_ids: list[int]  # the m prompt tokens scored
+    logprob: torch.Tensor  # [m] of each prompt token
+    rank: torch.Tensor  # [m] its rank (1 = the most likely token)
+    top_logprobs: torch.Tensor | None  # [m, k]
+    top_ids: torch.Tensor | None  # [m, k]
+
+    def to_host(self) -> tuple[int, list[dict[int, tuple[float, int]]]]:
+        """(first position, per position {token id: (logprob, rank)}: the prompt token and the top k)."""
+        lp, rank = self.logprob.tolist(), self.rank.tolist()
+        tv = self.top_logprobs.tolist() if self.top_logprobs is not None else [[] for _ in lp]
+        ti = self.top_ids.tolist() if self.top_ids is not None else [[] for _ in lp]
+        rows = []
+        for j, tok in enumerate(self.token_ids):
+            d = {tok: (lp[j], rank[j])}
+            d.update((t, (v, r + 1)) for r, (t, v) in enumerate(zip(ti[j], tv[j])) if t != tok)
+            rows.append(d)
+        return self.start, rows
 
 
 @dataclass
@@ -191,6 +292,7 @@ class StepDeviceOutput:
     nonfinite: torch.Tensor  # [B] bool: a NaN/inf in the request's hidden states this step
     sampled: SamplerOutput | None = None
     verified: VerifyOutput | None = None
+    prompt_logprobs: list[PromptLogprobsPart] = field(default_factory=list)
 
 
 def _nonfinite_per_chunk(hidden: torch.Tensor, first_rows: list[int], last_rows: list[int]) -> torch.Tensor:

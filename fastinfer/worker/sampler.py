@@ -161,8 +161,9 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, t
 
 # -- penalties and filters ----------------------------------------------------------------------------------
 def apply_penalties(logits: torch.Tensor, states: Sequence[SamplingState]) -> None:
-    """In place: min_tokens (EOS / stop ids banned until enough tokens exist), then repetition (prompt + output
-    tokens), frequency and presence (output tokens) penalties. Vectorised over rows; no synchronisation."""
+    """In place: min_tokens (EOS / stop ids banned until enough tokens exist), bad words, allowed_token_ids and
+    logit_bias, then repetition (prompt + output tokens), frequency and presence (output tokens) penalties.
+    Vectorised over rows; no synchronisation."""
     vocab = logits.shape[1]
     device = logits.device
     ban_rows: list[int] = []
@@ -178,11 +179,55 @@ def apply_penalties(logits: torch.Tensor, states: Sequence[SamplingState]) -> No
                     ban_cols.append(t)
         if sp.needs_penalties:
             pen_rows.append(i)
+        if sp.bad_words_token_ids:
+            for t in _banned_bad_words(sp.bad_words_token_ids, st.output_token_ids):
+                if 0 <= t < vocab:
+                    ban_rows.append(i)
+                    ban_cols.append(t)
     if ban_rows:
         rows, cols = _upload([ban_rows, ban_cols], torch.int64, device).unbind(0)
         logits.index_put_((rows, cols), torch.full((), float("-inf"), dtype=logits.dtype, device=device))
+    _apply_bias_and_allowed(logits, states)
     if pen_rows:
         _penalize(logits, states, pen_rows)
+
+
+def _banned_bad_words(words: Sequence[Sequence[int]], output: Sequence[int]) -> list[int]:
+    """The last token of each bad word whose other tokens are the last tokens generated (a one-token word is
+    always banned), as vLLM applies ``bad_words`` to the generated tokens."""
+    banned = []
+    for w in words:
+        k = len(w) - 1
+        if k == 0 or (len(output) >= k and list(output[len(output) - k:]) == list(w[:k])):
+            banned.append(w[-1])
+    return banned
+
+
+def _apply_bias_and_allowed(logits: torch.Tensor, states: Sequence[SamplingState]) -> None:
+    """In place: ``allowed_token_ids`` (every other token -inf) and ``logit_bias`` (added), one scatter each."""
+    vocab, device = logits.shape[1], logits.device
+    allow_rows, allow_cols, bias_rows, bias_cols, bias_vals = [], [], [], [], []
+    for i, st in enumerate(states):
+        sp = st.sampling_params
+        for t in sp.allowed_token_ids or ():
+            if t < vocab:
+                allow_rows.append(i)
+                allow_cols.append(t)
+        for t, b in (sp.logit_bias or {}).items():
+            if t < vocab:
+                bias_rows.append(i)
+                bias_cols.append(t)
+                bias_vals.append(b)
+    if allow_rows:
+        restricted = sorted(set(allow_rows))
+        banned = torch.zeros(logits.shape, dtype=torch.bool, device=device)
+        banned.index_fill_(0, _upload(restricted, torch.int64, device), True)
+        rows, cols = _upload([allow_rows, allow_cols], torch.int64, device).unbind(0)
+        banned.index_put_((rows, cols), torch.zeros((), dtype=torch.bool, device=device))
+        logits.masked_fill_(banned, float("-inf"))
+    if bias_rows:
+        rows, cols = _upload([bias_rows, bias_cols], torch.int64, device).unbind(0)
+        logits.index_put_((rows, cols), _upload(bias_vals, logits.dtype, device), accumulate=True)
 
 
 def _token_table(lists: Sequence[Sequence[int]], vocab: int, device: torch.device,
@@ -331,7 +376,8 @@ def sample(logits: torch.Tensor, states: Sequence[SamplingState], generator: tor
     device = logits.device
     sps = [st.sampling_params for st in states]
     raw = logits
-    if any(sp.needs_penalties or st.num_output_tokens < sp.min_tokens for sp, st in zip(sps, states)):
+    if any(sp.needs_penalties or sp.needs_logit_rules or st.num_output_tokens < sp.min_tokens
+           for sp, st in zip(sps, states)):
         logits = logits.clone()
         apply_penalties(logits, states)
     tokens = argmax(logits) if argmax is not None else logits.argmax(dim=-1)

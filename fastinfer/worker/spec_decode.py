@@ -77,9 +77,12 @@ def propose_ngram(tokens: list[int], k: int, n_max: int, n_min: int) -> list[int
 
 
 def speculation_allowed(req: Any) -> bool:
-    """Requests whose per-position sampling depends on output history are not speculated (kept exact)."""
+    """Requests whose per-position sampling depends on output history (penalties, bad words, min_tokens) or that
+    change the logits the verification reads (logit_bias, allowed_token_ids) are not speculated (kept exact); a
+    grammar does not stop speculation (the verified rows are masked per draft position)."""
     sp = req.sampling_params
-    return not (sp.needs_penalties or sp.logprobs is not None or req.num_output_tokens < sp.min_tokens)
+    return not (sp.needs_penalties or sp.needs_logit_rules or sp.logprobs is not None
+                or req.num_output_tokens < sp.min_tokens)
 
 
 class Speculator:

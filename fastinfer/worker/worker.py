@@ -16,6 +16,8 @@ from fastinfer.core.outputs import ModelRunnerOutput, SchedulerOutput
 from fastinfer.models.interface import allocate_kv_caches, forward_sequence, moe_blocks, scratch_kv_cache
 from fastinfer.models.loader import LoadedModel, load_model
 from fastinfer.ops import OpSet
+from fastinfer.sampling_params import StructuredOutputsParams
+from fastinfer.structured_output import GrammarCompiler
 from fastinfer.worker.draft_model import DraftModelProposer
 from fastinfer.worker.kv_cache import plan_kv_cache
 from fastinfer.worker.model_runner import ModelRunner
@@ -106,9 +108,11 @@ class Worker:
         if self.spec is not None and self.proposer is not None:
             speculator = Speculator(self.spec, self.proposer, self.max_model_len)
         generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.runner = ModelRunner(loaded.model, kv, bs, self.ops, self.device, generator, speculator, self.kv_layout)
         eos = loaded.config.eos_token_ids or tuple(
             t for t in [getattr(self.tokenizer, "eos_token_id", None)] if t is not None)
+        self.grammars = GrammarCompiler(self.tokenizer, loaded.config.vocab_size, eos)
+        self.runner = ModelRunner(loaded.model, kv, bs, self.ops, self.device, generator, speculator, self.kv_layout,
+                                  self.grammars)
         ahead = (self.spec.num_speculative_tokens
                  if self.spec is not None and self.proposer is not None and self.proposer.needs_kv_slots else 0)
         self.info = WorkerInfo(loaded.config.vocab_size, eos, self.max_model_len, self.num_kv_blocks, ahead,
@@ -117,6 +121,15 @@ class Worker:
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(sched)
+
+    def check_grammar(self, params: StructuredOutputsParams) -> None:
+        """ValueError naming the problem when a structured-output constraint is invalid (parsing only: fast)."""
+        self.grammars.check(params)
+
+    def compile_grammar(self, params: StructuredOutputsParams) -> None:
+        """Compile a constraint against the vocabulary into the grammar cache the model runner reads (slow for
+        a large schema: the engine calls it off its step thread before it schedules the request)."""
+        self.grammars.compile(params)
 
     def expert_load(self) -> dict[int, list[int]]:
         """Tokens routed to each expert so far, per MoE layer of the served model: {decoder layer index: [count
