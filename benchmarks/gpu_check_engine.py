@@ -189,6 +189,31 @@ def check_engine_mixed(ctx: Any) -> None:
     assert outs[4].outputs[0].logprobs is not None and len(outs[4].outputs[0].logprobs) == MIX
 
 
+def check_engine_request_surface(ctx: Any) -> None:
+    """Structured outputs (xgrammar's bitmask op on the device), prompt logprobs and logit rules on the device
+    vs the CPU torch backend."""
+    from fastinfer import SamplingParams
+    from fastinfer.sampling_params import StructuredOutputsParams
+
+    prompts = _prompts(4, seed=5, dry=ctx.dry)
+    choice = StructuredOutputsParams(choice=["w5", "w8", "w9"])  # one word-level token each
+    sps = [SamplingParams(temperature=0, max_tokens=8, structured_outputs=choice),
+           SamplingParams(temperature=0, max_tokens=6, prompt_logprobs=3, ignore_eos=True),
+           SamplingParams(temperature=0, max_tokens=6, logit_bias={7: 100}, ignore_eos=True),
+           SamplingParams(temperature=0.8, seed=1, max_tokens=6, allowed_token_ids=[11, 12, 13], ignore_eos=True)]
+    gpu = _llm(ctx).generate(prompts, sps, use_tqdm=False)
+    cpu = _llm(ctx, device="cpu", attention_backend="torch").generate(prompts, sps, use_tqdm=False)
+    assert gpu[0].outputs[0].text.strip() in ("w5", "w8", "w9"), gpu[0].outputs[0].text
+    assert gpu[0].outputs[0].finish_reason == "stop"
+    assert _tokens(gpu) == _tokens(cpu), "request-surface tokens differ from the CPU torch backend"
+    assert gpu[2].outputs[0].token_ids == [7] * 6 and set(gpu[3].outputs[0].token_ids) <= {11, 12, 13}
+    a, b = gpu[1].prompt_logprobs, cpu[1].prompt_logprobs
+    assert a is not None and b is not None and len(a) == len(b) and a[0] is None
+    worst = max(abs(a[i][t].logprob - b[i][t].logprob) for i in range(1, len(a)) for t in b[i] if t in a[i])
+    assert worst < 1e-3, f"prompt logprobs differ from the CPU by {worst}"
+    ctx.emit({"case": "engine_request_surface", "choice": gpu[0].outputs[0].text, "prompt_logprob_max_diff": worst})
+
+
 def bench_engine_decode(ctx: Any) -> None:
     from fastinfer import SamplingParams
 
@@ -213,4 +238,5 @@ def register(check: Any, bench: Any) -> None:
     check("engine_gemma2_windows")(check_engine_gemma2_windows)
     check("engine_seeded_sampling")(check_engine_seeded)
     check("engine_mixed_requests_triton")(check_engine_mixed)
+    check("engine_request_surface")(check_engine_request_surface)
     bench("engine_decode")(bench_engine_decode)
