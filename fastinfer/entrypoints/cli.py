@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastinfer.config import DEFAULT_MODEL
+from fastinfer.entrypoints.reasoning_parsers import REASONING_PARSERS
+from fastinfer.entrypoints.tool_parsers import TOOL_PARSERS
 from fastinfer.quantization import QuantSpec  # torch-free
 
 if TYPE_CHECKING:
@@ -121,9 +123,14 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from fastinfer.entrypoints.openai_server import ServerConfig, build_app
 
     llm = _llm(a)
+    template = a.chat_template
+    if template is not None and Path(template).is_file():
+        template = Path(template).read_text(encoding="utf-8")
     cfg = ServerConfig(served_model_name=a.served_model_name or a.model, api_key=a.api_key,
                        max_body_bytes=a.max_body_bytes, max_n=a.max_n, max_pending=a.max_pending,
-                       shutdown_timeout=a.shutdown_timeout)
+                       shutdown_timeout=a.shutdown_timeout, chat_template=template,
+                       tool_call_parser=a.tool_call_parser, reasoning_parser=a.reasoning_parser,
+                       generation_config=a.generation_config)
     app = build_app(llm.engine, cfg)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning" if not a.verbose else "info",
                 timeout_graceful_shutdown=int(a.shutdown_timeout))
@@ -237,6 +244,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-n", type=int, default=16)
     s.add_argument("--max-pending", type=int, default=256, help="requests queued beyond max-num-seqs; then 429")
     s.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM")
+    s.add_argument("--chat-template", default=None, help="a Jinja chat template (file or text) instead of the "
+                   "tokenizer's")
+    s.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                   help="parse tool calls from the output for tool_choice auto (default: the format the chat "
+                   "template's markers name, if any)")
+    s.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM compatibility: tool_choice auto works whenever a parser is set or detected")
+    s.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                   help="split <think> reasoning into message.reasoning (and reasoning_content)")
+    s.add_argument("--generation-config", default="auto",
+                   help="auto: request defaults (temperature, top_p, top_k, min_p, repetition_penalty, "
+                   "max_new_tokens) from the model directory's generation_config.json; vllm: built-in defaults; "
+                   "or a folder holding a generation_config.json")
     s.set_defaults(func=cmd_serve, max_num_seqs=64)
     v = sub.add_parser("verify", help="compare the model under these settings with HF transformers (KL, top-k "
                        "agreement, greedy divergence)")

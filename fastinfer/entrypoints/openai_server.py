@@ -4,6 +4,12 @@ Routes: /v1/completions, /v1/chat/completions (SSE streaming), /v1/models, /toke
 /metrics (Prometheus), /health. Errors use OpenAI's body: ``{"error": {"message", "type", "param", "code"}}``.
 With an API key every route but /health needs ``Authorization: Bearer KEY`` (constant-time compare,
 decided on the path alone). Request bodies, n, max_tokens, prompt length and requests in flight are bounded.
+
+Beyond sampling: output constraints (``response_format``, ``structured_outputs``, ``guided_*``), tools rendered
+by the chat template with ``tool_choice`` auto (parsed by a ``tool_parsers`` parser) / required / named (forced by
+a JSON-schema grammar), reasoning split by a ``reasoning_parsers`` parser (``chat_output``), ``echo`` and
+``logprobs`` over the prompt, ``prompt_logprobs``, logit rules, ``return_token_ids``, ``continue_final_message``,
+``chat_template_kwargs``, and request defaults from the model's ``generation_config.json``.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -25,15 +31,26 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fastinfer.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
 from fastinfer.engine.llm_engine import LLMEngine
+from fastinfer.entrypoints.chat_output import ChoiceOutput, NamedCall, finish_reason
 from fastinfer.entrypoints.metrics import ServerMetrics
 from fastinfer.entrypoints.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    RequestError,
     TokenizeRequest,
+    generation_defaults,
 )
-from fastinfer.outputs import CompletionOutput, RequestOutput
-from fastinfer.sampling_params import SamplingParams
+from fastinfer.entrypoints.reasoning_parsers import REASONING_PARSERS, ReasoningParser
+from fastinfer.entrypoints.tool_parsers import (
+    TOOL_PARSERS,
+    JsonArrayCalls,
+    ToolParser,
+    detect_tool_parser,
+    required_tools_schema,
+)
+from fastinfer.outputs import CompletionOutput, Logprob, RequestOutput
+from fastinfer.sampling_params import SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger("fastinfer.server")
 ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
@@ -49,6 +66,10 @@ class ServerConfig:
     max_pending: int = 256
     shutdown_timeout: float = 30.0
     disconnect_poll_s: float = 0.2
+    chat_template: str | None = None  # instead of the tokenizer's
+    tool_call_parser: str | None = None  # None: the one the chat template's markers name, if any
+    reasoning_parser: str | None = None
+    generation_config: str = "auto"  # "auto" (the model directory's generation_config.json), "vllm" or a folder
 
 
 class APIError(Exception):
@@ -119,7 +140,7 @@ class GuardMiddleware:
 def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
     """The FastAPI app; the engine thread starts with the app's lifespan and stops (draining) with it."""
     state: dict[str, Any] = {}
-    metrics = ServerMetrics(lambda: state.get("async"), cfg.served_model_name)
+    metrics = ServerMetrics(lambda: state.get("async"), cfg.served_model_name, engine.max_model_len)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -135,10 +156,18 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
     app = FastAPI(title="fastinfer", lifespan=lifespan)
     tok = engine.tokenizer
     max_len = engine.max_model_len
+    vocab = engine.model_config.vocab_size
+    stop_ids = set(engine.eos_token_ids or ())
+    defaults = generation_defaults(engine.config.model, cfg.generation_config)
+    tool_cls, reasoning_cls = _parsers(cfg, tok)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError):
         return error_response(e.status, e.message, e.type, e.param, e.code)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, e: RequestError):
+        return error_response(400, str(e), param=e.param)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError):
@@ -157,23 +186,29 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
             raise APIError(404, f"model {name!r} does not exist; this server serves {cfg.served_model_name!r}",
                            param="model", code="model_not_found")
 
-    def sampling(req: Any, prompt_len: int, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling(req: Any, prompt_len: int, max_tokens: int | None, fallback: int | None, logprobs: int | None,
+                 **kw: Any) -> SamplingParams:
+        """SamplingParams for one prompt. ``max_tokens`` as given (checked against the context), else the model's
+        default, else ``fallback``, else the rest of the context (defaults are capped at the context)."""
         if not isinstance(req.n, int) or not 1 <= req.n <= cfg.max_n:
             raise APIError(400, f"n must be between 1 and {cfg.max_n}", param="n")
         if prompt_len >= max_len:
             raise APIError(400, f"prompt has {prompt_len} tokens; this model's context is {max_len} tokens",
                            param="prompt", code="context_length_exceeded")
-        if max_tokens is not None and prompt_len + max_tokens > max_len:
+        room = max_len - prompt_len
+        if max_tokens is not None and max_tokens > room:
             raise APIError(400, f"max_tokens={max_tokens} plus the prompt's {prompt_len} tokens exceeds the "
                            f"context of {max_len} tokens", param="max_tokens", code="context_length_exceeded")
+        if max_tokens is None:
+            default = defaults.get("max_tokens", fallback)
+            max_tokens = room if default is None else min(default, room)
         try:
-            sp = req.sampling(max_tokens, logprobs)
+            return req.sampling(max_tokens, logprobs, defaults, vocab, **kw)
+        except RequestError:
+            raise
         except ValueError as e:
             field = str(e).split(" ", 1)[0].removeprefix("SamplingParams.")
             raise APIError(400, str(e), param=field) from None
-        if sp.max_tokens is None:
-            sp.max_tokens = max_len - prompt_len
-        return sp
 
     def aengine() -> AsyncLLMEngine:
         return state["async"]
@@ -200,7 +235,45 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
             if not task.done():
                 task.cancel()
 
-    def submit_errors(e: Exception) -> APIError:
+    async def run_all(jobs: list[tuple[str, dict, SamplingParams]], request: Request) -> list[RequestOutput]:
+        try:
+            finals = await asyncio.gather(*[collect(rid, p, sp, request) for rid, p, sp in jobs])
+        except APIError:
+            raise
+        except Exception as e:
+            raise submit_errors(e) from None
+        for out in finals:
+            _raise_if_error(out)
+            metrics.observe(out)
+        return finals
+
+    async def start_streams(jobs: list[tuple[str, dict, SamplingParams]], request: Request) -> list[_Started]:
+        """Queue the requests and wait for each one's first output, so input the engine rejects (an invalid
+        schema, say) is a 400 rather than an error event inside a 200 stream."""
+        streams: list[_Started] = []
+        try:
+            for rid, p, sp in jobs:
+                try:
+                    streams.append(_Started(aengine().add_request(rid, p, sp), aengine(), rid))
+                except Exception as e:
+                    raise submit_errors(e) from None
+            for s in streams:
+                task = asyncio.ensure_future(s.queue.get())
+                while not (await asyncio.wait({task}, timeout=cfg.disconnect_poll_s))[0]:
+                    if await request.is_disconnected():
+                        task.cancel()
+                        raise APIError(499, "client disconnected")
+                first = task.result()
+                if isinstance(first, BaseException):
+                    raise submit_errors(first)
+                s.pending.append(first)
+        except BaseException:
+            for s in streams:
+                s.aeng.abort(s.rid)
+            raise
+        return streams
+
+    def submit_errors(e: BaseException) -> APIError:
         if isinstance(e, QueueFullError):
             return APIError(429, str(e), "rate_limit_error", code="queue_full")
         if isinstance(e, EngineDeadError):
@@ -208,6 +281,28 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
         if isinstance(e, ValueError):
             return APIError(400, str(e))
         return APIError(500, f"internal error: {e}", "server_error")
+
+    def visible_text(c: CompletionOutput, sp: SamplingParams) -> str:
+        """The output text without the text of the stop token that ended it (present when special tokens are
+        kept), as vLLM returns it."""
+        if sp.skip_special_tokens or c.finish_reason != "stop" or not c.token_ids:
+            return c.text
+        last = c.token_ids[-1]
+        if last in stop_ids or last in (sp.stop_token_ids or ()):
+            return c.text.removesuffix(tok.decode([last], skip_special_tokens=False))
+        return c.text
+
+    def decode_one(tid: int) -> str:
+        return tok.decode([tid], skip_special_tokens=False)
+
+    def render(messages: list, args: dict[str, Any]) -> str:
+        try:
+            conv = [m.for_template() for m in messages]
+            return tok.apply_chat_template(conv, tokenize=False, chat_template=cfg.chat_template, **args)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        except Exception as e:  # template errors (e.g. a role the template rejects)
+            raise APIError(400, f"chat template failed: {e}", param="messages") from None
 
     # -- routes ----------------------------------------------------------------------------------------
     @app.get("/health")
@@ -232,7 +327,7 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if req.messages is not None:
-            text = chat_text(req.messages, True)
+            text = render(req.messages, req.template_args())
             ids = tok.encode(text, add_special_tokens=False)
         else:
             ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
@@ -241,25 +336,17 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
         check_model(req.model)
-        vocab = engine.model_config.vocab_size
         if any(not 0 <= t < vocab for t in req.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
         return {"prompt": tok.decode(req.tokens)}
 
-    def chat_text(messages: list, add_generation_prompt: bool) -> str:
-        try:
-            conv = [{"role": m.role, "content": m.text()} for m in messages]
-            return tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
-        except Exception as e:  # template errors (e.g. a role the template rejects)
-            raise APIError(400, f"chat template failed: {e}", param="messages") from None
-
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
-        if req.echo or req.suffix:
-            raise APIError(400, "echo and suffix are not supported", param="echo")
+        if req.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if req.stream and req.prompt_logprobs is not None:
+            raise APIError(400, "prompt_logprobs is not available when streaming", param="prompt_logprobs")
         prompts = _prompt_list(req.prompt)
         if not prompts or len(prompts) > cfg.max_prompts:
             raise APIError(400, f"give between 1 and {cfg.max_prompts} prompts", param="prompt")
@@ -268,86 +355,170 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
             ids = tok.encode(p) if isinstance(p, str) else p
             if not ids:
                 raise APIError(400, "prompt is empty", param="prompt")
-            if any(not isinstance(t, int) or not 0 <= t < engine.model_config.vocab_size for t in ids):
+            if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
                 raise APIError(400, "prompt token ids out of range", param="prompt")
             encoded.append({"prompt_token_ids": ids, "cache_salt": req.cache_salt,
                             **({"prompt": p} if isinstance(p, str) else {})})
-        sps = [sampling(req, len(e["prompt_token_ids"]), req.max_tokens, req.logprobs) for e in encoded]
+        echo_only = req.echo and req.max_tokens == 0  # the prompt back (scored): one token is run, then dropped
+        plp = req.prompt_logprobs
+        if req.echo and req.logprobs is not None:
+            plp = max(plp or 0, req.logprobs)
+        constraint = req.constraint()
+        sps = [sampling(req, len(e["prompt_token_ids"]), 1 if echo_only else req.max_tokens, 16, req.logprobs,
+                        constraint=constraint, prompt_logprobs=plp) for e in encoded]
         rid = f"cmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        base = {"id": rid, "object": "text_completion", "created": created, "model": cfg.served_model_name}
+        base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": cfg.served_model_name}
         n = sps[0].n
+        jobs = [(f"{rid}-{i}", e, sp) for i, (e, sp) in enumerate(zip(encoded, sps))]
+        k = req.logprobs
+
+        def prompt_text(out: RequestOutput) -> str:
+            return out.prompt if out.prompt is not None else tok.decode(out.prompt_token_ids)
+
+        def echo_logprobs(out: RequestOutput) -> list[tuple[int, dict | None]]:
+            if out.prompt_logprobs is None:
+                raise APIError(500, "the engine returned no prompt logprobs", "server_error")
+            return list(zip(out.prompt_token_ids, out.prompt_logprobs))
+
+        def shown(c: CompletionOutput, sp: SamplingParams, start: int) -> tuple[str, list[int], list]:
+            """Text, token ids and logprob entries of the completion from token ``start`` (none: echo only)."""
+            if echo_only:
+                return "", [], []
+            return visible_text(c, sp), c.token_ids[start:], list(zip(c.token_ids[start:],
+                                                                        (c.logprobs or [])[start:]))
+
         if req.stream:
-            streams = [_start(aengine(), f"{rid}-{i}", e, sp, submit_errors) for i, (e, sp) in
-                       enumerate(zip(encoded, sps))]
+            streams = await start_streams(jobs, request)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            sent_chars: dict[tuple[int, int], int] = {}
 
-            def chunk(pi: int, c: CompletionOutput, delta: str, lp_from: int) -> dict:
-                return {**base, "choices": [{"index": pi * n + c.index, "text": delta,
-                                             "logprobs": _cmpl_logprobs(c, lp_from) if req.logprobs is not None
-                                             else None, "finish_reason": c.finish_reason}]}
+            def chunk(pi: int, c: CompletionOutput, delta: str, lp_from: int, out: RequestOutput) -> dict | None:
+                key = (pi, c.index)
+                first = key not in sent_chars
+                text, ids, entries = shown(c, sps[pi], lp_from)
+                text = "" if echo_only else delta
+                if first and req.echo:
+                    text = prompt_text(out) + text
+                    entries = (echo_logprobs(out) if k is not None else []) + entries
+                choice: dict[str, Any] = {"index": pi * n + c.index, "text": text, "logprobs": None,
+                                          "finish_reason": "length" if echo_only else c.finish_reason}
+                if k is not None:
+                    choice["logprobs"] = _legacy_logprobs(entries, k, sent_chars.get(key, 0), decode_one)
+                if req.return_token_ids:
+                    choice["token_ids"] = ids
+                    if first:
+                        choice["prompt_token_ids"] = out.prompt_token_ids
+                sent_chars[key] = sent_chars.get(key, 0) + len(text)
+                return {**base, "choices": [choice]}
 
-            return StreamingResponse(_sse(streams, chunk, base, include_usage, metrics),
+            return StreamingResponse(_sse(streams, chunk, base, include_usage, metrics,
+                                          lambda c, i: visible_text(c, sps[i]),
+                                          (lambda outs: _usage(outs, 0)) if echo_only else _usage),
                                      media_type="text/event-stream")
-        try:
-            finals = await asyncio.gather(*[collect(f"{rid}-{i}", e, sp, request)
-                                            for i, (e, sp) in enumerate(zip(encoded, sps))])
-        except APIError:
-            raise
-        except Exception as e:
-            raise submit_errors(e) from None
+        finals = await run_all(jobs, request)
         choices = []
         for pi, out in enumerate(finals):
-            _raise_if_error(out)
-            metrics.observe(out)
             for c in out.outputs:
-                choices.append({"index": pi * n + c.index, "text": c.text, "finish_reason": c.finish_reason,
-                                "logprobs": _cmpl_logprobs(c, 0) if req.logprobs is not None else None})
-        return {**base, "choices": choices, "usage": _usage(finals)}
+                text, ids, entries = shown(c, sps[pi], 0)
+                lead = prompt_text(out) if req.echo else ""
+                choice: dict[str, Any] = {"index": pi * n + c.index, "text": lead + text, "logprobs": None,
+                                          "finish_reason": "length" if echo_only else c.finish_reason}
+                if k is not None:
+                    entries = (echo_logprobs(out) if req.echo else []) + entries
+                    choice["logprobs"] = _legacy_logprobs(entries, k, 0, decode_one)
+                if req.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = _vllm_prompt_logprobs(out, req.prompt_logprobs)
+                if req.return_token_ids:
+                    choice["prompt_token_ids"], choice["token_ids"] = out.prompt_token_ids, ids
+                choices.append(choice)
+        return {**base, "choices": choices, "usage": _usage(finals, 0 if echo_only else None)}
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
-        text = chat_text(req.messages, req.add_generation_prompt)
+        if req.stream and req.prompt_logprobs is not None:
+            raise APIError(400, "prompt_logprobs is not available when streaming", param="prompt_logprobs")
+        targs = req.template_args()
+        mode, named = req.tool_mode()
+        constraint = req.constraint()
+        if mode in ("required", "named"):
+            if constraint is not None:
+                raise RequestError("tool_choice", f'tool_choice "{mode}" forces the output, so it cannot be '
+                                   "combined with response_format / structured_outputs / guided_*")
+            schema = required_tools_schema(targs["tools"]) if named is None else req.tool_parameters(named)
+            try:
+                constraint = StructuredOutputsParams(json=schema)
+            except ValueError as e:
+                raise RequestError("tools", str(e)) from None
+        if mode == "auto" and tool_cls is None:
+            raise RequestError("tool_choice", 'tool_choice "auto" needs a tool-call parser: start the server with '
+                               f"--tool-call-parser ({', '.join(TOOL_PARSERS)}); or use \"required\", a named "
+                               'function or "none"')
+        text = render(req.messages, targs)
         ids = tok.encode(text, add_special_tokens=False)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        sp = sampling(req, len(ids), max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        keep_special = mode == "auto" and tool_cls is not None and _drops_markers(tok, tool_cls.special_markers)
+        sp = sampling(req, len(ids), max_tokens, None, (req.top_logprobs or 0) if req.logprobs else None,
+                      constraint=constraint, skip_special_tokens=False if keep_special else None)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         base = {"id": rid, "object": "chat.completion", "created": int(time.time()),
                 "model": cfg.served_model_name}
         prompt = {"prompt": text, "prompt_token_ids": ids, "cache_salt": req.cache_salt}
         k = req.top_logprobs or 0
+        template_kwargs = req.chat_template_kwargs or {}
+
+        def choice_output() -> ChoiceOutput:
+            reasoning = reasoning_cls.for_request(text, template_kwargs, constraint is not None) \
+                if reasoning_cls is not None else None
+            tools = (tool_cls() if mode == "auto" and tool_cls is not None else JsonArrayCalls()
+                     if mode == "required" else NamedCall(named) if named is not None else None)
+            return ChoiceOutput(reasoning, tools)
+
         if req.stream:
-            stream = _start(aengine(), rid, prompt, sp, submit_errors)
+            streams = await start_streams([(rid, prompt, sp)], request)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             chunk_base = {**base, "object": "chat.completion.chunk"}
-            first = set()
+            pipes: dict[int, ChoiceOutput] = {}
 
-            def chunk(_: int, c: CompletionOutput, delta: str, lp_from: int) -> dict:
-                d: dict[str, Any] = {"content": delta}
-                if c.index not in first:
-                    first.add(c.index)
-                    d["role"] = "assistant"
-                return {**chunk_base, "choices": [{"index": c.index, "delta": d, "finish_reason": c.finish_reason,
-                                                   "logprobs": _chat_logprobs(c, k, lp_from) if req.logprobs
-                                                   else None}]}
+            def chunk(_: int, c: CompletionOutput, delta: str, lp_from: int, out: RequestOutput) -> dict | None:
+                first = c.index not in pipes
+                pipe = pipes.setdefault(c.index, choice_output())
+                d = pipe.feed(delta)
+                if c.finish_reason is not None:
+                    d.add(pipe.finish())
+                msg = pipe.delta(d)
+                if msg is None and c.finish_reason is None and not first:
+                    return None  # all held back (a possible marker): logprobs and ids go with the next chunk
+                msg = {"role": "assistant", **(msg or {})} if first else (msg or {})
+                choice: dict[str, Any] = {"index": c.index, "delta": msg, "logprobs": _chat_logprobs(c, k, lp_from)
+                                          if req.logprobs else None,
+                                          "finish_reason": finish_reason(c.finish_reason, mode, bool(pipe.ids))}
+                if req.return_token_ids:
+                    choice["token_ids"] = c.token_ids[lp_from:]
+                ev = {**chunk_base, "choices": [choice]}
+                if req.return_token_ids and first:
+                    ev["prompt_token_ids"] = out.prompt_token_ids
+                return ev
 
-            return StreamingResponse(_sse([stream], chunk, chunk_base, include_usage, metrics),
-                                     media_type="text/event-stream")
-        try:
-            out = await collect(rid, prompt, sp, request)
-        except APIError:
-            raise
-        except Exception as e:
-            raise submit_errors(e) from None
-        _raise_if_error(out)
-        metrics.observe(out)
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": _chat_logprobs(c, k, 0) if req.logprobs else None,
-                    "finish_reason": c.finish_reason} for c in out.outputs]
-        return {**base, "choices": choices, "usage": _usage([out])}
+            return StreamingResponse(_sse(streams, chunk, chunk_base, include_usage, metrics,
+                                          lambda c, _: visible_text(c, sp)), media_type="text/event-stream")
+        out = (await run_all([(rid, prompt, sp)], request))[0]
+        choices = []
+        for c in out.outputs:
+            msg, called = choice_output().message(visible_text(c, sp))
+            choice = {"index": c.index, "message": msg, "logprobs": _chat_logprobs(c, k, 0) if req.logprobs else None,
+                      "finish_reason": finish_reason(c.finish_reason, mode, called)}
+            if req.return_token_ids:
+                choice["token_ids"] = c.token_ids
+            choices.append(choice)
+        resp = {**base, "choices": choices, "usage": _usage([out])}
+        if req.prompt_logprobs is not None:
+            resp["prompt_logprobs"] = _vllm_prompt_logprobs(out, req.prompt_logprobs)
+        if req.return_token_ids:
+            resp["prompt_token_ids"] = out.prompt_token_ids
+        return resp
 
     app.add_middleware(GuardMiddleware, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)
     app.state.fastinfer = state
@@ -356,6 +527,39 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
 
 
 # -- helpers --------------------------------------------------------------------------------------------------
+def _parsers(cfg: ServerConfig, tok: Any) -> tuple[type[ToolParser] | None, type[ReasoningParser] | None]:
+    """The tool-call parser (``--tool-call-parser``, else the one the chat template's markers name) and the
+    reasoning parser (``--reasoning-parser``); logged."""
+    template = cfg.chat_template or getattr(tok, "chat_template", None)
+    name = cfg.tool_call_parser
+    if name is None:
+        name = detect_tool_parser(template if isinstance(template, str) else None)
+        if name is not None:
+            logger.info("tool-call parser %s (detected from the chat template)", name)
+    tool_cls = _registered(TOOL_PARSERS, name, "tool-call parser")
+    reasoning_cls = _registered(REASONING_PARSERS, cfg.reasoning_parser, "reasoning parser")
+    logger.info("tool-call parser: %s; reasoning parser: %s", name or "none (tool_choice auto is refused)",
+                cfg.reasoning_parser or "none")
+    return tool_cls, reasoning_cls
+
+
+def _registered(registry: dict[str, Any], name: str | None, what: str) -> Any:
+    if name is None:
+        return None
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r}; known: {', '.join(sorted(registry))}")
+    return registry[name]
+
+
+def _drops_markers(tok: Any, markers: tuple[str, ...]) -> bool:
+    """Whether decoding with skip_special_tokens drops one of these markers (it is a special token)."""
+    for m in markers:
+        ids = tok.encode(m, add_special_tokens=False)
+        if len(ids) == 1 and tok.decode(ids, skip_special_tokens=True) != m:
+            return True
+    return False
+
+
 def _prompt_list(p: Any) -> list[str | list[int]]:
     if isinstance(p, str):
         return [p]
@@ -370,20 +574,55 @@ def _raise_if_error(out: RequestOutput) -> None:
                        "server_error" if out.error.startswith("internal") else "invalid_request_error")
 
 
-def _usage(outs: list[RequestOutput]) -> dict[str, int]:
+def _usage(outs: list[RequestOutput], completion: int | None = None) -> dict[str, int]:
     prompt = sum(len(o.prompt_token_ids) for o in outs)
-    completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    if completion is None:
+        completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _cmpl_logprobs(c: CompletionOutput, start: int) -> dict[str, Any]:
-    toks, lps, tops = [], [], []
-    for tid, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:]):
-        chosen = entry[tid]
-        toks.append(chosen.decoded_token or "")
-        lps.append(chosen.logprob)
-        tops.append({(v.decoded_token or ""): v.logprob for t, v in entry.items() if t != tid or v.rank == 1})
-    return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": []}
+def _lp(x: float) -> float:
+    return max(x, -9999.0)  # JSON has no -inf (vLLM's clamp)
+
+
+def _legacy_logprobs(entries: list[tuple[int, dict[int, Logprob] | None]], k: int, offset: int,
+                     decode: Callable[[int], str]) -> dict[str, Any]:
+    """OpenAI's legacy ``logprobs`` (completions) for (token id, logprob entry) pairs; an entry of None (the first
+    prompt token) has null logprobs. ``top_logprobs`` hold the token and the top ``k``; ``text_offset`` counts
+    from ``offset``."""
+    toks: list[str] = []
+    lps: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    for tid, entry in entries:
+        if entry is None:
+            text, lp, top = decode(tid), None, None
+        else:
+            chosen = entry[tid]
+            text, lp = chosen.decoded_token or "", _lp(chosen.logprob)
+            top = {(v.decoded_token or ""): _lp(v.logprob) for t, v in entry.items()
+                   if t == tid or (v.rank or 0) <= k}
+        toks.append(text)
+        lps.append(lp)
+        tops.append(top)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _vllm_prompt_logprobs(out: RequestOutput, k: int) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's ``prompt_logprobs``: per prompt position None (the first) or token id -> logprob, rank, decoded
+    token, for the prompt token and the top ``k``."""
+    if out.prompt_logprobs is None:
+        raise APIError(500, "the engine returned no prompt logprobs", "server_error")
+    result: list[dict[str, dict[str, Any]] | None] = []
+    for tid, entry in zip(out.prompt_token_ids, out.prompt_logprobs):
+        if entry is None:
+            result.append(None)
+            continue
+        result.append({str(t): {"logprob": _lp(v.logprob), "rank": v.rank, "decoded_token": v.decoded_token}
+                       for t, v in entry.items() if t == tid or (v.rank or 0) <= k})
+    return result
 
 
 def _chat_logprobs(c: CompletionOutput, k: int, start: int) -> dict[str, Any]:
@@ -391,7 +630,7 @@ def _chat_logprobs(c: CompletionOutput, k: int, start: int) -> dict[str, Any]:
     for tid, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:]):
         chosen = entry[tid]
         ranked = sorted(entry.values(), key=lambda v: v.rank or 0)[:k]
-        item = lambda v: {"token": v.decoded_token or "", "logprob": v.logprob,  # noqa: E731
+        item = lambda v: {"token": v.decoded_token or "", "logprob": _lp(v.logprob),  # noqa: E731
                           "bytes": list((v.decoded_token or "").encode())}
         content.append({**item(chosen), "top_logprobs": [item(v) for v in ranked]})
     return {"content": content}
@@ -402,33 +641,37 @@ class _Started:
     queue: asyncio.Queue
     aeng: AsyncLLMEngine
     rid: str
+    pending: list = field(default_factory=list)  # items taken from the queue before streaming began
+
+    async def get(self) -> Any:
+        return self.pending.pop(0) if self.pending else await self.queue.get()
+
+    def ready(self) -> bool:
+        return bool(self.pending) or not self.queue.empty()
 
 
-def _start(aeng: AsyncLLMEngine, rid: str, prompt: dict, sp: SamplingParams,
-           errors: Callable[[Exception], APIError]) -> _Started:
-    try:
-        return _Started(aeng.add_request(rid, prompt, sp), aeng, rid)
-    except Exception as e:
-        raise errors(e) from None
+ChunkFn = Callable[[int, CompletionOutput, str, int, RequestOutput], "dict | None"]
 
 
-async def _sse(streams: list[_Started], chunk: Callable[[int, CompletionOutput, str, int], dict], base: dict,
-               include_usage: bool, metrics: ServerMetrics) -> AsyncIterator[str]:
+async def _sse(streams: list[_Started], chunk: ChunkFn, base: dict, include_usage: bool, metrics: ServerMetrics,
+               text_of: Callable[[CompletionOutput, int], str],
+               usage: Callable[[list[RequestOutput]], dict[str, int]] = _usage) -> AsyncIterator[str]:
     """Merge the request streams into SSE events (text deltas); aborts all requests if the client leaves.
 
-    Snapshots are cumulative, so when several of a single-request stream are already waiting (the client or the
-    event loop fell behind the engine) only the newest becomes an event: fewer, larger deltas, no backlog."""
+    ``chunk(stream, output, new text, first unsent token, request output)`` makes the event, or None when there
+    is nothing to send yet (its tokens then go with the next event). Snapshots are cumulative, so when several of
+    a single-request stream are already waiting (the client or the event loop fell behind the engine) only the
+    newest becomes an event: fewer, larger deltas, no backlog."""
     if len(streams) == 1:  # the common case: read the request's own queue, no merging task
-        merged = streams[0].queue
         tasks: list[asyncio.Future] = []
-        single = True
+        single = streams[0]
     else:
-        merged = asyncio.Queue()
-        single = False
+        merged: asyncio.Queue = asyncio.Queue()
+        single = None
 
         async def pump(i: int, s: _Started) -> None:
             while True:
-                item = await s.queue.get()
+                item = await s.get()
                 await merged.put((i, item))
                 if isinstance(item, BaseException) or item.finished:
                     return
@@ -436,11 +679,11 @@ async def _sse(streams: list[_Started], chunk: Callable[[int, CompletionOutput, 
         tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
 
     async def next_item() -> tuple[int, Any]:
-        got = await merged.get()
-        if not single:
-            return got
-        while not merged.empty() and not isinstance(got, BaseException) and not got.finished:
-            got = merged.get_nowait()  # a newer cumulative snapshot of the same request supersedes this one
+        if single is None:
+            return await merged.get()
+        got = await single.get()
+        while single.ready() and not isinstance(got, BaseException) and not got.finished:
+            got = await single.get()  # a newer cumulative snapshot of the same request supersedes this one
         return 0, got
 
     sent_text: dict[tuple[int, int], int] = {}
@@ -458,9 +701,13 @@ async def _sse(streams: list[_Started], chunk: Callable[[int, CompletionOutput, 
             for c in item.outputs:
                 key = (i, c.index)
                 t0, n0 = sent_text.get(key, 0), sent_tokens.get(key, 0)
-                if len(c.text) > t0 or c.finish_reason is not None and n0 >= 0:
-                    yield f"data: {json.dumps(chunk(i, c, c.text[t0:], n0))}\n\n"
-                    sent_text[key], sent_tokens[key] = len(c.text), len(c.token_ids)
+                text = text_of(c, i)
+                if n0 >= 0 and (len(text) > t0 or c.finish_reason is not None):
+                    ev = chunk(i, c, text[t0:], n0, item)
+                    sent_text[key] = len(text)
+                    if ev is not None:
+                        yield f"data: {json.dumps(ev)}\n\n"
+                        sent_tokens[key] = len(c.token_ids)
                     if c.finish_reason is not None:
                         sent_tokens[key] = -1  # the finish chunk is sent once
             if item.finished:
@@ -468,7 +715,7 @@ async def _sse(streams: list[_Started], chunk: Callable[[int, CompletionOutput, 
                 finals.append(item)
                 metrics.observe(item)
         if include_usage:
-            yield f"data: {json.dumps({**base, 'choices': [], 'usage': _usage(finals)})}\n\n"
+            yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage(finals)})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         for t in tasks:

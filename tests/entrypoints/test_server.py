@@ -87,6 +87,25 @@ def test_models_tokenize_detokenize_health_metrics(served):
                  "fastinfer_prefix_cache_hits_total", "fastinfer_generation_tokens_total"):
         assert name in body
     assert 'fastinfer_kv_cache_group_blocks_in_use{model_name="tiny",sliding_window="full"}' in body
+    types = dict(ln.split()[2:4] for ln in body.splitlines()
+                 if ln.startswith("# TYPE vllm:") and not ln.split()[2].endswith("_created"))
+    assert types == {**{f"vllm:{n}": "gauge" for n in ("num_requests_running", "num_requests_waiting",
+                                                        "kv_cache_usage_perc")},
+                     **{f"vllm:{n}_total": "counter" for n in ("prefix_cache_queries", "prefix_cache_hits",
+                                                          "num_preemptions", "request_success", "prompt_tokens",
+                                                          "generation_tokens")},
+                     **{f"vllm:{n}": "histogram" for n in ("request_prompt_tokens", "request_generation_tokens",
+                                                            "time_to_first_token_seconds",
+                                                            "inter_token_latency_seconds",
+                                                            "time_per_output_token_seconds",
+                                                            "e2e_request_latency_seconds")}}
+    samples = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in body.splitlines()
+               if ln and not ln.startswith("#")}
+    assert samples['vllm:request_success_total{finished_reason="length",model_name="tiny"}'] >= 1
+    for name in ("generation_tokens_total", "prompt_tokens_total", "prefix_cache_queries_total"):
+        assert samples[f'vllm:{name}{{model_name="tiny"}}'] == samples[f'fastinfer_{name}{{model_name="tiny"}}'] > 0
+    assert samples['vllm:e2e_request_latency_seconds_count{model_name="tiny"}'] == \
+        samples['vllm:time_to_first_token_seconds_count{model_name="tiny"}'] >= 1
 
 
 BAD = [
