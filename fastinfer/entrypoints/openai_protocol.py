@@ -97,8 +97,8 @@ class _Common(BaseModel):
     prompt_logprobs: int | None = None
     return_token_ids: bool = False
 
-    def constraint(self) -> StructuredOutputsParams | None:
-        """The request's one output constraint, or None. RequestError for two, or for a malformed one."""
+    def _constraints(self) -> list[tuple[str, dict[str, Any]]]:
+        """(parameter, StructuredOutputsParams fields) of each constraint the request sets."""
         found: list[tuple[str, dict[str, Any]]] = []
         rf = self.response_format
         if rf is not None and rf.type != "text":
@@ -121,6 +121,11 @@ class _Common(BaseModel):
             value = getattr(self, field)
             if value is not None:
                 found.append((field, {key: value}))
+        return found
+
+    def constraint(self) -> StructuredOutputsParams | None:
+        """The request's one output constraint, or None. RequestError for two, or for a malformed one."""
+        found = self._constraints()
         if len(found) > 1:
             raise RequestError(found[1][0], "give at most one output constraint; got "
                                + ", ".join(name for name, _ in found))
@@ -131,6 +136,11 @@ class _Common(BaseModel):
             return StructuredOutputsParams(**kwargs)
         except (ValueError, TypeError) as e:
             raise RequestError(param, f"{param}: {e}") from None
+
+    def constraint_param(self) -> str | None:
+        """The parameter the constraint came from (for the engine's errors about it)."""
+        found = self._constraints()
+        return found[0][0] if found else None
 
     def logit_rules(self, vocab_size: int) -> dict[str, Any]:
         """``logit_bias`` (OpenAI: token-id strings -> bias in [-100, 100]), ``allowed_token_ids``, ``bad_words``,

@@ -235,19 +235,21 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
             if not task.done():
                 task.cancel()
 
-    async def run_all(jobs: list[tuple[str, dict, SamplingParams]], request: Request) -> list[RequestOutput]:
+    async def run_all(jobs: list[tuple[str, dict, SamplingParams]], request: Request,
+                      param: str | None) -> list[RequestOutput]:
         try:
             finals = await asyncio.gather(*[collect(rid, p, sp, request) for rid, p, sp in jobs])
         except APIError:
             raise
         except Exception as e:
-            raise submit_errors(e) from None
+            raise submit_errors(e, param) from None
         for out in finals:
             _raise_if_error(out)
             metrics.observe(out)
         return finals
 
-    async def start_streams(jobs: list[tuple[str, dict, SamplingParams]], request: Request) -> list[_Started]:
+    async def start_streams(jobs: list[tuple[str, dict, SamplingParams]], request: Request,
+                            param: str | None) -> list[_Started]:
         """Queue the requests and wait for each one's first output, so input the engine rejects (an invalid
         schema, say) is a 400 rather than an error event inside a 200 stream."""
         streams: list[_Started] = []
@@ -256,7 +258,7 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
                 try:
                     streams.append(_Started(aengine().add_request(rid, p, sp), aengine(), rid))
                 except Exception as e:
-                    raise submit_errors(e) from None
+                    raise submit_errors(e, param) from None
             for s in streams:
                 task = asyncio.ensure_future(s.queue.get())
                 while not (await asyncio.wait({task}, timeout=cfg.disconnect_poll_s))[0]:
@@ -265,7 +267,7 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
                         raise APIError(499, "client disconnected")
                 first = task.result()
                 if isinstance(first, BaseException):
-                    raise submit_errors(first)
+                    raise submit_errors(first, param)
                 s.pending.append(first)
         except BaseException:
             for s in streams:
@@ -273,13 +275,21 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
             raise
         return streams
 
-    def submit_errors(e: BaseException) -> APIError:
+    def submit_errors(e: BaseException, constraint_param: str | None = None) -> APIError:
+        """The HTTP error for a request the engine did not take; its complaints about the output constraint
+        name the request parameter that set it."""
         if isinstance(e, QueueFullError):
             return APIError(429, str(e), "rate_limit_error", code="queue_full")
         if isinstance(e, EngineDeadError):
             return APIError(503, str(e), "server_error", code="shutting_down")
         if isinstance(e, ValueError):
-            return APIError(400, str(e))
+            msg = str(e)
+            if constraint_param is not None and "structured_outputs" in msg:
+                return APIError(400, msg if constraint_param == "structured_outputs" else f"{constraint_param}: "
+                                f"{msg}", param=constraint_param)
+            if msg.startswith("SamplingParams."):
+                return APIError(400, msg, param=msg.split(" ", 1)[0].removeprefix("SamplingParams."))
+            return APIError(400, msg)
         return APIError(500, f"internal error: {e}", "server_error")
 
     def visible_text(c: CompletionOutput, sp: SamplingParams) -> str:
@@ -388,7 +398,7 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
                                                                         (c.logprobs or [])[start:]))
 
         if req.stream:
-            streams = await start_streams(jobs, request)
+            streams = await start_streams(jobs, request, req.constraint_param())
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             sent_chars: dict[tuple[int, int], int] = {}
 
@@ -415,7 +425,7 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
                                           lambda c, i: visible_text(c, sps[i]),
                                           (lambda outs: _usage(outs, 0)) if echo_only else _usage),
                                      media_type="text/event-stream")
-        finals = await run_all(jobs, request)
+        finals = await run_all(jobs, request, req.constraint_param())
         choices = []
         for pi, out in enumerate(finals):
             for c in out.outputs:
@@ -440,14 +450,14 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
             raise APIError(400, "prompt_logprobs is not available when streaming", param="prompt_logprobs")
         targs = req.template_args()
         mode, named = req.tool_mode()
-        constraint = req.constraint()
+        constraint, cparam = req.constraint(), req.constraint_param()
         if mode in ("required", "named"):
             if constraint is not None:
                 raise RequestError("tool_choice", f'tool_choice "{mode}" forces the output, so it cannot be '
                                    "combined with response_format / structured_outputs / guided_*")
             schema = required_tools_schema(targs["tools"]) if named is None else req.tool_parameters(named)
             try:
-                constraint = StructuredOutputsParams(json=schema)
+                constraint, cparam = StructuredOutputsParams(json=schema), "tools"
             except ValueError as e:
                 raise RequestError("tools", str(e)) from None
         if mode == "auto" and tool_cls is None:
@@ -477,7 +487,7 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
             return ChoiceOutput(reasoning, tools)
 
         if req.stream:
-            streams = await start_streams([(rid, prompt, sp)], request)
+            streams = await start_streams([(rid, prompt, sp)], request, cparam)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             chunk_base = {**base, "object": "chat.completion.chunk"}
             pipes: dict[int, ChoiceOutput] = {}
@@ -504,7 +514,7 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
 
             return StreamingResponse(_sse(streams, chunk, chunk_base, include_usage, metrics,
                                           lambda c, _: visible_text(c, sp)), media_type="text/event-stream")
-        out = (await run_all([(rid, prompt, sp)], request))[0]
+        out = (await run_all([(rid, prompt, sp)], request, cparam))[0]
         choices = []
         for c in out.outputs:
             msg, called = choice_output().message(visible_text(c, sp))

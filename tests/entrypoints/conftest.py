@@ -56,3 +56,42 @@ def client(served):
     import openai
 
     return openai.OpenAI(base_url=served[1] + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm(smollm2_path):
+    """The embedded SmolLM2-135M-Instruct GGUF in float32, loaded once for the server tests that use it."""
+    from fastinfer import LLM
+
+    return LLM("smollm2-135m", dtype="float32", max_model_len=1024, max_num_seqs=8, load_progress=False)
+
+
+@pytest.fixture(scope="module")
+def smollm2_server(smollm2_llm):
+    """Factory: ServerConfig fields -> url of a server on the shared SmolLM2 engine (API key ``API_KEY``). One
+    server runs the engine at a time: asking for other settings stops the previous one; the last stops with the
+    module."""
+    from fastinfer.entrypoints.openai_server import ServerConfig, build_app
+
+    current: dict = {}
+
+    def stop() -> None:
+        if "server" in current:
+            current.pop("server").__exit__(None, None, None)
+
+    def make(**kw) -> str:
+        if "server" not in current or current["settings"] != kw:
+            stop()
+            cfg = ServerConfig(served_model_name="smollm2", api_key=API_KEY, **kw)
+            current["server"] = ServerThread(build_app(smollm2_llm.engine, cfg), free_port()).__enter__()
+            current["settings"] = kw
+        return current["server"].url
+
+    yield make
+    stop()
+
+
+def openai_client(url: str):
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
