@@ -214,23 +214,42 @@ def check_engine_request_surface(ctx: Any) -> None:
     ctx.emit({"case": "engine_request_surface", "choice": gpu[0].outputs[0].text, "prompt_logprob_max_diff": worst})
 
 
+def check_engine_decode_graphs(ctx: Any) -> None:
+    """The captured decode step (CUDA graphs; the padded static path in the dry run) gives the eager tokens with
+    batch sizes between the rungs, requests finishing mid-run, preemption and n-gram speculation."""
+    from fastinfer import SamplingParams
+
+    prompts = _prompts(7, seed=6, dry=ctx.dry)
+    sps = [SamplingParams(temperature=0, max_tokens=(3 if ctx.dry else 10) + 3 * i, ignore_eos=True) for i in range(7)]
+    cc = {"mode": "static" if ctx.dry else "cuda_graph", "cudagraph_capture_sizes": [1, 2, 4, 8]}
+    for kw in ({}, {"num_kv_blocks": 70, "block_size": 16},  # preempts at full size (1120 slots)
+               {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "disable_by_batch_size": 64}}):
+        want = _tokens(_llm(ctx, enforce_eager=True, **kw).generate(prompts, sps, use_tqdm=False))
+        llm = _llm(ctx, max_num_seqs=8, compilation_config=cc, **kw)
+        assert _tokens(llm.generate(prompts, sps, use_tqdm=False)) == want, f"captured decode differs ({kw})"
+        assert llm.engine.worker.decode_graph_runs() > 0, "no step ran captured"
+    ctx.emit({"case": "engine_decode_graphs", "mode": cc["mode"], "rungs": "1,2,4,8"})
+
+
 def bench_engine_decode(ctx: Any) -> None:
     from fastinfer import SamplingParams
 
-    llm = _llm(ctx, max_num_seqs=32)
     new = 4 if ctx.dry else 128
     one = [{"prompt_token_ids": list(range(3, 35))}]
     greedy = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
-    llm.generate(one, greedy, use_tqdm=False)  # warm-up (Triton compiles)
-    t = time.perf_counter()
-    llm.generate(one, greedy, use_tqdm=False)
-    single = new / (time.perf_counter() - t)
     batch = _prompts(2 if ctx.dry else 32, seed=3, dry=ctx.dry)
-    t = time.perf_counter()
-    outs = llm.generate(batch, greedy, use_tqdm=False)
-    total = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    ctx.emit({"case": "engine_decode", "device": llm.engine.device, "single_tok_s": single,
-              "batch_tok_s": total / (time.perf_counter() - t), "batch": len(batch)})
+    for eager in (True, False):
+        llm = _llm(ctx, max_num_seqs=32, enforce_eager=eager)
+        llm.generate(one, greedy, use_tqdm=False)  # warm-up (Triton compiles)
+        t = time.perf_counter()
+        llm.generate(one, greedy, use_tqdm=False)
+        single = new / (time.perf_counter() - t)
+        t = time.perf_counter()
+        outs = llm.generate(batch, greedy, use_tqdm=False)
+        total = sum(len(c.token_ids) for o in outs for c in o.outputs)
+        ctx.emit({"case": "engine_decode", "device": llm.engine.device, "graphs": not eager and not ctx.dry,
+                  "single_tok_s": single, "batch_tok_s": total / (time.perf_counter() - t), "batch": len(batch)})
+        del llm
 
 
 def register(check: Any, bench: Any) -> None:
@@ -239,4 +258,5 @@ def register(check: Any, bench: Any) -> None:
     check("engine_seeded_sampling")(check_engine_seeded)
     check("engine_mixed_requests_triton")(check_engine_mixed)
     check("engine_request_surface")(check_engine_request_surface)
+    check("engine_decode_graphs")(check_engine_decode_graphs)
     bench("engine_decode")(bench_engine_decode)

@@ -7,6 +7,7 @@ from typing import Any
 from fastinfer.models import registry
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+DECODE_MODES = ("auto", "eager", "cuda_graph", "compile", "static")  # see EngineConfig.decode_mode
 DEFAULT_MODEL = "smollm2-135m"  # the embedded default (fastinfer.models.loader.EMBEDDED_MODELS)
 
 
@@ -276,6 +277,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     attention_backend: str | None = None
     model_impl: str = "auto"
+    enforce_eager: bool = False
+    compilation_config: dict[str, Any] | None = None
     load_progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -310,5 +313,27 @@ class EngineConfig:
         parse_method(self.quantization)
         if self.speculative_config is not None:
             SpeculativeConfig.from_dict(dict(self.speculative_config))
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
+        self.decode_mode()  # validates compilation_config
         if self.extra:
             raise TypeError(f"unknown engine arguments: {sorted(self.extra)}")
+
+    def decode_mode(self) -> tuple[str, list[int] | None]:
+        """How decode steps run, from ``enforce_eager`` and ``compilation_config`` (vLLM's names): the mode
+        ("auto": CUDA graphs on a GPU, eager on the CPU; "eager"; "cuda_graph"; "compile": ``torch.compile`` of
+        the padded decode step; "static": the padded step run eagerly) and the ladder of batch sizes
+        (``cudagraph_capture_sizes``, None: the default ladder). ``enforce_eager=True`` is "eager"."""
+        cc = dict(self.compilation_config or {})
+        extra = set(cc) - {"mode", "cudagraph_capture_sizes"}
+        if extra:
+            raise ValueError(f"unknown compilation_config keys: {sorted(extra)} (known: mode, "
+                             "cudagraph_capture_sizes)")
+        mode = cc.get("mode", "auto")
+        if mode not in DECODE_MODES:
+            raise ValueError(f"compilation_config mode must be one of {DECODE_MODES}, got {mode!r}")
+        sizes = cc.get("cudagraph_capture_sizes")
+        if sizes is not None and (not isinstance(sizes, (list, tuple)) or not sizes
+                                  or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes)):
+            raise ValueError(f"cudagraph_capture_sizes must be a non-empty list of positive integers, got {sizes!r}")
+        return ("eager" if self.enforce_eager else mode), (list(sizes) if sizes is not None else None)

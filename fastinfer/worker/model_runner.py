@@ -14,6 +14,7 @@ from fastinfer.core.outputs import ModelRunnerOutput, SchedulerOutput
 from fastinfer.models.interface import CausalLM, KVCaches
 from fastinfer.ops import OpSet
 from fastinfer.structured_output import GrammarCompiler, GrammarState, apply_bitmask, new_bitmask
+from fastinfer.worker.decode_graphs import DecodeGraphs
 from fastinfer.worker.input_batch import CachedRequestState, Chunk, PackedInputs, pack_inputs
 from fastinfer.worker.kv_cache import KVCacheLayout
 from fastinfer.worker.rejection_sampler import VerifyOutput, rejection_sample
@@ -40,6 +41,7 @@ class ModelRunner:
         self.generator = generator
         self.speculator = speculator
         self.grammars = grammars
+        self.decode_graphs: DecodeGraphs | None = None  # set by the worker: fixed-size decode steps
         self.requests: dict[str, CachedRequestState] = {}
 
     def _update_states(self, sched: SchedulerOutput) -> None:
@@ -116,7 +118,11 @@ class ModelRunner:
         """Forward, logits of the rows that sample or verify, sampling and batched verification: device tensors
         only (nothing here waits for the device)."""
         sched, states, packed = step.sched, step.states, step.packed
-        hidden = self.model.forward(packed.input_ids, packed.positions, packed.meta)  # [T, hidden]
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.supports(packed.meta):  # a pure decode step: padded, replayed
+            hidden = graphs.run(packed.input_ids, packed.positions, packed.meta)
+        else:
+            hidden = self.model.forward(packed.input_ids, packed.positions, packed.meta)  # [T, hidden]
         rows = [packed.last_rows[i] for i in step.sample_idx]
         drafts = [sched.spec_token_ids[states[i].request_id] for i in step.spec_idx]
         for i, d in zip(step.spec_idx, drafts):

@@ -18,6 +18,7 @@ from fastinfer.models.loader import LoadedModel, load_model
 from fastinfer.ops import OpSet
 from fastinfer.sampling_params import StructuredOutputsParams
 from fastinfer.structured_output import GrammarCompiler
+from fastinfer.worker.decode_graphs import DecodeGraphs, capture_sizes
 from fastinfer.worker.draft_model import DraftModelProposer
 from fastinfer.worker.kv_cache import plan_kv_cache
 from fastinfer.worker.model_runner import ModelRunner
@@ -113,6 +114,7 @@ class Worker:
         self.grammars = GrammarCompiler(self.tokenizer, loaded.config.vocab_size, eos)
         self.runner = ModelRunner(loaded.model, kv, bs, self.ops, self.device, generator, speculator, self.kv_layout,
                                   self.grammars)
+        self.runner.decode_graphs = self._decode_graphs(*config.decode_mode())
         ahead = (self.spec.num_speculative_tokens
                  if self.spec is not None and self.proposer is not None and self.proposer.needs_kv_slots else 0)
         self.info = WorkerInfo(loaded.config.vocab_size, eos, self.max_model_len, self.num_kv_blocks, ahead,
@@ -121,6 +123,12 @@ class Worker:
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(sched)
+
+    def decode_graph_runs(self) -> int:
+        """Decode steps served by the fixed-size decode path (CUDA graphs / compiled / static) so far; 0 when
+        decode runs eagerly."""
+        g = self.runner.decode_graphs
+        return 0 if g is None else g.num_runs
 
     def check_grammar(self, params: StructuredOutputsParams) -> None:
         """ValueError naming the problem when a structured-output constraint is invalid (parsing only: fast)."""
@@ -155,6 +163,33 @@ class Worker:
             return self.model.compute_logits(hidden).float().cpu()
 
     # -- set-up --------------------------------------------------------------------------------------------
+    def _decode_graphs(self, mode: str, sizes: list[int] | None) -> DecodeGraphs | None:
+        """The padded fixed-size decode step (``EngineConfig.decode_mode``), captured now; None (eager decode,
+        logged with the reason) where it cannot run."""
+        if mode == "auto":
+            mode = "cuda_graph" if self.device.type == "cuda" else "eager"
+        if mode == "eager":
+            logger.info("decode step: eager%s", " (enforce_eager)" if self.config.enforce_eager else "")
+            return None
+        why = None
+        if self.ops.chosen.get("paged_attention") == "torch":
+            why = "the torch attention backend reads host-side lengths"
+        elif len(self.kv_layout.windows) > 1:
+            why = "several KV cache groups (sliding windows)"
+        elif mode == "cuda_graph" and self.device.type != "cuda":
+            why = "CUDA graphs need a CUDA device"
+        if why is not None:
+            logger.warning("decode step: %s asked for, running eager: %s", mode, why)
+            return None
+        graphs = DecodeGraphs(self.model, self.device, mode, capture_sizes(self.config.max_num_seqs, sizes),
+                              self.max_model_len, self.config.block_size)
+        try:
+            graphs.capture()
+        except Exception as e:  # a host sync or an unsupported op inside the forward: say so, serve eagerly
+            logger.warning("decode step: %s failed (%s: %s); running eager", mode, type(e).__name__, e)
+            return None
+        return graphs
+
     def _load_draft(self, spec: SpeculativeConfig, target: LoadedModel) -> LoadedModel | None:
         """The draft model of ``method="draft_model"`` (the target itself, quantized, when no model is given),
         in the target's dtype; raises ValueError unless it shares the target's vocabulary and context."""
