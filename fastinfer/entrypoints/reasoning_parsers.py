@@ -33,7 +33,7 @@ class ReasoningParser:
     @classmethod
     def for_request(cls, prompt: str, chat_template_kwargs: dict[str, Any], constrained: bool) -> ReasoningParser:
         """The parser for one request: ``prompt`` is the rendered prompt text; ``constrained`` says a grammar
-        shapes the output from its first token (so no implicit reasoning comes before it)."""
+        shapes the output from its first token (so no reasoning the prompt did not open comes before it)."""
         raise NotImplementedError
 
     @classmethod
@@ -82,14 +82,16 @@ class ReasoningParser:
 
 
 class DeepSeekR1ReasoningParser(ReasoningParser):
-    """DeepSeek-R1 (and its distills): the template opens ``<think>``, so the output starts in reasoning unless
-    the prompt already closed it or a grammar shapes the output."""
+    """DeepSeek-R1 (and its distills): the template opens ``<think>`` (in the prompt or as the model's first
+    token), so the output starts in reasoning, unless the prompt closed it, or a grammar shapes the output from
+    its first token and the prompt did not open it."""
 
     name = "deepseek_r1"
 
     @classmethod
     def for_request(cls, prompt: str, chat_template_kwargs: dict[str, Any], constrained: bool) -> ReasoningParser:
-        return cls(not constrained and not cls.prompt_closes_reasoning(prompt))
+        opened = cls.prompt_opens_reasoning(prompt)
+        return cls(not cls.prompt_closes_reasoning(prompt) and (opened or not constrained))
 
 
 class Qwen3ReasoningParser(ReasoningParser):
@@ -101,7 +103,7 @@ class Qwen3ReasoningParser(ReasoningParser):
     @classmethod
     def for_request(cls, prompt: str, chat_template_kwargs: dict[str, Any], constrained: bool) -> ReasoningParser:
         thinking = chat_template_kwargs.get("enable_thinking", True) is not False
-        return cls(thinking and not constrained and cls.prompt_opens_reasoning(prompt))
+        return cls(thinking and cls.prompt_opens_reasoning(prompt))
 
 
 REASONING_PARSERS: dict[str, type[ReasoningParser]] = {

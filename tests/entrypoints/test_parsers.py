@@ -177,9 +177,11 @@ def test_reasoning_start_per_parser_and_request():
     assert split(ds.for_request("<|Assistant|>", {}, False)) == ("thought", "answer")
     assert split(ds.for_request("<think>\n\n</think>\n\n", {}, False)) == (None, out)
     assert split(ds.for_request("<|Assistant|>", {}, True)) == (None, out)
+    assert split(ds.for_request("<|Assistant|><think>", {}, True)) == ("thought", "answer")  # the prompt opened it
     # Qwen3: inside only when the prompt ends with <think>; enable_thinking=False means content
     assert split(qw.for_request("<|im_start|>assistant\n<think>\n", {}, False)) == ("thought", "answer")
     assert split(qw.for_request("<|im_start|>assistant\n", {}, False)) == (None, out)
+    assert split(qw.for_request("<|im_start|>assistant\n<think>", {}, True)) == ("thought", "answer")
     assert split(qw.for_request("<|im_start|>assistant\n<think>\n", {"enable_thinking": False}, False)) == \
         (None, out)
     explicit = "<think>t</think>c"

@@ -3,6 +3,7 @@ template kwargs, generation_config.json defaults; every bad input a RequestError
 from __future__ import annotations
 
 import json
+import logging
 
 import jsonschema
 import pytest
@@ -72,13 +73,15 @@ def test_logit_rules():
         assert e.value.param == "allowed_token_ids"
 
 
-def test_generation_defaults_fill_only_omitted_fields(tmp_path):
+def test_generation_defaults_fill_only_omitted_fields(tmp_path, caplog):
     (tmp_path / "generation_config.json").write_text(json.dumps(
         {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "max_new_tokens": 33, "do_sample": True, "bos_token_id": 1}))
     d = generation_defaults(str(tmp_path), "auto")
     assert d == {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "max_tokens": 33}
     assert generation_defaults(str(tmp_path), "vllm") == {}
-    assert generation_defaults(str(tmp_path / "missing.gguf"), "auto") == {}
+    with caplog.at_level(logging.INFO, logger="fastinfer.server"):
+        assert generation_defaults(str(tmp_path / "model.gguf"), "auto") == {}
+    assert "GGUF file" in caplog.text and "built-in sampling defaults" in caplog.text
     sp = cmpl(temperature=0.0).sampling(4, None, d, 100)
     assert (sp.temperature, sp.top_p, sp.top_k, sp.min_p) == (0.0, 0.9, 20, 0.0)
     assert cmpl().sampling(4, None, {}, 100).temperature == 1.0

@@ -217,6 +217,18 @@ def test_return_token_ids_and_continue_final_message(url, client):
     assert cont.choices[0].message.content == want.choices[0].text
 
 
+def test_stop_token_text_is_not_content(url, client):
+    """With special tokens kept, the end-of-turn token that stopped the output is still not part of it."""
+    kept, skipped = _parallel(*[lambda s=s: client.chat.completions.create(
+        model=M, messages=_user("Say hello."), max_tokens=40, temperature=0,
+        extra_body={"skip_special_tokens": s, "return_token_ids": True}) for s in (False, True)])
+    assert kept.choices[0].finish_reason == "stop"
+    eos = httpx.post(url + "/detokenize", json={"tokens": kept.choices[0].model_extra["token_ids"][-1:]},
+                     headers=H).json()["prompt"]
+    assert eos == "<|im_end|>" and eos not in kept.choices[0].message.content
+    assert kept.choices[0].message.content == skipped.choices[0].message.content
+
+
 def test_generation_config_defaults(smollm2_server, tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "max_new_tokens": 5}))
     url = smollm2_server(generation_config=str(tmp_path))
