@@ -42,10 +42,12 @@ class MessageDelta:
 
 class ChoiceOutput:
     """The parsers of one choice. ``validate``: auto / required calls whose arguments are not JSON make the whole
-    message plain content (as vLLM does); a named call is kept as generated."""
+    message plain content (as vLLM does); a named call is kept as generated. ``single_call``
+    (``parallel_tool_calls=false``): only the first call is returned."""
 
-    def __init__(self, reasoning: ReasoningParser | None, tools: ToolParser | NamedCall | None) -> None:
-        self.reasoning, self.tools = reasoning, tools
+    def __init__(self, reasoning: ReasoningParser | None, tools: ToolParser | NamedCall | None,
+                 single_call: bool = False) -> None:
+        self.reasoning, self.tools, self.single_call = reasoning, tools, single_call
         self.validate = isinstance(tools, ToolParser)
         self.content_in = ""  # the content part (after reasoning), for the fallback
         self.ids: dict[int, str] = {}
@@ -62,7 +64,8 @@ class ChoiceOutput:
         d = self.tools.feed(content)
         if last:
             d.add(self.tools.finish())
-        return MessageDelta(reasoning, d.content, d.calls)
+        calls = [c for c in d.calls if c.index == 0] if self.single_call else d.calls
+        return MessageDelta(reasoning, d.content, calls)
 
     def feed(self, delta: str) -> MessageDelta:
         r, c = self.reasoning.feed(delta) if self.reasoning is not None else ("", delta)

@@ -455,7 +455,8 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
             if constraint is not None:
                 raise RequestError("tool_choice", f'tool_choice "{mode}" forces the output, so it cannot be '
                                    "combined with response_format / structured_outputs / guided_*")
-            schema = required_tools_schema(targs["tools"]) if named is None else req.tool_parameters(named)
+            single = req.parallel_tool_calls is False
+            schema = required_tools_schema(targs["tools"], single) if named is None else req.tool_parameters(named)
             try:
                 constraint, cparam = StructuredOutputsParams(json=schema), "tools"
             except ValueError as e:
@@ -484,7 +485,7 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
                 if reasoning_cls is not None else None
             tools = (tool_cls() if mode == "auto" and tool_cls is not None else JsonArrayCalls()
                      if mode == "required" else NamedCall(named) if named is not None else None)
-            return ChoiceOutput(reasoning, tools)
+            return ChoiceOutput(reasoning, tools, single_call=req.parallel_tool_calls is False)
 
         if req.stream:
             streams = await start_streams([(rid, prompt, sp)], request, cparam)

@@ -452,10 +452,11 @@ def detect_tool_parser(chat_template: str | None) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
-def required_tools_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
-    """JSON schema for ``tool_choice="required"``: a non-empty array of ``{"name": one of the tools, "parameters":
-    that tool's parameters}`` (vLLM's form); ``$defs`` of the tools' schemas are lifted to the top level so their
-    references still resolve. Raises ValueError for two different definitions under one name."""
+def required_tools_schema(tools: list[dict[str, Any]], single: bool = False) -> dict[str, Any]:
+    """JSON schema for ``tool_choice="required"``: a non-empty array (of one item when ``single``) of ``{"name":
+    one of the tools, "parameters": that tool's parameters}`` (vLLM's form); ``$defs`` of the tools' schemas are
+    lifted to the top level so their references still resolve. Raises ValueError for two different definitions
+    under one name."""
     defs: dict[str, Any] = {}
     variants = []
     for t in tools:
@@ -468,6 +469,8 @@ def required_tools_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
         variants.append({"properties": {"name": {"type": "string", "enum": [fn["name"]]}, "parameters": params},
                          "required": ["name", "parameters"]})
     schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": variants}}
+    if single:
+        schema["maxItems"] = 1
     if defs:
         schema["$defs"] = defs
     return schema

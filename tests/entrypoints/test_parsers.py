@@ -226,6 +226,15 @@ def test_named_call_and_invalid_auto_call():
     assert not called and msg["content"] == bad and "tool_calls" not in msg
 
 
+def test_single_call():
+    text = hermes(CALLS[:3], before="")
+    msg, called = ChoiceOutput(None, HermesToolParser(), single_call=True).message(text)
+    assert called and [c["function"]["name"] for c in msg["tool_calls"]] == [CALLS[0][0]]
+    for pieces in _splits(text, three_way=10):
+        calls = _pipe_stream(lambda: ChoiceOutput(None, HermesToolParser(), single_call=True), pieces)[2]
+        assert calls == [(c["function"]["name"], c["function"]["arguments"]) for c in msg["tool_calls"]]
+
+
 def test_stream_delta_shape():
     pipe = ChoiceOutput(None, HermesToolParser())
     first = pipe.delta(pipe.feed('<tool_call>{"name": "f", "arguments": {"a"'))

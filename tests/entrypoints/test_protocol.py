@@ -120,6 +120,9 @@ def test_required_schema_accepts_calls_of_the_given_tools_only():
                 [{"name": "get_weather", "parameters": {"city": "x", "unit": "k"}}]):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
+    single = required_tools_schema(TOOLS, single=True)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([{"name": "noop", "parameters": {}}] * 2, single)
     clash = [{"function": {"name": "a", "parameters": {"$defs": {"U": {"type": "string"}}}}},
              {"function": {"name": "b", "parameters": {"$defs": {"U": {"type": "integer"}}}}}]
     with pytest.raises(ValueError, match="U"):
