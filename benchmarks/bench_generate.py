@@ -29,7 +29,17 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit, machine_line, make_workload, median_time, table  # noqa: E402
+from common import (  # noqa: E402
+    decode_rate,
+    emit,
+    llama_cpp_rate,
+    machine_line,
+    make_workload,
+    median_time,
+    memory_bandwidth,
+    single_stream_rate,
+    table,
+)
 
 from fastinfer import LLM, SamplingParams  # noqa: E402
 from fastinfer.models.loader import load_tokenizer, resolve_model_path  # noqa: E402
@@ -87,6 +97,8 @@ def hf_runs(args, prompts, max_tokens, single_ids, rows):
         gen([single_ids], 4)
         r = {"single_tok_s": args.single_tokens / median_time(lambda: gen([single_ids], args.single_tokens),
                                                              args.repeats)}
+        r["decode_tok_s"], _, _ = decode_rate(lambda: gen([single_ids], args.single_tokens),
+                                              lambda: gen([single_ids], 1), args.single_tokens, args.repeats)
         if not args.skip_hf_sequential:
             t = time.perf_counter()
             for p, m in zip(prompts, max_tokens):
@@ -98,6 +110,55 @@ def hf_runs(args, prompts, max_tokens, single_ids, rows):
         r["static16_tok_s"] = sum(max_tokens) / (time.perf_counter() - t)
         out[dtype] = r
     return out
+
+
+def weight_bytes_per_token(llm: LLM) -> int:
+    """Bytes of weights one decode step reads: every parameter and buffer once, except an embedding table that
+    a separate (quantized) lm_head replaces for the logits (the lookup reads one row)."""
+    model = llm.engine.worker.model
+    seen, total = set(), 0
+    has_head = getattr(model, "lm_head", None) is not None
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.data_ptr() in seen or (has_head and name.endswith("embed_tokens.weight")):
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+DECODE_CASES = [  # (label, LLM keyword arguments); one sequence at a time, so one rung for the compiled step
+    ("eager float32", {"dtype": "float32"}),
+    ("compiled float32", {"dtype": "float32", "compilation_config": {"mode": "compile"}}),
+    ("eager int4 (Q4_1, lossless)", {"dtype": "float32", "quantization": "gguf"}),
+    ("compiled int4 (Q4_1, lossless)", {"dtype": "float32", "quantization": "gguf",
+                                        "compilation_config": {"mode": "compile"}}),
+]
+
+
+def decode_table(args, single_ids, hf, rows) -> None:
+    """Single-stream decode (prefill excluded): fastinfer eager and compiled, float and the file's int4, vs HF
+    float32 and llama.cpp on the same GGUF, and each run's fraction of the read bandwidth measured here."""
+    read_bw, copy_bw = memory_bandwidth()
+    emit({"case": "bandwidth", "read_gb_s": read_bw, "copy_gb_s": copy_bw}, rows)
+    path = resolve_model_path(args.model)
+    cpp = (llama_cpp_rate(path, single_ids, args.single_tokens, args.repeats, torch.get_num_threads())
+           if path.endswith(".gguf") and not args.skip_llama_cpp else None)
+    hf_rate = hf.get("float32", {}).get("decode_tok_s")
+    for label, kw in DECODE_CASES:
+        t = time.perf_counter()
+        llm = LLM(args.model, max_model_len=args.max_model_len, max_num_seqs=1, load_progress=False, **kw)
+        start_s = time.perf_counter() - t
+        rate = single_stream_rate(llm, single_ids, args.single_tokens, args.repeats)
+        nbytes = weight_bytes_per_token(llm)
+        base, ref = (cpp, "llama.cpp") if "int4" in label else (hf_rate, "hf float32")
+        emit({"case": "decode", "engine": f"fastinfer {label}", "tok_s": rate, "vs": ref,
+              "ratio": rate / base if base else None, "weight_mb": nbytes / 1e6,
+              "of_read_bw": nbytes * rate / (read_bw * 1e9), "start_s": start_s}, rows)
+        del llm
+    if hf_rate:
+        emit({"case": "decode", "engine": "hf generate float32", "tok_s": hf_rate}, rows)
+    if cpp:
+        emit({"case": "decode", "engine": "llama.cpp Q4_1", "tok_s": cpp}, rows)
 
 
 def vllm_run(args, prompts, max_tokens, dtype):
@@ -216,6 +277,9 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-hf-sequential", action="store_true")
     ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--skip-llama-cpp", action="store_true")
+    ap.add_argument("--skip-decode-table", action="store_true",
+                    help="no single-stream decode table (eager / compiled / HF / llama.cpp / bandwidth)")
     ap.add_argument("--vllm-python", default="/opt/vllm-venv/bin/python")
     ap.add_argument("--vllm-model", default=os.path.expanduser("~/.cache/fastinfer/smollm2-135m-hf"))
     ap.add_argument("--plot", default=None, help="write a PNG of the ratios")
@@ -233,6 +297,7 @@ def main() -> None:
     prompts = [tokenizer.encode(w["prompt"]) for w in wl]
     max_tokens = [w["max_tokens"] for w in wl]
     single_ids = prompts[0][:32]
+    print(machine_line(), flush=True)
     print(f"# workload: {len(prompts)} requests, {sum(map(len, prompts))} prompt tokens, {sum(max_tokens)} "
           f"output tokens; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
 
@@ -263,6 +328,11 @@ def main() -> None:
                   "vllm_version": v.get("version"), "vllm_load_s": v.get("load_s")}, rows)
     for dtype, o in ours.items():
         emit({"case": "fastinfer_only", "dtype": dtype, **o}, rows)
+    if not args.skip_decode_table:
+        decode_table(args, single_ids, hf, rows)
+        print()
+        print(table([r for r in rows if r.get("case") == "decode"],
+                    ["engine", "tok_s", "vs", "ratio", "weight_mb", "of_read_bw", "start_s"]))
     print()
     print(table([r for r in rows if "ratio" in r], ["case", "dtype", "fastinfer_tok_s", "hf_tok_s",
                                                     "vllm_tok_s", "ratio"]))

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, machine_line, median_time, table  # noqa: E402
+from common import emit, machine_line, median_time, memory_bandwidth, table  # noqa: E402
 
 from fastinfer.layers.mlp import GatedMLP  # noqa: E402
 from fastinfer.ops import OpSet, reference, torch_backend  # noqa: E402
@@ -42,16 +42,6 @@ from fastinfer.quantization.rtn import quantize_int4, quantize_int8  # noqa: E40
 
 H, INTER, E, K = 1024, 3584 // 4, 8, 2
 DTYPE = torch.bfloat16
-
-
-def bandwidth(repeats: int) -> tuple[float, float]:
-    """(read GB/s of a 1 GiB fp32 sum, read + write GB/s of a 1 GiB copy)."""
-    a = torch.ones(1 << 28)  # 1 GiB fp32
-    b = torch.empty_like(a)
-    n = a.numel() * a.element_size()
-    t_sum = median_time(lambda: a.sum(), repeats)
-    t_copy = median_time(lambda: b.copy_(a), repeats)
-    return n / t_sum / 1e9, 2 * n / t_copy / 1e9
 
 
 def cycled(fn: Callable[[tuple], object], items: list, repeats: int) -> float:
@@ -115,7 +105,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(machine_line())
     print(f"# kernel ISA {cpp.cpu_isa()}; {args.threads} threads; H={H} I={INTER} E={E} top-{K} {DTYPE}")
-    bw_read, bw_copy = bandwidth(5)
+    bw_read, bw_copy = memory_bandwidth(5)
     print(f"# measured bandwidth: {bw_read:.1f} GB/s read (fp32 sum), {bw_copy:.1f} GB/s read+write (copy)")
 
     gen = torch.Generator().manual_seed(0)

@@ -65,6 +65,18 @@ def single_stream_rate(llm: Any, ids: list[int], n: int, repeats: int) -> float:
     return rate
 
 
+def memory_bandwidth(repeats: int = 5) -> tuple[float, float]:
+    """(read GB/s of a 1 GiB fp32 ``sum``, read + write GB/s of a 1 GiB copy), medians, with torch's threads."""
+    import torch
+
+    a = torch.ones(1 << 28)  # 1 GiB fp32
+    b = torch.empty_like(a)
+    n = a.numel() * a.element_size()
+    t_sum = median_time(lambda: a.sum(), repeats)
+    t_copy = median_time(lambda: b.copy_(a), repeats)
+    return n / t_sum / 1e9, 2 * n / t_copy / 1e9
+
+
 def machine_line() -> str:
     """``# CPU model; ISA ...`` for the head of a benchmark's output (figures mean nothing without it)."""
     import platform
