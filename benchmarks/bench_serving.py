@@ -4,6 +4,12 @@ throughput, TTFT and inter-token latency percentiles, and the same workload thro
 offline ``LLM.generate`` (after the server stops, so they never share the cores) for the overhead ratio.
 
     python benchmarks/bench_serving.py --concurrency 1,8,32,64 --requests 64
+    python benchmarks/bench_serving.py --fixed 128,64 --concurrency 16 --dtype float32      # issue 15's load
+    python benchmarks/bench_serving.py --fixed 128,64 --concurrency 16 --target http://127.0.0.1:8000
+
+``--fixed P,O``: every request has P prompt tokens (windows of the standard workload's real text) and O output
+tokens. ``--target URL``: drive a server that is already running there instead (vLLM's ``api_server`` started
+with ``--served-model-name m``, say) with the same load client and workload; no offline comparison then.
 """
 from __future__ import annotations
 
@@ -30,18 +36,19 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-async def drive(url: str, items: list[dict], conc: int) -> dict:
+async def drive(url: str, items: list[dict], conc: int, model: str = "m") -> dict:
     sem = asyncio.Semaphore(conc)
-    ttfts, itls, lost = [], [], 0
+    ttfts, itls, tpots, lost = [], [], [], 0
     out_tokens = 0
 
     async def one(c: httpx.AsyncClient, it: dict) -> None:
         nonlocal lost, out_tokens
         async with sem:
-            body = {"model": "m", "prompt": it["prompt_token_ids"], "max_tokens": it["max_tokens"],
+            body = {"model": model, "prompt": it["prompt_token_ids"], "max_tokens": it["max_tokens"],
                     "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
             t0 = time.perf_counter()
-            last = None
+            last: float | None = None
+            first: float | None = None
             usage = 0
             async with c.stream("POST", url + "/v1/completions", json=body) as r:
                 if r.status_code != 200:
@@ -55,6 +62,7 @@ async def drive(url: str, items: list[dict], conc: int) -> dict:
                     if ev["choices"] and ev["choices"][0]["text"]:
                         if last is None:
                             ttfts.append(now - t0)
+                            first = now
                         else:
                             itls.append(now - last)
                         last = now
@@ -62,6 +70,8 @@ async def drive(url: str, items: list[dict], conc: int) -> dict:
                         usage = ev["usage"]["completion_tokens"]
             if usage != it["max_tokens"]:
                 lost += 1
+            elif usage > 1 and last is not None and first is not None:
+                tpots.append((last - first) / (usage - 1))
             out_tokens += usage
 
     t = time.perf_counter()
@@ -71,7 +81,7 @@ async def drive(url: str, items: list[dict], conc: int) -> dict:
     return {"requests": len(items), "elapsed_s": el, "output_tok_s": out_tokens / el, "lost": lost,
             "ttft_p50_s": pct(ttfts, 50), "ttft_p90_s": pct(ttfts, 90), "ttft_p99_s": pct(ttfts, 99),
             "itl_p50_s": pct(itls, 50), "itl_p90_s": pct(itls, 90), "itl_p99_s": pct(itls, 99),
-            "itl_mean_s": statistics.fmean(itls) if itls else float("nan")}
+            "itl_mean_s": statistics.fmean(itls) if itls else float("nan"), "tpot_p50_s": pct(tpots, 50)}
 
 
 def serve_and_drive(args, items: list[dict], n: int, levels: list[int], rows: list[dict], rnd: int) -> dict:
@@ -126,6 +136,9 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8321)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=3, help="server/offline alternations (median ratio)")
+    ap.add_argument("--fixed", default=None, help="P,O: fixed prompt and output lengths")
+    ap.add_argument("--target", default=None, help="URL of a running server to drive instead of fastinfer serve")
+    ap.add_argument("--target-model", default="m", help="model name the --target server serves")
     args = ap.parse_args()
 
     from fastinfer.models.loader import load_tokenizer
@@ -134,9 +147,24 @@ def main() -> None:
     n = max(args.requests, max(args.concurrency))
     wl = make_workload("mixed", n, 0)
     items = [{"prompt_token_ids": tok.encode(w["prompt"]), "max_tokens": w["max_tokens"]} for w in wl]
+    if args.fixed:
+        p_len, o_len = (int(x) for x in args.fixed.split(","))
+        stream = [t for it in items for t in it["prompt_token_ids"]]
+        items = [{"prompt_token_ids": (stream * (1 + p_len * n // max(1, len(stream))))[i * p_len:(i + 1) * p_len],
+                  "max_tokens": o_len} for i in range(n)]
+    if args.target:
+        rows: list[dict] = []
+        for c in args.concurrency:
+            asyncio.run(drive(args.target, items[:2], 1, args.target_model))  # warm-up
+            emit({"case": "serving", "target": args.target, "concurrency": c,
+                  **asyncio.run(drive(args.target, items[:max(c, min(args.requests, n))], c, args.target_model))},
+                 rows)
+        print(table(rows, ["concurrency", "requests", "output_tok_s", "ttft_p50_s", "tpot_p50_s", "itl_p99_s",
+                           "lost"]))
+        return
 
     full = items[:n]
-    rows: list[dict] = []
+    rows = []
     ratios = []
     for rnd in range(args.rounds):
         # later rounds repeat only the top level: server and offline alternate, so slow drifts of the machine
@@ -150,8 +178,8 @@ def main() -> None:
     emit({"case": "server_vs_offline_median", "rounds": len(ratios), "ratio": statistics.median(ratios)}, rows)
     print()
     print(table([r for r in rows if r["case"] == "serving"],
-                ["round", "concurrency", "requests", "output_tok_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s",
-                 "itl_p99_s", "lost"]))
+                ["round", "concurrency", "requests", "output_tok_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s",
+                 "itl_p50_s", "itl_p99_s", "lost"]))
 
 
 if __name__ == "__main__":
