@@ -405,7 +405,7 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
             def chunk(pi: int, c: CompletionOutput, delta: str, lp_from: int, out: RequestOutput) -> dict | None:
                 key = (pi, c.index)
                 first = key not in sent_chars
-                text, ids, entries = shown(c, sps[pi], lp_from)
+                _, ids, entries = shown(c, sps[pi], lp_from)
                 text = "" if echo_only else delta
                 if first and req.echo:
                     text = prompt_text(out) + text

@@ -3,8 +3,8 @@
 SmolLM2's own chat template has no tools, so the server is given a Hermes-style template (``--chat-template``;
 ChatML like SmolLM2's, tools listed in ``<tools>``, calls as ``<tool_call>`` JSON, results as
 ``<tool_response>``); the hermes parser is detected from it. tool_choice required / named are forced by the
-server's grammars; auto is shown on output forced into the call format by a regex (the small model does not
-call tools by itself) and on free output (no crash, a finish reason consistent with the message). Reasoning:
+server's grammars; auto is shown for each parser (hermes, mistral, llama3_json) on output forced into its format
+by a regex (the small model does not call tools by itself) and on free output (no crash, a finish reason consistent with the message). Reasoning:
 think tags forced by a regex or opened by ``continue_final_message``."""
 from __future__ import annotations
 
@@ -58,8 +58,8 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
                                            "parameters": TIME}}]
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-CALL_RE = (r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "[A-Z][a-z]{2,10}", '
-           r'"unit": "(celsius|fahrenheit)"\}\}\n</tool_call>')
+ARGS_RE = r'\{"city": "[A-Z][a-z]{2,10}", "unit": "(celsius|fahrenheit)"\}'
+CALL_RE = r'<tool_call>\n\{"name": "get_weather", "arguments": ' + ARGS_RE + r"\}\n</tool_call>"
 
 
 @pytest.fixture()
@@ -123,10 +123,14 @@ def test_forced_tool_choice_whole_and_streamed(url, choice):
     assert (content, calls, finish) == (None, _calls(msg), whole.choices[0].finish_reason)
 
 
-def test_auto_parses_calls_in_forced_output(url):
-    c = openai_client(url)
+@pytest.mark.parametrize("parser,regex", [
+    ("hermes", CALL_RE), ("mistral", r'\[TOOL_CALLS\] \[\{"name": "get_weather", "arguments": ' + ARGS_RE + r"\}\]"),
+    ("llama3_json", r'\{"name": "get_weather", "parameters": ' + ARGS_RE + r"\}")],
+    ids=["hermes", "mistral", "llama3_json"])
+def test_auto_parses_calls_in_forced_output(smollm2_server, parser, regex):
+    c = openai_client(smollm2_server(chat_template=TEMPLATE, tool_call_parser=parser))
     kw = dict(model=M, messages=ASK, tools=TOOLS, max_tokens=60, temperature=0,
-              extra_body={"structured_outputs": {"regex": CALL_RE}})
+              extra_body={"structured_outputs": {"regex": regex}})
     whole, chunks = _parallel(lambda: c.chat.completions.create(**kw),
                               lambda: list(c.chat.completions.create(**kw, stream=True)))
     msg = whole.choices[0].message
