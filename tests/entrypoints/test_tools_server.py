@@ -4,8 +4,8 @@ SmolLM2's own chat template has no tools, so the server is given a Hermes-style 
 ChatML like SmolLM2's, tools listed in ``<tools>``, calls as ``<tool_call>`` JSON, results as
 ``<tool_response>``); the hermes parser is detected from it. tool_choice required / named are forced by the
 server's grammars; auto is shown for each parser (hermes, mistral, llama3_json) on output forced into its format
-by a regex (the small model does not call tools by itself) and on free output (no crash, a finish reason consistent with the message). Reasoning:
-think tags forced by a regex or opened by ``continue_final_message``."""
+by a regex (the small model does not call tools by itself) and on free output (no crash, a finish reason
+consistent with the message). Reasoning: think tags forced by a regex or opened by ``continue_final_message``."""
 from __future__ import annotations
 
 import json
