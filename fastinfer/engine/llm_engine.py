@@ -38,6 +38,7 @@ class _Sample:
     detok: IncrementalDetokenizer
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
+    num_detokenized: int = 0  # output tokens handed to ``detok`` so far
 
 
 @dataclass
@@ -281,10 +282,14 @@ class LLMEngine:
         for req in touched:
             parent = self._owner[req.request_id]
             sample = parent.samples[req.sample_index]
-            new = result.sampled_token_ids[req.request_id]
+            new = req.output_token_ids[sample.num_detokenized:]  # what the scheduler kept (not past a stop)
+            sample.num_detokenized = req.num_output_tokens
             parent.first_token = parent.first_token or now
             if sample.logprobs is not None:
                 self._add_logprobs(sample, result.logprobs[req.request_id], result.sampled_logprobs[req.request_id])
+            if (req.status == RequestStatus.FINISHED_STOPPED and not isinstance(req.stop_reason, str)
+                    and not req.sampling_params.include_stop_str_in_output):
+                new = new[:-1]  # the EOS / stop token that ended it: its text is not part of the output (as vLLM)
             sample.detok.add(new)
             if sample.detok.stopped_by is not None and not req.is_finished:
                 req.stop_reason = sample.detok.stopped_by

@@ -157,7 +157,6 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
     tok = engine.tokenizer
     max_len = engine.max_model_len
     vocab = engine.model_config.vocab_size
-    stop_ids = set(engine.eos_token_ids or ())
     defaults = generation_defaults(engine.config.model, cfg.generation_config)
     tool_cls, reasoning_cls = _parsers(cfg, tok)
 
@@ -292,16 +291,6 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
             return APIError(400, msg)
         return APIError(500, f"internal error: {e}", "server_error")
 
-    def visible_text(c: CompletionOutput, sp: SamplingParams) -> str:
-        """The output text without the text of the stop token that ended it (present when special tokens are
-        kept), as vLLM returns it."""
-        if sp.skip_special_tokens or c.finish_reason != "stop" or not c.token_ids:
-            return c.text
-        last = c.token_ids[-1]
-        if last in stop_ids or last in (sp.stop_token_ids or ()):
-            return c.text.removesuffix(tok.decode([last], skip_special_tokens=False))
-        return c.text
-
     def decode_one(tid: int) -> str:
         return tok.decode([tid], skip_special_tokens=False)
 
@@ -394,7 +383,7 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
             """Text, token ids and logprob entries of the completion from token ``start`` (none: echo only)."""
             if echo_only:
                 return "", [], []
-            return visible_text(c, sp), c.token_ids[start:], list(zip(c.token_ids[start:],
+            return c.text, c.token_ids[start:], list(zip(c.token_ids[start:],
                                                                         (c.logprobs or [])[start:]))
 
         if req.stream:
@@ -422,7 +411,7 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
                 return {**base, "choices": [choice]}
 
             return StreamingResponse(_sse(streams, chunk, base, include_usage, metrics,
-                                          lambda c, i: visible_text(c, sps[i]),
+                                          lambda c, i: c.text,
                                           (lambda outs: _usage(outs, 0)) if echo_only else _usage),
                                      media_type="text/event-stream")
         finals = await run_all(jobs, request, req.constraint_param())
@@ -514,11 +503,11 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
                 return ev
 
             return StreamingResponse(_sse(streams, chunk, chunk_base, include_usage, metrics,
-                                          lambda c, _: visible_text(c, sp)), media_type="text/event-stream")
+                                          lambda c, _: c.text), media_type="text/event-stream")
         out = (await run_all([(rid, prompt, sp)], request, cparam))[0]
         choices = []
         for c in out.outputs:
-            msg, called = choice_output().message(visible_text(c, sp))
+            msg, called = choice_output().message(c.text)
             choice = {"index": c.index, "message": msg, "logprobs": _chat_logprobs(c, k, 0) if req.logprobs else None,
                       "finish_reason": finish_reason(c.finish_reason, mode, called)}
             if req.return_token_ids:

@@ -147,3 +147,21 @@ def test_chat_uses_the_template(llm):
     assert len(out.outputs[0].token_ids) == 24
     with pytest.raises(ValueError, match="empty"):
         llm.chat([], GREEDY)
+
+
+@pytest.mark.parametrize("spec", [None, {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1}])
+def test_stop_token_text_is_not_part_of_the_output(tiny_llm, spec):
+    """As vLLM: the EOS / stop token that ends a sample is in its token ids but not in its text (unless
+    include_stop_str_in_output), and with speculation nothing accepted past it reaches the text."""
+    llm = tiny_llm("llama", speculative_config=spec)
+    tok = llm.get_tokenizer()
+    free = llm.generate([PROMPTS[4]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    stop = free[5]
+    k = free.index(stop)
+    for include in (False, True):
+        sp = SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop], skip_special_tokens=False,
+                            include_stop_str_in_output=include)
+        c = llm.generate([PROMPTS[4]], sp, use_tqdm=False)[0].outputs[0]
+        assert c.token_ids == free[:k + 1] and c.finish_reason == "stop" and c.stop_reason == stop
+        want = tok.decode(free[:k + 1] if include else free[:k], skip_special_tokens=False)
+        assert c.text == want
