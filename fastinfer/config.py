@@ -1,10 +1,15 @@
 """Frozen, validated configuration: the model's shape and the engine's knobs."""
 from __future__ import annotations
 
+import json
+import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastinfer.models import registry
+
+logger = logging.getLogger("fastinfer")
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 DECODE_MODES = ("auto", "eager", "cuda_graph", "compile", "static")  # see EngineConfig.decode_mode
@@ -278,6 +283,7 @@ class EngineConfig:
     attention_backend: str | None = None
     model_impl: str = "auto"
     enforce_eager: bool = False
+    generation_config: str = "auto"  # vLLM's: request defaults from generation_config.json ("vllm": none)
     compilation_config: dict[str, Any] | None = None
     load_progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -313,6 +319,8 @@ class EngineConfig:
         parse_method(self.quantization)
         if self.speculative_config is not None:
             SpeculativeConfig.from_dict(dict(self.speculative_config))
+        if not isinstance(self.generation_config, str) or not self.generation_config:
+            raise ValueError(f"generation_config must be 'auto', 'vllm' or a folder, got {self.generation_config!r}")
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
         self.decode_mode()  # validates compilation_config
@@ -337,3 +345,34 @@ class EngineConfig:
                                   or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes)):
             raise ValueError(f"cudagraph_capture_sizes must be a non-empty list of positive integers, got {sizes!r}")
         return ("eager" if self.enforce_eager else mode), (list(sizes) if sizes is not None else None)
+
+
+# generation_config.json keys used as request defaults (vLLM's --generation-config auto), by SamplingParams name
+GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                       "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(model: str, mode: str) -> dict[str, Any]:
+    """Request defaults from ``generation_config.json`` (by SamplingParams name). ``mode``: "auto" (the model
+    directory's file), "vllm" (none: built-in defaults) or a directory holding the file."""
+    if mode == "vllm":
+        return {}
+    folder = model if mode == "auto" else mode
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.isdir(folder):
+        logger.info("generation config: %s is not a model directory (a GGUF file or a short name has no "
+                    "generation_config.json); built-in sampling defaults", folder)
+        return {}
+    if not os.path.isfile(path):
+        logger.info("generation config: no %s; built-in sampling defaults", path)
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    found = {ours: cfg[theirs] for theirs, ours in GENERATION_DEFAULTS.items() if cfg.get(theirs) is not None}
+    logger.info("generation config %s: request defaults %s", path, found or "none")
+    return found

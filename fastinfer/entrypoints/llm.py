@@ -16,7 +16,7 @@ from fastinfer.beam_search import (
     beam_score,
     select_beams,
 )
-from fastinfer.config import DEFAULT_MODEL, EngineConfig
+from fastinfer.config import DEFAULT_MODEL, EngineConfig, generation_defaults
 from fastinfer.engine.llm_engine import LLMEngine, PromptType
 from fastinfer.outputs import CompletionOutput, RequestOutput
 from fastinfer.sampling_params import MAX_LOGPROBS, SamplingParams
@@ -36,9 +36,19 @@ class LLM:
         extra = {k: v for k, v in kwargs.items() if k not in _ENGINE_FIELDS}
         self.engine = LLMEngine(EngineConfig(model=model, extra=extra, **known))
         self._ids = itertools.count()
+        self._defaults: dict[str, Any] | None = None  # from generation_config.json, read on first use
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The sampling parameters ``generate`` uses when given none: the model's ``generation_config.json``
+        defaults (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens) over the built-in ones,
+        as vLLM's ``generation_config="auto"``; ``generation_config="vllm"`` gives the built-in ones."""
+        if self._defaults is None:
+            cfg = self.engine.config
+            self._defaults = generation_defaults(cfg.model, cfg.generation_config)
+        return SamplingParams(**self._defaults)
 
     def reset_prefix_cache(self) -> bool:
         """Drop all cached KV blocks (between benchmark passes, say); False while requests are running."""
@@ -157,10 +167,9 @@ class LLM:
             outputs.append(BeamSearchOutput(sorted(seqs, key=lambda s: -s.score)[:params.beam_width]))
         return outputs
 
-    @staticmethod
-    def _params(sp: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    def _params(self, sp: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
         if sp is None:
-            return [SamplingParams()] * n
+            return [self.get_default_sampling_params()] * n
         if isinstance(sp, SamplingParams):
             return [sp] * n
         if len(sp) != n:

@@ -7,11 +7,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fastinfer.config import GENERATION_DEFAULTS, generation_defaults  # noqa: F401 - re-exported for the server
 from fastinfer.sampling_params import MAX_GRAMMAR_CHARS, SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger("fastinfer.server")
@@ -23,9 +23,6 @@ MAX_TEMPLATE_KWARGS_CHARS = 4096
 RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tools", "documents", "chat_template",
                                       "add_generation_prompt", "continue_final_message", "tokenize",
                                       "return_dict", "return_tensors", "tokenizer_kwargs"})
-# generation_config.json keys used as request defaults (vLLM's --generation-config auto), by SamplingParams name
-GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-                       "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
 _STRUCTURED_KEYS = tuple(f.name for f in dataclasses.fields(StructuredOutputsParams))
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
@@ -360,22 +357,3 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-def generation_defaults(model: str, mode: str) -> dict[str, Any]:
-    """Request defaults from ``generation_config.json`` (by SamplingParams name). ``mode``: "auto" (the model
-    directory's file), "vllm" (none: built-in defaults) or a directory holding the file."""
-    if mode == "vllm":
-        return {}
-    folder = model if mode == "auto" else mode
-    path = os.path.join(folder, "generation_config.json")
-    if not os.path.isdir(folder):
-        logger.info("generation config: %s is not a model directory (a GGUF file or a short name has no "
-                    "generation_config.json); built-in sampling defaults", folder)
-        return {}
-    if not os.path.isfile(path):
-        logger.info("generation config: no %s; built-in sampling defaults", path)
-        return {}
-    with open(path, encoding="utf-8") as f:
-        cfg = json.load(f)
-    found = {ours: cfg[theirs] for theirs, ours in GENERATION_DEFAULTS.items() if cfg.get(theirs) is not None}
-    logger.info("generation config %s: request defaults %s", path, found or "none")
-    return found

@@ -54,3 +54,25 @@ def test_64_concurrent_streams_no_loss(tiny_llm):
     assert [r[1] for r in results] == lens
     assert all(r[2] == "length" for r in results)
     assert llm.engine.kv.pool.num_free_blocks == llm.engine.num_kv_blocks
+
+
+def test_offline_defaults_come_from_generation_config(tiny_model_dir, tmp_path):
+    """vLLM's generation_config="auto": generate() without params uses the model's generation_config.json."""
+    import json
+    import shutil
+
+    from fastinfer import LLM
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model_dir("llama"), d)
+    (d / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "max_new_tokens": 5}))
+    llm = LLM(str(d), dtype="float32", max_model_len=256, load_progress=False)
+    sp = llm.get_default_sampling_params()
+    assert sp.temperature == 0.0 and sp.max_tokens == 5
+    out = llm.generate(["Paris is"], use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) <= 5
+    plain = LLM(str(d), dtype="float32", max_model_len=256, load_progress=False, generation_config="vllm")
+    assert plain.get_default_sampling_params().max_tokens == 16
+    (d / "generation_config.json").write_text("{oops")
+    with pytest.raises(ValueError, match="not a readable JSON file"):
+        LLM(str(d), dtype="float32", max_model_len=256, load_progress=False).get_default_sampling_params()

@@ -79,7 +79,7 @@ def test_generation_defaults_fill_only_omitted_fields(tmp_path, caplog):
     d = generation_defaults(str(tmp_path), "auto")
     assert d == {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "max_tokens": 33}
     assert generation_defaults(str(tmp_path), "vllm") == {}
-    with caplog.at_level(logging.INFO, logger="fastinfer.server"):
+    with caplog.at_level(logging.INFO, logger="fastinfer"):
         assert generation_defaults(str(tmp_path / "model.gguf"), "auto") == {}
     assert "GGUF file" in caplog.text and "built-in sampling defaults" in caplog.text
     sp = cmpl(temperature=0.0).sampling(4, None, d, 100)
