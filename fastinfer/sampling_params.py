@@ -42,6 +42,9 @@ class StructuredOutputsParams:
     grammar: str | None = None
     json_object: bool | None = None
     disable_any_whitespace: bool = False  # JSON: no whitespace between tokens (compact output)
+    # the grammar applies only once the output has produced this text (the end of a reasoning block, e.g.
+    # "</think>": the server sets it when its --reasoning-parser says the output starts inside one)
+    reasoning_end: str | None = None
 
     def __post_init__(self) -> None:
         given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
@@ -77,6 +80,9 @@ class StructuredOutputsParams:
             raise ValueError("structured_outputs.json_object must be a bool")
         if not isinstance(self.disable_any_whitespace, bool):
             raise ValueError("structured_outputs.disable_any_whitespace must be a bool")
+        if self.reasoning_end is not None and (not isinstance(self.reasoning_end, str) or not self.reasoning_end
+                                               or len(self.reasoning_end) > 64):
+            raise ValueError("structured_outputs.reasoning_end must be a non-empty string of at most 64 characters")
 
     @property
     def kind(self) -> str:

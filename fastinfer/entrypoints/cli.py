@@ -38,6 +38,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-impl", default="auto", choices=["auto", "fastinfer", "transformers"],
                    help="auto: fastinfer's native class when there is one, else transformers' own modules with "
                         "fastinfer's paged attention (the generic path); or force one")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compiled decode steps")
+    p.add_argument("--compilation-config", "-O", type=json.loads, default=None,
+                   help='JSON: {"mode": "auto|eager|cuda_graph|compile|static", "cudagraph_capture_sizes": [1, 2, 4]}')
     p.add_argument("-v", "--verbose", action="store_true", help="log engine details to stderr")
 
 
@@ -66,6 +69,7 @@ def _llm(a: argparse.Namespace):
     return LLM(a.model, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs, seed=a.seed,
                enable_prefix_caching=a.enable_prefix_caching, speculative_config=a.speculative_config,
                quantization=a.quantization, device=a.device, model_impl=a.model_impl,
+               enforce_eager=a.enforce_eager, compilation_config=a.compilation_config,
                load_progress=sys.stderr.isatty())
 
 
@@ -117,6 +121,16 @@ def cmd_chat(a: argparse.Namespace) -> int:
     return 0
 
 
+def _enable_in_reasoning(cfg: dict[str, Any] | None) -> bool:
+    """``--structured-outputs-config``'s one key we read; others are an error (not silently ignored)."""
+    cfg = cfg or {}
+    extra = set(cfg) - {"enable_in_reasoning", "backend"}
+    if extra or cfg.get("backend", "xgrammar") not in ("auto", "xgrammar"):
+        raise SystemExit(f"--structured-outputs-config: unsupported {sorted(extra) or cfg.get('backend')} "
+                         "(enable_in_reasoning, and backend xgrammar, are supported)")
+    return bool(cfg.get("enable_in_reasoning", False))
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     import uvicorn
 
@@ -130,6 +144,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
                        max_body_bytes=a.max_body_bytes, max_n=a.max_n, max_pending=a.max_pending,
                        shutdown_timeout=a.shutdown_timeout, chat_template=template,
                        tool_call_parser=a.tool_call_parser, reasoning_parser=a.reasoning_parser,
+                       enable_in_reasoning=_enable_in_reasoning(a.structured_outputs_config),
                        generation_config=a.generation_config)
     app = build_app(llm.engine, cfg)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning" if not a.verbose else "info",
@@ -253,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accepted for vLLM compatibility: tool_choice auto works whenever a parser is set or detected")
     s.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
                    help="split <think> reasoning into message.reasoning (and reasoning_content)")
+    s.add_argument("--structured-outputs-config", type=json.loads, default=None,
+                   help='JSON, vLLM\'s: {"enable_in_reasoning": true} applies output constraints from the first '
+                   "token even when the output starts inside a reasoning block (default: after it)")
     s.add_argument("--generation-config", default="auto",
                    help="auto: request defaults (temperature, top_p, top_k, min_p, repetition_penalty, "
                    "max_new_tokens) from the model directory's generation_config.json; vllm: built-in defaults; "

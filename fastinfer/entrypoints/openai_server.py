@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -69,6 +70,9 @@ class ServerConfig:
     chat_template: str | None = None  # instead of the tokenizer's
     tool_call_parser: str | None = None  # None: the one the chat template's markers name, if any
     reasoning_parser: str | None = None
+    # vLLM's structured_outputs_config.enable_in_reasoning: False (the default) applies an output constraint only
+    # after the reasoning block when the output starts inside one; True applies it from the first token
+    enable_in_reasoning: bool = False
     generation_config: str = "auto"  # "auto" (the model directory's generation_config.json), "vllm" or a folder
 
 
@@ -456,6 +460,13 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
                                'function or "none"')
         text = render(req.messages, targs)
         ids = tok.encode(text, add_special_tokens=False)
+        template_kwargs = req.chat_template_kwargs or {}
+        # output that starts inside a reasoning block: the constraint applies after its end tag (as vLLM)
+        after_reasoning = (reasoning_cls is not None and constraint is not None and not cfg.enable_in_reasoning
+                           and reasoning_cls.for_request(text, template_kwargs, False).inside)
+        if after_reasoning:
+            assert constraint is not None and reasoning_cls is not None
+            constraint = dataclasses.replace(constraint, reasoning_end=reasoning_cls.end)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
@@ -467,11 +478,10 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
                 "model": cfg.served_model_name}
         prompt = {"prompt": text, "prompt_token_ids": ids, "cache_salt": req.cache_salt}
         k = req.top_logprobs or 0
-        template_kwargs = req.chat_template_kwargs or {}
 
         def choice_output() -> ChoiceOutput:
-            reasoning = reasoning_cls.for_request(text, template_kwargs, constraint is not None) \
-                if reasoning_cls is not None else None
+            shaped = constraint is not None and not after_reasoning  # a grammar from the first token
+            reasoning = reasoning_cls.for_request(text, template_kwargs, shaped) if reasoning_cls is not None else None
             tools = (tool_cls() if mode == "auto" and tool_cls is not None else JsonArrayCalls()
                      if mode == "required" else NamedCall(named) if named is not None else None)
             return ChoiceOutput(reasoning, tools, single_call=req.parallel_tool_calls is False)

@@ -121,6 +121,11 @@ class GrammarCompiler:
         return compiled
 
 
+    def token_ids(self, text: str) -> list[int]:
+        """``text`` as the tokenizer encodes it (no special tokens added)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+
 def _clean(e: Exception) -> str:
     """xgrammar's message without its C++ source location prefix (``[time] file.cc:123: ``)."""
     msg = str(e).strip()
@@ -132,14 +137,27 @@ def _clean(e: Exception) -> str:
 
 
 class GrammarState:
-    """One request's matcher (xgrammar's matchers roll back any number of tokens)."""
+    """One request's matcher (xgrammar's matchers roll back any number of tokens). With ``start_ids`` (the
+    tokens of a reasoning block's end tag) the grammar applies only after the output has produced them: until
+    then every token is allowed and the matcher stays at its start."""
 
-    def __init__(self, compiled: Any) -> None:
+    def __init__(self, compiled: Any, start_ids: Sequence[int] | None = None) -> None:
         self.matcher = _xgr().GrammarMatcher(compiled)
+        self.start_ids = list(start_ids or [])
+        self.waiting = bool(self.start_ids)
+        self.recent: list[int] = []  # the last tokens while waiting (as many as the end tag has)
+
+    def _ends_tag(self, tokens: list[int]) -> bool:
+        n = len(self.start_ids)
+        return len(tokens) >= n and tokens[-n:] == self.start_ids
 
     def accept(self, tokens: Sequence[int]) -> bool:
         """Advance with generated tokens; False (and the matcher stops there) when one is not allowed."""
         for t in tokens:
+            if self.waiting:
+                self.recent = (self.recent + [int(t)])[-len(self.start_ids):]
+                self.waiting = not self._ends_tag(self.recent)
+                continue
             if self.matcher.is_terminated():
                 return False
             if not self.matcher.accept_token(int(t)):
@@ -152,8 +170,9 @@ class GrammarState:
         return bool(self.matcher.is_terminated())
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        """The allowed next tokens into ``bitmask[row]`` (all allowed once the grammar has terminated)."""
-        if self.matcher.is_terminated():
+        """The allowed next tokens into ``bitmask[row]`` (all allowed before the grammar starts and once it has
+        terminated)."""
+        if self.waiting or self.matcher.is_terminated():
             bitmask[row].fill_(-1)
         else:
             self.matcher.fill_next_token_bitmask(bitmask, row)
@@ -161,7 +180,21 @@ class GrammarState:
     def fill_with_draft(self, bitmask: torch.Tensor, first_row: int, draft: Sequence[int]) -> None:
         """Rows ``first_row .. first_row + len(draft)``: the allowed tokens before each draft token and after the
         last, looking ahead through the draft; the matcher is rolled back afterwards. Rows past a draft token the
-        grammar rejects allow everything (verification stops at that token anyway: its probability is 0)."""
+        grammar rejects allow everything (verification stops at that token anyway: its probability is 0). While
+        the grammar waits for its start tag, rows up to the draft token completing it allow everything."""
+        if self.waiting:
+            recent, skip = list(self.recent), len(draft) + 1
+            for j, t in enumerate(draft):
+                recent = (recent + [int(t)])[-len(self.start_ids):]
+                if self._ends_tag(recent):
+                    skip = j + 1
+                    break
+            bitmask[first_row:first_row + skip].fill_(-1)
+            if skip <= len(draft):  # the tag completes inside the draft: the grammar starts after it
+                self.waiting = False
+                self.fill_with_draft(bitmask, first_row + skip, draft[skip:])
+                self.waiting = True
+            return
         self.fill(bitmask, first_row)
         advanced = 0
         for j, t in enumerate(draft):

@@ -64,7 +64,9 @@ class ModelRunner:
     def _grammar_state(self, sp) -> GrammarState:
         if self.grammars is None:
             raise ValueError("this model runner has no grammar compiler (structured outputs unavailable)")
-        return GrammarState(self.grammars.compile(sp.structured_outputs))
+        so = sp.structured_outputs
+        start = self.grammars.token_ids(so.reasoning_end) if so.reasoning_end else None
+        return GrammarState(self.grammars.compile(so), start)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:

@@ -215,7 +215,8 @@ def _reasoned(r):
 
 
 def test_reasoning_opened_by_the_prompt_qwen3(smollm2_server):
-    c = openai_client(smollm2_server(chat_template=TEMPLATE, reasoning_parser="qwen3"))
+    # the grammar forces the thought too: constraints from the first token (vLLM's enable_in_reasoning)
+    c = openai_client(smollm2_server(chat_template=TEMPLATE, reasoning_parser="qwen3", enable_in_reasoning=True))
     msgs = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "<think>\n"}]
     kw = dict(model=M, messages=msgs, max_tokens=60, temperature=0, extra_body={
         "continue_final_message": True, "add_generation_prompt": False,
@@ -234,7 +235,7 @@ def test_reasoning_opened_by_the_prompt_qwen3(smollm2_server):
 
 
 def test_reasoning_then_tool_call(smollm2_server):
-    c = openai_client(smollm2_server(chat_template=TEMPLATE, reasoning_parser="qwen3"))
+    c = openai_client(smollm2_server(chat_template=TEMPLATE, reasoning_parser="qwen3", enable_in_reasoning=True))
     kw = dict(model=M, messages=ASK, tools=TOOLS, max_tokens=90, temperature=0,
               extra_body={"structured_outputs": {"regex": r"<think>[a-z ]{5,30}</think>\n" + CALL_RE}})
     whole, chunks = _parallel(lambda: c.chat.completions.create(**kw),
@@ -247,8 +248,20 @@ def test_reasoning_then_tool_call(smollm2_server):
         (reasoning, None, _calls(whole.choices[0].message), "tool_calls")
 
 
-def test_deepseek_r1_reasoning(smollm2_server):
+def test_constraint_waits_for_the_end_of_reasoning(smollm2_server):
+    """Default (vLLM's): output that starts inside a reasoning block is constrained only after its end tag; a
+    thought that never closes within max_tokens is the plain, unconstrained continuation."""
     url = smollm2_server(reasoning_parser="deepseek_r1")
+    c = openai_client(url)
+    forced = c.chat.completions.create(model=M, messages=ASK, max_tokens=8, temperature=0, extra_body={
+        "structured_outputs": {"regex": "[0-9]{30}"}})
+    prompt = httpx.post(url + "/tokenize", headers=H, json={"messages": ASK}).json()["tokens"]
+    plain = c.completions.create(model=M, prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+    assert _reasoned(forced) == (plain, None) and not plain.isdigit()
+
+
+def test_deepseek_r1_reasoning(smollm2_server):
+    url = smollm2_server(reasoning_parser="deepseek_r1", enable_in_reasoning=True)
     c = openai_client(url)
     # no think tags forced: the template is taken to have opened <think>, the thought never closes -> reasoning
     free = c.chat.completions.create(model=M, messages=ASK, max_tokens=8, temperature=0)
