@@ -222,8 +222,9 @@ def check_engine_decode_graphs(ctx: Any) -> None:
     prompts = _prompts(7, seed=6, dry=ctx.dry)
     sps = [SamplingParams(temperature=0, max_tokens=(3 if ctx.dry else 10) + 3 * i, ignore_eos=True) for i in range(7)]
     cc = {"mode": "static" if ctx.dry else "cuda_graph", "cudagraph_capture_sizes": [1, 2, 4, 8]}
-    for kw in ({}, {"num_kv_blocks": 70, "block_size": 16},  # preempts at full size (1120 slots)
-               {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "disable_by_batch_size": 64}}):
+    cases = [{}, {"num_kv_blocks": 70, "block_size": 16},  # preempts at full size (1120 slots)
+             {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "disable_by_batch_size": 64}}]
+    for kw in cases[:1] if ctx.dry else cases:  # the dry run (Triton interpreter) checks the code path once
         want = _tokens(_llm(ctx, enforce_eager=True, **kw).generate(prompts, sps, use_tqdm=False))
         llm = _llm(ctx, max_num_seqs=8, compilation_config=cc, **kw)
         assert _tokens(llm.generate(prompts, sps, use_tqdm=False)) == want, f"captured decode differs ({kw})"
@@ -238,7 +239,7 @@ def bench_engine_decode(ctx: Any) -> None:
     one = [{"prompt_token_ids": list(range(3, 35))}]
     greedy = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     batch = _prompts(2 if ctx.dry else 32, seed=3, dry=ctx.dry)
-    for eager in (True, False):
+    for eager in (True,) if ctx.dry else (True, False):  # graphs on / off (the dry run has no graphs)
         llm = _llm(ctx, max_num_seqs=32, enforce_eager=eager)
         llm.generate(one, greedy, use_tqdm=False)  # warm-up (Triton compiles)
         t = time.perf_counter()
