@@ -163,11 +163,12 @@ def check_engine_seeded(ctx: Any) -> None:
 
 def check_engine_mixed(ctx: Any) -> None:
     from fastinfer import SamplingParams
+    from fastinfer.ops.registry import OPS_WITHOUT_TRITON
 
     llm = _llm(ctx)
     chosen = llm.engine.worker.ops.chosen
     # every kernel op on Triton; argmax (torch's own device kernel on a GPU) and W4A8 (a CPU technique) have none
-    kernels = {op: b for op, b in chosen.items() if op not in ("argmax", "quant_linear_a8")}
+    kernels = {op: b for op, b in chosen.items() if op not in OPS_WITHOUT_TRITON}
     assert set(kernels.values()) == {"triton"}, f"not every op ran on Triton: {chosen}"
     prompts = _prompts(8, seed=2, dry=ctx.dry)
     sps = [SamplingParams(temperature=0, max_tokens=MIX, ignore_eos=True),

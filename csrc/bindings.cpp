@@ -404,6 +404,19 @@ at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
   return out;
 }
 
+void apply_token_bitmask_cpu(at::Tensor& logits, const at::Tensor& bitmask) {
+  check_matrix(logits, "apply_token_bitmask", "logits");
+  TORCH_CHECK_VALUE(logits.scalar_type() == at::kFloat && logits.size(1) > 0,
+                    "fastinfer::apply_token_bitmask: logits must be fp32 [B, V>0]");
+  TORCH_CHECK_VALUE(bitmask.device().is_cpu() && bitmask.scalar_type() == at::kInt && bitmask.dim() == 2 &&
+                        bitmask.is_contiguous() && bitmask.size(0) == logits.size(0) &&
+                        bitmask.size(1) >= (logits.size(1) + 31) / 32,
+                    "fastinfer::apply_token_bitmask: bitmask must be contiguous int32 [B, >= ceil(V / 32)] on the CPU");
+  const int rc = fc::apply_token_bitmask(logits.data_ptr<float>(), logits.size(0), logits.size(1), logits.stride(0),
+                                         bitmask.data_ptr<int32_t>(), bitmask.size(1));
+  TORCH_CHECK_VALUE(rc == 0, "fastinfer::apply_token_bitmask: ", fc::fused_error_string(rc));
+}
+
 at::Tensor argmax_rows_cpu(const at::Tensor& x) {
   check_matrix(x, "argmax_rows", "x");
   TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && x.size(1) > 0, "fastinfer::argmax_rows: x must be fp32 [B, V>0]");
@@ -482,6 +495,7 @@ TORCH_LIBRARY(fastinfer, m) {
   m.def("rotary_embedding(Tensor positions, Tensor(a!) q, Tensor(b!) k, Tensor cos_sin_cache) -> ()");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
+  m.def("apply_token_bitmask(Tensor(a!) logits, Tensor bitmask) -> ()");
   m.def("fused_moe(Tensor x, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, Tensor? w13_scales=None, "
         "Tensor? w13_mins=None, Tensor? w2_scales=None, Tensor? w2_mins=None) -> Tensor");
 }
@@ -497,6 +511,7 @@ TORCH_LIBRARY_IMPL(fastinfer, CPU, m) {
   m.impl("rotary_embedding", &rotary_embedding_cpu);
   m.impl("silu_and_mul", &silu_and_mul_cpu);
   m.impl("argmax_rows", &argmax_rows_cpu);
+  m.impl("apply_token_bitmask", &apply_token_bitmask_cpu);
 }
 
 // A plain Python module: importing it loads this library, whose static initialisers register the ops.

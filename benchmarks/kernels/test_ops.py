@@ -121,6 +121,17 @@ def _fused_moe(m, dev, t, h, i, e, k):
     return lambda: m.fused_moe(x, w13, w2, wts, ids)
 
 
+def _apply_token_bitmask(m, dev, b, v):
+    """Structured outputs: one grammar row per sequence, each allowing ~1% of the vocabulary (a JSON state)."""
+    gen = torch.Generator().manual_seed(0)
+    w = (v + 31) // 32
+    mask = torch.zeros(b, w, dtype=torch.int32)
+    mask[torch.rand(b, w, generator=gen) < 0.01] = -1
+    logits = _rand(b, v, dev=dev, dtype=torch.float32)  # fp32 logits, as the sampler has them
+    mask = mask.to(dev)
+    return lambda: m.apply_token_bitmask(logits, mask)
+
+
 def _store_kv(m, dev, t, hk, d):
     bs = 16
     kc, vc = _rand(t // bs + 2, bs, hk, d, dev=dev), _rand(t // bs + 2, bs, hk, d, dev=dev)
@@ -144,6 +155,7 @@ OPS: dict[str, tuple[Callable[..., Callable[[], Any]], list[dict[str, int]]]] = 
                                              dict(t=128, hq=32, hk=8, d=128)]),
     "silu_and_mul": (_silu_and_mul, [dict(t=1, d=1536), dict(t=1, d=14336), dict(t=128, d=1536)]),
     "argmax": (_argmax, [dict(b=1, v=49152), dict(b=32, v=49152), dict(b=1, v=128256)]),
+    "apply_token_bitmask": (_apply_token_bitmask, [dict(b=1, v=49152), dict(b=32, v=49152), dict(b=1, v=128256)]),
     "paged_attention": (_paged_attention, [dict(t=1, ctx=512, hq=9, hk=3, d=64),
                                            dict(t=1, ctx=2048, hq=32, hk=8, d=128)]),
     "quant_linear": (_quant_linear, [dict(t=1, n=4096, k=4096, bits=4), dict(t=1, n=4096, k=4096, bits=8),

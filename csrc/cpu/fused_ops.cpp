@@ -1,5 +1,5 @@
 // The small per-layer ops of a decode step on the CPU (raw pointers, no torch): RMSNorm (+ residual add),
-// rotary embedding in place, SiLU-and-mul, greedy argmax. See fastinfer/cpu_fused.h for the contracts.
+// rotary embedding in place, SiLU-and-mul, greedy argmax, the structured-output token bitmask. See fastinfer/cpu_fused.h for the contracts.
 //
 // Each op is a few streaming passes over one row at a time; they exist because the torch ops they replace cost
 // 5-20 dispatches each (a rotary embedding is ~15 tensor ops), which at batch 1 is most of a step. Rows split
@@ -23,11 +23,13 @@ using RmsFn = void (*)(const RmsNormParams&, int64_t, int64_t);
 using RotaryFn = void (*)(const RotaryParams&);
 using SiluFn = void (*)(const SiluMulParams&, int64_t, int64_t);
 using ArgmaxFn = int64_t (*)(const float*, int64_t);
+using MaskFn = void (*)(float*, const int32_t*, int64_t);
 struct Kernels {
   RmsFn rms[3];  // by DType
   RotaryFn rotary[3];
   SiluFn silu[3];
   ArgmaxFn argmax;
+  MaskFn mask_row;
 };
 
 namespace generic {
@@ -106,6 +108,15 @@ int argmax_rows(const float* x, int64_t B, int64_t V, int64_t stride, int64_t* o
   if (!x || !out || B < 0 || V <= 0) return kBadArgs;
   const ArgmaxFn fn = kernels().argmax;
   for (int64_t b = 0; b < B; ++b) out[b] = fn(x + b * stride, V);
+  return kOk;
+}
+
+int apply_token_bitmask(float* logits, int64_t B, int64_t V, int64_t stride, const int32_t* bitmask,
+                        int64_t words_per_row) {
+  if (B == 0) return kOk;
+  if (!logits || !bitmask || B < 0 || V <= 0 || words_per_row < (V + 31) / 32) return kBadArgs;
+  const MaskFn fn = kernels().mask_row;
+  for (int64_t b = 0; b < B; ++b) fn(logits + b * stride, bitmask + b * words_per_row, V);
   return kOk;
 }
 

@@ -141,9 +141,29 @@ int64_t argmax(const float* x, int64_t n) {
   return 0;
 }
 
+// Structured outputs: logits[j] = -inf where bit j of the row's bitmask (32 tokens per int32 word, least
+// significant bit first) is 0. An all-ones word (32 allowed tokens) is skipped and an all-zero one (the common
+// case: a grammar state allows few tokens) is one 32-float fill this ISA's codegen vectorises.
+void mask_row(float* logits, const int32_t* words, int64_t V) {
+  const int64_t W = (V + 31) / 32;
+  for (int64_t w = 0; w < W; ++w) {
+    const uint32_t bits = uint32_t(words[w]);
+    if (bits == 0xFFFFFFFFu) continue;
+    float* l = logits + w * 32;
+    const int64_t n = std::min<int64_t>(32, V - w * 32);
+    if (bits == 0 && n == 32) {
+      for (int j = 0; j < 32; ++j) l[j] = -INFINITY;
+      continue;
+    }
+    for (int64_t j = 0; j < n; ++j)
+      if (!((bits >> j) & 1u)) l[j] = -INFINITY;
+  }
+}
+
 const Kernels kKernels = {
     {rms_rows<float>, rms_rows<bf16_t>, rms_rows<fp16_t>},
     {rotary_rows<float>, rotary_rows<bf16_t>, rotary_rows<fp16_t>},
     {silu_rows<float>, silu_rows<bf16_t>, silu_rows<fp16_t>},
     argmax,
+    mask_row,
 };

@@ -25,6 +25,8 @@ Ops (shapes: T tokens, H query heads, Hkv KV heads, D head dim):
   stacked weight-only format, ``quantization.format.QuantizedExperts``), each projection on its own.
 
 - ``argmax(logits) -> [B]``: the greedy token of each row of fp32 logits [B, V] (first maximum; NaN wins).
+- ``apply_token_bitmask(logits, bitmask)``: in place, ``logits[b, j] = -inf`` where bit ``j % 32`` of
+  ``bitmask[b, j // 32]`` (int32 [B, ceil(V / 32)], xgrammar's layout) is 0 (structured outputs).
 
 Every op traces without data (FakeTensorMode, also on a fake CUDA device without a GPU, and torch.compile): the
 Triton and compiled CPU kernels are torch custom ops (``torch.ops.fastinfer.triton_*``, and

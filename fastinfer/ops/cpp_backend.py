@@ -75,6 +75,11 @@ def _silu_and_mul_fake(x) -> torch.Tensor:
     return x.new_empty((x.shape[0], x.shape[1] // 2))
 
 
+@torch.library.register_fake("fastinfer::apply_token_bitmask")
+def _apply_token_bitmask_fake(logits, bitmask) -> None:
+    return None
+
+
 @torch.library.register_fake("fastinfer::argmax_rows")
 def _argmax_rows_fake(x) -> torch.Tensor:
     return x.new_empty((x.shape[0],), dtype=torch.int64)
@@ -316,3 +321,16 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
         return torch_backend.argmax(logits)
     x2 = logits if logits.stride(-1) == 1 else logits.contiguous()
     return torch.ops.fastinfer.argmax_rows(x2)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place: ``logits[b, j] = -inf`` where bit ``j % 32`` of ``bitmask[b, j // 32]`` is 0 (xgrammar's layout);
+    all-ones words skipped, all-zero words one vector fill (csrc/cpu/fused_ops.cpp)."""
+    ok = (logits.is_cpu and logits.dtype == torch.float32 and logits.dim() == 2 and logits.shape[1] > 0
+          and logits.stride(-1) == 1 and bitmask.is_cpu and bitmask.dtype == torch.int32 and bitmask.dim() == 2
+          and bitmask.shape[0] == logits.shape[0] and bitmask.shape[1] >= (logits.shape[1] + 31) // 32)
+    if not ok:
+        _fallback(f"apply_token_bitmask on {logits.device.type} {logits.dtype} {tuple(logits.shape)}")
+        torch_backend.apply_token_bitmask(logits, bitmask)
+        return
+    torch.ops.fastinfer.apply_token_bitmask(logits, bitmask.contiguous())

@@ -221,3 +221,13 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         y = act.float() @ expert_weight(w2, w2_scales, w2_mins, e).T  # [n, H]
         out.index_add_(0, tok, y * topk_weights[tok, slot].float().unsqueeze(1))
     return out.to(x.dtype)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place: ``logits[b, j] = -inf`` for every token ``j`` whose bit (bit ``j % 32`` of word ``j // 32`` of row
+    ``b``, least significant first; xgrammar's layout) is 0. One token at a time: the spec."""
+    words = bitmask.tolist()
+    for b in range(logits.shape[0]):
+        for j in range(logits.shape[1]):
+            if not (words[b][j // 32] >> (j % 32)) & 1:
+                logits[b, j] = float("-inf")

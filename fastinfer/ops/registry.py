@@ -17,8 +17,11 @@ from typing import Any
 logger = logging.getLogger("fastinfer.ops")
 
 OPS = ("store_kv", "paged_attention", "rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul",
-       "copy_blocks", "quant_linear", "quant_linear_a8", "fused_moe", "argmax")
+       "copy_blocks", "quant_linear", "quant_linear_a8", "fused_moe", "argmax", "apply_token_bitmask")
 BACKENDS = ("cuda", "triton", "cpp", "torch")
+# ops with no Triton kernel: on a GPU they run the torch backend (argmax, the token bitmask: one device op each)
+# or not at all in practice (W4A8 is a CPU technique)
+OPS_WITHOUT_TRITON = ("argmax", "quant_linear_a8", "apply_token_bitmask")
 # Modules that provide each backend, imported lazily (a missing compiler or GPU must not break import).
 _BACKEND_MODULES = {
     "torch": "fastinfer.ops.torch_backend",
@@ -97,3 +100,4 @@ class OpSet:
     quant_linear_a8: Callable[..., Any] = field(init=False, repr=False)
     fused_moe: Callable[..., Any] = field(init=False, repr=False)
     argmax: Callable[..., Any] = field(init=False, repr=False)
+    apply_token_bitmask: Callable[..., Any] = field(init=False, repr=False)

@@ -245,3 +245,13 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         y = F.linear(act, _experts_fp32(w2, w2_scales, w2_mins, e).select(0, 0))  # [T, H]; rows of tokens that did not
         out.addcmul_(torch.where(chosen.narrow(1, e, 1), y, 0.0), combine.narrow(1, e, 1))  # choose e are dropped
     return out.to(x.dtype)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place: ``logits[b, j] = -inf`` where bit ``j % 32`` of ``bitmask[b, j // 32]`` is 0 (the reference's
+    contract), vectorised: the words expanded to one bit per token, then one ``masked_fill_``; no host sync."""
+    b, v = logits.shape
+    words = bitmask.to(logits.device, non_blocking=True).narrow(1, 0, (v + 31) // 32)
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((words.unsqueeze(-1) >> shifts) & 1).reshape(b, -1).narrow(1, 0, v)
+    logits.masked_fill_(allowed == 0, float("-inf"))

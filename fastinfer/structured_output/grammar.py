@@ -210,12 +210,3 @@ class GrammarState:
 def new_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
     """An all-allowed int32 token bitmask [rows, ceil(vocab / 32)] on the CPU (xgrammar's layout)."""
     return _xgr().allocate_token_bitmask(rows, vocab_size)
-
-
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
-    """In place: logits of tokens a row's bitmask forbids become -inf, for the listed rows of ``logits`` (bitmask
-    row r masks logits row r; both have the same rows); one batched op on the logits' device."""
-    if not rows:
-        return
-    mask = bitmask.to(logits.device, non_blocking=True)
-    _xgr().apply_token_bitmask_inplace(logits, mask, vocab_size=logits.shape[1], indices=rows)

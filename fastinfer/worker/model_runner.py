@@ -13,7 +13,7 @@ import torch
 from fastinfer.core.outputs import ModelRunnerOutput, SchedulerOutput
 from fastinfer.models.interface import CausalLM, KVCaches
 from fastinfer.ops import OpSet
-from fastinfer.structured_output import GrammarCompiler, GrammarState, apply_bitmask, new_bitmask
+from fastinfer.structured_output import GrammarCompiler, GrammarState, new_bitmask
 from fastinfer.worker.decode_graphs import DecodeGraphs
 from fastinfer.worker.input_batch import CachedRequestState, Chunk, PackedInputs, pack_inputs
 from fastinfer.worker.kv_cache import KVCacheLayout
@@ -152,24 +152,21 @@ class ModelRunner:
         """Structured outputs: each grammar request's rows of ``logits`` (its sample row, or one row per draft
         position plus the bonus row) keep only the tokens its grammar allows there; one batched op."""
         states = step.states
-        rows: list[int] = []
         bitmask = None
         for j, i in enumerate(step.sample_idx):
             g = states[i].grammar
             if g is not None:
                 bitmask = new_bitmask(logits.shape[0], logits.shape[1]) if bitmask is None else bitmask
                 g.fill(bitmask, j)
-                rows.append(j)
         r = len(step.sample_idx)
         for i, d in zip(step.spec_idx, drafts):
             g = states[i].grammar
             if g is not None:
                 bitmask = new_bitmask(logits.shape[0], logits.shape[1]) if bitmask is None else bitmask
                 g.fill_with_draft(bitmask, r, d)
-                rows.extend(range(r, r + len(d) + 1))
             r += len(d) + 1
-        if bitmask is not None:
-            apply_bitmask(logits, bitmask, rows)
+        if bitmask is not None:  # rows without a grammar are all ones: the op leaves them untouched
+            self.ops.apply_token_bitmask(logits, bitmask.to(logits.device, non_blocking=True))
 
     def _prompt_logprobs(self, hidden: torch.Tensor, step: StepInputs) -> list[PromptLogprobsPart]:
         """Per chunk that holds prompt positions of a request asking for prompt logprobs: the logprob and rank of

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastinfer import SamplingParams
+from fastinfer.ops.registry import OPS_WITHOUT_TRITON
 
 pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -34,7 +35,7 @@ def test_triton_backend_matches_torch(tiny_llm, arch, kw):
     tri = tiny_llm(arch, attention_backend="triton", enable_prefix_caching=False, **kw)
     assert tri.engine.worker.ops.chosen["paged_attention"] == "triton"
     assert all(b == "triton" for op, b in tri.engine.worker.ops.chosen.items()
-               if op not in ("argmax", "quant_linear_a8")), \
+               if op not in OPS_WITHOUT_TRITON), \
         tri.engine.worker.ops.describe()  # no Triton argmax / W4A8 kernels: cpp here, torch on a GPU
     ref = tiny_llm(arch, attention_backend="torch", enable_prefix_caching=False, **kw)
     assert ref.engine.worker.ops.chosen["paged_attention"] == "torch"

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fastinfer import SamplingParams
+from fastinfer.ops.registry import OPS_WITHOUT_TRITON
 from tests.models.test_moe_models import BATCH, _hf_greedy, _llm, moe_dir  # noqa: F401  (moe_dir: a fixture)
 
 pytest.importorskip("triton")
@@ -20,7 +21,7 @@ def test_moe_model_on_triton_matches_hf(family, moe_dir):  # noqa: F811
     path, hf = moe_dir(family)
     llm = _llm(path, attention_backend="triton", enable_prefix_caching=False, max_num_batched_tokens=16)
     chosen = {op: b for op, b in llm.engine.worker.ops.chosen.items()
-              if op not in ("argmax", "quant_linear_a8")}  # no Triton kernels: cpp / torch
+              if op not in OPS_WITHOUT_TRITON}  # no Triton kernels: cpp / torch
     assert set(chosen.values()) == {"triton"}, llm.engine.worker.ops.describe()
     tok = llm.get_tokenizer()
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)

@@ -144,3 +144,68 @@ def test_unsupported_inputs_fall_back_loudly(caplog):
     torch.testing.assert_close(out, reference.rms_norm(x, torch.ones(8, dtype=torch.float64), 1e-6))
     with pytest.raises(ValueError, match="weight must be"):
         torch.ops.fastinfer.rms_norm(torch.randn(2, 8), torch.ones(7), 1e-6)
+
+
+def _random_bitmask(b: int, v: int, gen: torch.Generator) -> torch.Tensor:
+    """Rows: all allowed, none allowed, one token, random words (with all-ones and all-zero words mixed in)."""
+    w = (v + 31) // 32
+    m = torch.randint(-2 ** 31, 2 ** 31 - 1, (b, w), dtype=torch.int32, generator=gen)
+    m[0] = -1
+    if b > 1:
+        m[1] = 0
+    if b > 2:
+        m[2] = 0
+        m[2, (v - 1) // 32] = 1 << ((v - 1) % 32) if (v - 1) % 32 < 31 else -2 ** 31
+    if b > 3 and w > 2:
+        m[3, ::2] = -1
+        m[3, 1::3] = 0
+    return m
+
+
+@pytest.mark.usefixtures("isa")
+@pytest.mark.parametrize("b, v", [(1, 1), (4, 31), (5, 33), (6, 64), (4, 1000), (3, 49153)])
+@pytest.mark.parametrize("extra_words", [0, 2])
+def test_apply_token_bitmask_equals_the_reference(b, v, extra_words):
+    gen = torch.Generator().manual_seed(b * v + extra_words)
+    mask = _random_bitmask(b, v + 32 * extra_words, gen)  # wider masks (a padded vocabulary) are allowed
+    logits = torch.randn(b, v, generator=gen)
+    logits[0, 0] = float("nan")  # an allowed NaN stays
+    want = logits.clone()
+    reference.apply_token_bitmask(want, mask) if v <= 1000 else _torch_mask(want, mask)
+    got = logits.clone()
+    cpp.apply_token_bitmask(got, mask)
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+    wide = torch.randn(b, v + 9, generator=gen)[:, 3:3 + v]  # strided rows
+    ref = wide.clone()
+    _torch_mask(ref, mask)
+    cpp.apply_token_bitmask(wide, mask)
+    torch.testing.assert_close(wide, ref, rtol=0, atol=0)
+
+
+def _torch_mask(logits, mask):
+    from fastinfer.ops import torch_backend
+
+    torch_backend.apply_token_bitmask(logits, mask)
+
+
+def test_torch_token_bitmask_equals_the_reference_and_traces_on_fake_cuda():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    gen = torch.Generator().manual_seed(0)
+    for b, v in [(3, 33), (5, 95), (2, 200)]:
+        mask, logits = _random_bitmask(b, v, gen), torch.randn(b, v, generator=gen)
+        want, got = logits.clone(), logits.clone()
+        reference.apply_token_bitmask(want, mask)
+        _torch_mask(got, mask)
+        assert torch.equal(got, want)
+    torch.library.opcheck(torch.ops.fastinfer.apply_token_bitmask.default,
+                          (torch.randn(2, 40), _random_bitmask(2, 40, gen)))
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        logits = torch.empty(2, 40, device="cuda")
+        _torch_mask(logits, torch.empty(2, 2, dtype=torch.int32, device="cuda"))
+        assert logits.device.type == "cuda"
+
+
+def test_token_bitmask_bad_inputs():
+    with pytest.raises(ValueError, match="bitmask must be"):
+        torch.ops.fastinfer.apply_token_bitmask(torch.randn(2, 64), torch.zeros(2, 1, dtype=torch.int32))

@@ -14,7 +14,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from fastinfer.ops import AttentionMetadata, OpSet, reference, torch_backend
-from fastinfer.ops.registry import OPS
+from fastinfer.ops.registry import OPS, OPS_WITHOUT_TRITON
 from fastinfer.quantization import quantize
 from tests.ops.paged_cases import paged_case
 
@@ -59,10 +59,11 @@ def test_opset_cuda_resolves_without_gpu(caplog):
         pytest.skip("triton not installed")
     with caplog.at_level("INFO", logger="fastinfer.ops"):
         ops = OpSet("cuda")
-    # every kernel op in Triton; the greedy argmax is torch's (one device kernel already, nothing to fuse) and so is
-    # W4A8 (a CPU technique)
+    # every kernel op in Triton; the greedy argmax and the token bitmask are torch's (a few device kernels each,
+    # nothing to fuse) and so is W4A8 (a CPU technique)
     not_triton = {op: b for op, b in ops.chosen.items() if b != "triton"}
-    assert not_triton == {"argmax": "torch", "quant_linear_a8": "torch"}, ops.chosen
+    assert not_triton == dict.fromkeys(OPS_WITHOUT_TRITON, "torch"), ops.chosen
+    assert set(OPS_WITHOUT_TRITON) == {"argmax", "quant_linear_a8", "apply_token_bitmask"}
     assert "ops on cuda: store_kv=triton" in caplog.text and "cpp skipped" in caplog.text
 
 
@@ -141,6 +142,11 @@ def test_every_op_traces_on_fake_cuda(backend):
         tok = be.argmax(torch.empty(T, 1000, dtype=torch.float32, device="cuda"))
         assert (tok.shape, tok.dtype, tok.device) == ((T,), torch.int64, CUDA)
         called.append("argmax")
+
+        logits = torch.empty(T, 1000, dtype=torch.float32, device="cuda")
+        be.apply_token_bitmask(logits, torch.empty(T, 32, dtype=torch.int32, device="cuda"))
+        assert (logits.shape, logits.device) == ((T, 1000), CUDA)
+        called.append("apply_token_bitmask")
     assert sorted(called) == sorted(OPS), "a new op needs a case here"
 
 
@@ -230,7 +236,7 @@ def _opcheck_cases(dev: str) -> dict:
 
 
 # argmax on a GPU is torch's own kernel; quant_linear_a8 (W4A8, a CPU technique) runs the torch backend there
-@pytest.mark.parametrize("op", [op for op in OPS if op not in ("argmax", "quant_linear_a8")])
+@pytest.mark.parametrize("op", [op for op in OPS if op not in OPS_WITHOUT_TRITON])
 def test_triton_custom_op_opcheck(op):
     """torch.library.opcheck: the schema declares every mutation, the fake matches the real output's metadata,
     and the op survives AOT dispatch (what torch.compile does to it)."""
@@ -311,8 +317,9 @@ _NO_INTERPRETER_SCRIPT = r"""
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from fastinfer.ops import AttentionMetadata, OpSet
+from fastinfer.ops.registry import OPS_WITHOUT_TRITON
 ops = OpSet("cuda")
-assert {op: b for op, b in ops.chosen.items() if b != "triton"} == {"argmax": "torch", "quant_linear_a8": "torch"}
+assert {op: b for op, b in ops.chosen.items() if b != "triton"} == dict.fromkeys(OPS_WITHOUT_TRITON, "torch")
 with FakeTensorMode():
     meta = AttentionMetadata.build([1, 4], [9, 4], [[0, 1, 2], [3]], 4, "cuda")
     kc = torch.empty(8, 4, 2, 16, dtype=torch.float16, device="cuda")

@@ -55,6 +55,11 @@ int silu_and_mul(const SiluMulParams& p);
 // larger than every number (torch.argmax's rule): the first NaN's index.
 int argmax_rows(const float* x, int64_t B, int64_t V, int64_t stride, int64_t* out);
 
+// Structured outputs, in place: logits[b, j] = -inf for every token j whose bit is 0 in row b of bitmask
+// [B, words_per_row] int32 (xgrammar's layout: token j is bit j % 32 of word j / 32); rows all ones are untouched.
+int apply_token_bitmask(float* logits, int64_t B, int64_t V, int64_t stride, const int32_t* bitmask,
+                        int64_t words_per_row);
+
 const char* fused_error_string(int code);
 
 }  // namespace cpu
