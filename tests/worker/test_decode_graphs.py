@@ -99,3 +99,11 @@ def test_cuda_graphs_equal_eager(tiny_llm, kw):
                    compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8]}, **kw)
     assert _tokens(llm.generate(PROMPTS, SPS, use_tqdm=False)) == want
     assert llm.engine.worker.decode_graph_runs() > 0
+
+
+def test_compiled_decode_equals_eager(tiny_llm, eager):
+    """``torch.compile`` of the padded step (one rung of 8, so one compile): the eager tokens, while the batch
+    shrinks from 7 to 1 inside the rung."""
+    llm = tiny_llm("llama", max_num_seqs=8, compilation_config={"mode": "compile", "cudagraph_capture_sizes": [8]})
+    assert _tokens(llm.generate(PROMPTS, SPS, use_tqdm=False)) == eager
+    assert llm.engine.worker.decode_graph_runs() > 0
