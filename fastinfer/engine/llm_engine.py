@@ -201,13 +201,13 @@ class LLMEngine:
         for rid, parent in list(self._compiling.items()):
             fut = parent.grammar
             assert fut is not None
-            if fut.done() and fut.exception() is None:
+            e = fut.exception() if fut.done() else None
+            if fut.done() and e is None:
                 del self._compiling[rid]
                 parent.grammar = None
                 self._schedule_parent(parent)
             elif fut.done() or now - parent.arrival > GRAMMAR_COMPILE_TIMEOUT_S:
                 del self._compiling[rid]
-                e = fut.exception() if fut.done() else None
                 parent.error = (str(e) if isinstance(e, ValueError) else
                                 f"structured outputs: grammar compilation failed: {e!r}" if e is not None else
                                 f"structured outputs: grammar compilation took longer than "

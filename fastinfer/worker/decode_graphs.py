@@ -89,8 +89,6 @@ class DecodeGraphs:
         """Capture (cuda_graph) or compile (compile) every rung, largest first, on padding-only inputs (slot -1:
         the KV cache is never written). Logs the time taken."""
         t0 = time.perf_counter()
-        if self.mode == "compile":
-            self.forward = torch.compile(self.model.forward, dynamic=False)
         if self.mode == "cuda_graph":
             pool = torch.cuda.graph_pool_handle()
             stream = torch.cuda.Stream(self.device)
@@ -108,9 +106,9 @@ class DecodeGraphs:
                 self.graphs[b] = g
             torch.cuda.synchronize(self.device)
         elif self.mode == "compile":
+            self.forward = torch.compile(self.model.forward, dynamic=False)
             for b in reversed(self.rungs):
-                meta = self.metas[b]
-                self.forward(*self._inputs(b), meta)
+                self.forward(*self._inputs(b), self.metas[b])
         self.capture_s = time.perf_counter() - t0
         logger.info("decode step: %s for batch sizes %s (%.1f s)", {"cuda_graph": "CUDA graphs captured",
                     "compile": "torch.compile", "static": "padded static buffers"}[self.mode], self.rungs,

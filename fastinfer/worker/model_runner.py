@@ -13,6 +13,7 @@ import torch
 from fastinfer.core.outputs import ModelRunnerOutput, SchedulerOutput
 from fastinfer.models.interface import CausalLM, KVCaches
 from fastinfer.ops import OpSet
+from fastinfer.sampling_params import StructuredOutputsParams
 from fastinfer.structured_output import GrammarCompiler, GrammarState, new_bitmask
 from fastinfer.worker.decode_graphs import DecodeGraphs
 from fastinfer.worker.input_batch import CachedRequestState, Chunk, PackedInputs, pack_inputs
@@ -58,13 +59,12 @@ class ModelRunner:
                 old.is_finished = True
             st = self.requests[new.req_id] = CachedRequestState(new)
             if new.sampling_params.structured_outputs is not None:
-                st.grammar = self._grammar_state(new.sampling_params)
+                st.grammar = self._grammar_state(new.sampling_params.structured_outputs)
                 st.grammar.accept(st.output_token_ids)  # resumed after preemption: replay what it generated
 
-    def _grammar_state(self, sp) -> GrammarState:
+    def _grammar_state(self, so: StructuredOutputsParams) -> GrammarState:
         if self.grammars is None:
             raise ValueError("this model runner has no grammar compiler (structured outputs unavailable)")
-        so = sp.structured_outputs
         start = self.grammars.token_ids(so.reasoning_end) if so.reasoning_end else None
         return GrammarState(self.grammars.compile(so), start)
 
@@ -152,21 +152,18 @@ class ModelRunner:
         """Structured outputs: each grammar request's rows of ``logits`` (its sample row, or one row per draft
         position plus the bonus row) keep only the tokens its grammar allows there; one batched op."""
         states = step.states
-        bitmask = None
+        if all(states[i].grammar is None for i in step.sample_idx + step.spec_idx):
+            return
+        bitmask = new_bitmask(logits.shape[0], logits.shape[1])  # all ones: rows without a grammar stay untouched
         for j, i in enumerate(step.sample_idx):
-            g = states[i].grammar
-            if g is not None:
-                bitmask = new_bitmask(logits.shape[0], logits.shape[1]) if bitmask is None else bitmask
-                g.fill(bitmask, j)
+            if states[i].grammar is not None:
+                states[i].grammar.fill(bitmask, j)
         r = len(step.sample_idx)
         for i, d in zip(step.spec_idx, drafts):
-            g = states[i].grammar
-            if g is not None:
-                bitmask = new_bitmask(logits.shape[0], logits.shape[1]) if bitmask is None else bitmask
-                g.fill_with_draft(bitmask, r, d)
+            if states[i].grammar is not None:
+                states[i].grammar.fill_with_draft(bitmask, r, d)
             r += len(d) + 1
-        if bitmask is not None:  # rows without a grammar are all ones: the op leaves them untouched
-            self.ops.apply_token_bitmask(logits, bitmask.to(logits.device, non_blocking=True))
+        self.ops.apply_token_bitmask(logits, bitmask.to(logits.device, non_blocking=True))
 
     def _prompt_logprobs(self, hidden: torch.Tensor, step: StepInputs) -> list[PromptLogprobsPart]:
         """Per chunk that holds prompt positions of a request asking for prompt logprobs: the logprob and rank of
