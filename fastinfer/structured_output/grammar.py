@@ -68,24 +68,7 @@ class GrammarCompiler:
     def check(self, p: StructuredOutputsParams) -> None:
         """Parse the schema / regex / grammar without compiling it against the vocabulary; ValueError naming
         the problem when it is invalid or uses what xgrammar does not support."""
-        xgr = _xgr()
-        kind = p.kind
-        try:
-            if kind == "json":
-                schema = json.loads(p.json) if isinstance(p.json, str) else p.json
-                if not isinstance(schema, (dict, bool)):
-                    raise ValueError("a JSON schema must be an object")
-                xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=not p.disable_any_whitespace)
-            elif kind == "regex":
-                xgr.Grammar.from_regex(p.regex)
-            elif kind == "grammar":
-                xgr.Grammar.from_ebnf(p.grammar)
-            elif kind == "choice":
-                xgr.Grammar.from_ebnf(_choice_ebnf(p.choice or []))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
-        except (RuntimeError, ValueError, TypeError) as e:
-            raise ValueError(f"invalid structured_outputs.{kind}: {_clean(e)}") from None
+        _grammar(p)
 
     def compile(self, p: StructuredOutputsParams) -> Any:
         """The compiled grammar of ``p`` (an ``xgrammar.CompiledGrammar``), from the cache when compiled before."""
@@ -97,22 +80,13 @@ class GrammarCompiler:
                 return hit
         compiler = self._get_compiler()
         t0 = time.perf_counter()
-        kind, compact = p.kind, p.disable_any_whitespace
+        grammar = _grammar(p)
         try:
-            if kind == "json":
-                text = p.json if isinstance(p.json, str) else json.dumps(p.json)
-                compiled = compiler.compile_json_schema(text, any_whitespace=not compact)
-            elif kind == "json_object":
-                compiled = compiler.compile_json_schema('{"type": "object"}', any_whitespace=not compact)
-            elif kind == "regex":
-                compiled = compiler.compile_regex(p.regex)
-            elif kind == "choice":
-                compiled = compiler.compile_grammar(_choice_ebnf(p.choice or []))
-            else:
-                compiled = compiler.compile_grammar(p.grammar)
+            compiled = compiler.compile_grammar(grammar)
         except (RuntimeError, ValueError, TypeError) as e:
-            raise ValueError(f"invalid structured_outputs.{kind}: {_clean(e)}") from None
-        logger.debug("structured outputs: compiled a %s grammar in %.1f ms", kind, 1e3 * (time.perf_counter() - t0))
+            raise ValueError(f"invalid structured_outputs.{p.kind}: {_clean(e)}") from None
+        logger.debug("structured outputs: compiled a %s grammar in %.1f ms", p.kind,
+                     1e3 * (time.perf_counter() - t0))
         with self._lock:
             self.num_compiled += 1
             self._cache[key] = compiled
@@ -120,10 +94,30 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)
         return compiled
 
-
     def token_ids(self, text: str) -> list[int]:
         """``text`` as the tokenizer encodes it (no special tokens added)."""
         return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+
+def _grammar(p: StructuredOutputsParams) -> Any:
+    """The ``xgrammar.Grammar`` of a constraint (parsing only, no vocabulary work); ValueError naming the problem
+    when the schema / regex / grammar is invalid or uses what xgrammar does not support."""
+    xgr = _xgr()
+    kind = p.kind
+    try:
+        if kind in ("json", "json_object"):
+            schema = ({"type": "object"} if kind == "json_object" else
+                      json.loads(p.json) if isinstance(p.json, str) else p.json)
+            if not isinstance(schema, (dict, bool)):
+                raise ValueError("a JSON schema must be an object")
+            return xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=not p.disable_any_whitespace)
+        if kind == "regex":
+            return xgr.Grammar.from_regex(p.regex)
+        return xgr.Grammar.from_ebnf(_choice_ebnf(p.choice or []) if kind == "choice" else p.grammar)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ValueError(f"invalid structured_outputs.{kind}: {_clean(e)}") from None
 
 
 def _clean(e: Exception) -> str:
