@@ -6,12 +6,69 @@ import torch
 
 from fastinfer.ops.metadata import AttentionMetadata
 
+KV_QMAX = {"int8": 127.0, "fp8_e4m3": 448.0}
+KV_SCALE_MIN = 2.0 ** -14  # the smallest normal fp16
+KV_SCALE_MAX = 65504.0  # the largest finite fp16
+
+
+def kv_quant_dtype(cache: torch.Tensor) -> str | None:
+    """The quantization of a KV cache, read from its dtype: a float cache is plain (None), ``torch.int8`` is
+    int8 KV, ``torch.uint8`` is fp8 e4m3 KV (the bytes are ``torch.float8_e4m3fn`` bits)."""
+    if cache.dtype.is_floating_point:
+        return None
+    kind = {torch.int8: "int8", torch.uint8: "fp8_e4m3"}.get(cache.dtype)
+    if kind is None:
+        raise ValueError(f"KV cache dtype {cache.dtype} is neither a float dtype, int8 nor uint8 (fp8 e4m3)")
+    return kind
+
+
+def quantize_kv_rows(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Quantize KV rows ``x`` [..., D] (one token's one KV head each) to cache rows [..., D + 2]: the spec.
+
+    Symmetric, one scale per row, all in fp32: ``amax = max|x|`` over D (NaN elements ignored), ``scale =
+    fp16(max(amax / QMAX, 2**-14))`` clamped to <= 65504, with QMAX 127 (``kind="int8"``) or 448
+    (``"fp8_e4m3"``). The codes come from the fp16-ROUNDED scale: int8 ``clamp(round_half_even(x / scale), -127,
+    127)``; fp8 ``(x / scale).clamp(-448, 448)`` cast to ``float8_e4m3fn`` (round to nearest even) and stored as
+    its uint8 bits. A NaN element gives code 0, +-inf saturates to +-QMAX (and makes the row's scale 65504); a
+    row with no finite element has scale 65504. So a scale is never 0, inf or NaN. Row layout: ``[..., :D]`` the
+    codes, ``[..., D:]`` the scale as IEEE fp16, little endian. Dequantized value: ``code * scale`` in fp32
+    (:func:`dequantize_kv`)."""
+    if kind not in KV_QMAX:
+        raise ValueError(f"unknown KV quantization {kind!r}; expected one of {sorted(KV_QMAX)}")
+    x = x.float()
+    qmax = KV_QMAX[kind]
+    amax = torch.nan_to_num(x, nan=0.0).abs().amax(dim=-1, keepdim=True)
+    amax = torch.where(torch.isfinite(x).any(dim=-1, keepdim=True), amax, torch.full_like(amax, float("inf")))
+    scale16 = (amax / qmax).clamp(min=KV_SCALE_MIN).to(torch.float16).clamp(max=KV_SCALE_MAX)
+    y = torch.nan_to_num(x / scale16.float(), nan=0.0).clamp(-qmax, qmax)
+    if kind == "int8":
+        codes = torch.round(y).to(torch.int8)
+    else:
+        codes = y.to(torch.float8_e4m3fn).view(torch.uint8)
+    return torch.cat([codes, scale16.contiguous().view(codes.dtype)], dim=-1)
+
+
+def dequantize_kv(cache: torch.Tensor) -> torch.Tensor:
+    """Quantized cache rows [..., D + 2] (int8, or uint8 holding fp8 e4m3 bits) to fp32 values [..., D]:
+    ``code * scale`` with the row's fp16 scale from its last two bytes (:func:`quantize_kv_rows`)."""
+    kind = kv_quant_dtype(cache)
+    if kind is None:
+        raise ValueError(f"dequantize_kv needs an int8 or uint8 (fp8 e4m3) cache, got {cache.dtype}")
+    codes = cache[..., :-2]
+    values = codes.float() if kind == "int8" else codes.view(torch.float8_e4m3fn).float()
+    scale = cache[..., -2:].contiguous().view(torch.float16).float()
+    return values * scale
+
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Write ``key``/``value`` [T, Hkv, D] into the caches [num_blocks, block_size, Hkv, D] at the flat
-    slots ``slot_mapping`` [T]; negative slots are skipped (padding)."""
+    slots ``slot_mapping`` [T]; negative slots are skipped (padding). A quantized cache (int8 / uint8, last dim
+    D + 2, :func:`kv_quant_dtype`) stores each row as :func:`quantize_kv_rows` makes it."""
     bs = k_cache.shape[1]
+    kind = kv_quant_dtype(k_cache)
+    if kind is not None:
+        key, value = quantize_kv_rows(key, kind), quantize_kv_rows(value, kind)
     for t, slot in enumerate(slot_mapping.tolist()):
         if slot < 0:
             continue
@@ -33,15 +90,17 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     Query ``r`` of sequence ``i`` sits at position ``p = seq_len - query_len + r`` and sees keys
     ``max(0, p - sliding_window + 1) .. p``. GQA: query head ``h`` reads KV head ``h // (H // Hkv)``.
     Scores are ``scale * q . k``, soft-capped to ``softcap * tanh(score / softcap)`` when ``softcap`` is given
-    (Gemma 2), before the softmax.
+    (Gemma 2), before the softmax. Quantized caches are read through :func:`dequantize_kv`.
     """
     out = torch.empty_like(q)
     num_heads, num_kv = q.shape[1], k_cache.shape[2]
     group = num_heads // num_kv
     qsl = meta.query_start_loc.tolist()
     for i, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
-        k = gather_kv(k_cache, meta.block_table[i], slen).float()  # [L, Hkv, D]
-        v = gather_kv(v_cache, meta.block_table[i], slen).float()
+        k = gather_kv(k_cache, meta.block_table[i], slen)  # [L, Hkv, D] (or D + 2 quantized)
+        v = gather_kv(v_cache, meta.block_table[i], slen)
+        k = k.float() if kv_quant_dtype(k) is None else dequantize_kv(k)
+        v = v.float() if kv_quant_dtype(v) is None else dequantize_kv(v)
         k = k.repeat_interleave(group, dim=1)  # [L, H, D]
         v = v.repeat_interleave(group, dim=1)
         for r in range(qlen):
