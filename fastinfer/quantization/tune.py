@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastinfer.distill.losses import SparseTarget, distill_loss, kl, log_tail
 from fastinfer.models.interface import CausalLM, forward_sequences, model_device, scratch_kv_cache, using_ops
 from fastinfer.ops import OpSet
 from fastinfer.quantization.format import QuantizedWeight
@@ -87,11 +88,13 @@ def teacher_targets(model: CausalLM, sequences: Sequence[list[int]], top_k: int 
 def coarse_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """Mean KL(p || q) over the teacher's top-k tokens plus one bucket for all other tokens, from the top-k
     log-probs of teacher ``logp`` and student ``logq`` [..., k] (each normalized over the full vocabulary). The
-    tail bucket matters: without it the loss is minimized by a student that puts no mass outside the top k."""
-    p_tail = (-torch.expm1(torch.logsumexp(logp, -1))).clamp(min=1e-12)  # [...]
-    q_tail = (-torch.expm1(torch.logsumexp(logq, -1))).clamp(min=1e-12)
-    head = (logp.exp() * (logp - logq)).sum(-1)
-    return (head + p_tail * (p_tail.log() - q_tail.log())).mean()
+    tail bucket matters: without it the loss is minimized by a student that puts no mass outside the top k.
+    (The tuner itself uses :func:`fastinfer.distill.losses.distill_loss`, which takes the student's tail from
+    its logits; this is the same divergence when only the student's top-k log-probs are known.)"""
+    def with_tail(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, log_tail(x)[..., None]], dim=-1)
+
+    return kl(with_tail(logp), with_tail(logq)).mean()
 
 
 class _Params:
@@ -147,8 +150,8 @@ def tune_group_params(model: CausalLM, targets: TeacherTargets, steps: int = 16,
             rows = torch.tensor([(step * batch_size + i) % s for i in range(batch_size)])
             for layer, p in params.items():
                 layer.quant = p.substitute()  # the forward reads the weight through the trainable tensors
-            logq = F.log_softmax(model_logits(model, targets.sequences[rows]), dim=-1)  # [B, T, V]
-            loss = coarse_kl(targets.logprobs[rows], logq.gather(-1, targets.indices[rows]))
+            logits = model_logits(model, targets.sequences[rows])  # [B, T, V]
+            loss = distill_loss(logits, SparseTarget(targets.indices[rows], targets.logprobs[rows]), "fkl")
             opt.zero_grad()
             loss.backward()
             opt.step()
