@@ -47,13 +47,31 @@ def _load_rows(ptr, row, n_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.const
     return x
 
 
+
+@triton.jit
+def _load_quant_rows(ptr, row, n_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+                     KV_QUANT: tl.constexpr, DTYPE: tl.constexpr):
+    """Rows of a quantized cache (``[..., D + 2]`` bytes: D codes, then the row's fp16 scale): the codes as
+    ``DTYPE`` [N, BLOCK_D] (exact: int8 and e4m3 values fit fp16 / bf16) and the scales as fp32 [N], zeros where
+    masked. The caller multiplies the scales in after the dot products, so no dequantised copy exists."""
+    codes = _load_rows(ptr, row, n_ok, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+    if KV_QUANT == 2:  # fp8 e4m3 bits in uint8
+        codes = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    scale_ptr = (ptr + row + HEAD_DIM).to(tl.pointer_type(tl.float16))
+    if MASKED:
+        scale = tl.load(scale_ptr, mask=n_ok, other=0.0)
+    else:
+        scale = tl.load(scale_ptr)
+    return codes.to(DTYPE), scale.to(tl.float32)
+
+
 @triton.jit
 def _attend_tiles(
     q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, pos, base, hi, window, j_lo, j_hi,
     scale_log2, softcap_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr, KV_QUANT: tl.constexpr,
 ):
     """Online softmax of q [M, D] over key tiles ``j_lo .. j_hi - 1``; tile j holds positions
     ``base + j * BLOCK_N + [0, BLOCK_N)``, gathered through the block table. Unmasked tiles must be fully
@@ -67,11 +85,18 @@ def _attend_tiles(
             blk = tl.load(table_row + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
         else:
             blk = tl.load(table_row + offs_n // PAGE).to(tl.int64)
-        k = _load_rows(k_cache_ptr, blk * stride_kb + (offs_n % PAGE) * stride_ks + kv_head * stride_kh, n_ok,
-                       offs_d, HEAD_DIM, BLOCK_D, MASKED)  # [N, D]
-        v = _load_rows(v_cache_ptr, blk * stride_vb + (offs_n % PAGE) * stride_vs + kv_head * stride_vh, n_ok,
-                       offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [M, N]
+        k_row = blk * stride_kb + (offs_n % PAGE) * stride_ks + kv_head * stride_kh
+        v_row = blk * stride_vb + (offs_n % PAGE) * stride_vs + kv_head * stride_vh
+        if KV_QUANT == 0:
+            k = _load_rows(k_cache_ptr, k_row, n_ok, offs_d, HEAD_DIM, BLOCK_D, MASKED)  # [N, D]
+            v = _load_rows(v_cache_ptr, v_row, n_ok, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [M, N]
+        else:  # codes in the dots, each key's scale on its score column, each value's on its p column
+            k, k_scale = _load_quant_rows(k_cache_ptr, k_row, n_ok, offs_d, HEAD_DIM, BLOCK_D, MASKED, KV_QUANT,
+                                          q.dtype)
+            v, v_scale = _load_quant_rows(v_cache_ptr, v_row, n_ok, offs_d, HEAD_DIM, BLOCK_D, MASKED, KV_QUANT,
+                                          q.dtype)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (k_scale * scale_log2)[None, :]
         if SOFTCAP:  # c tanh(s / c) = c (1 - 2 / (e^(2 s / c) + 1)): +-c at the extremes, never NaN
             s = softcap_log2 * (1.0 - 2.0 / (tl.exp2(s * (_TWO_LOG2E / softcap_log2)) + 1.0))
         if MASKED:
@@ -85,6 +110,8 @@ def _attend_tiles(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])  # masked keys: exp2(-inf) == 0
         l_i = l_i * alpha + tl.sum(p, 1)
+        if KV_QUANT != 0:
+            p = p * v_scale[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return m_i, l_i, acc
@@ -99,7 +126,7 @@ def _prefill_kernel(
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, TOKENS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, USE_WINDOW: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, KV_QUANT: tl.constexpr = 0,
 ):
     """Grid (query tiles, sequences, KV heads). Row r of a tile is query token ``tile * TOKENS + r // GROUP``
     of head ``kv_head * GROUP + r % GROUP``. Tiles run last-first: the late ones see the most keys, so they
@@ -146,13 +173,13 @@ def _prefill_kernel(
     if USE_WINDOW:
         m_i, l_i, acc = _attend_tiles(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, pos, lo, hi,
                                       window, 0, j_win, scale_log2, softcap_log2, *strides, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                      PAGE, True, True, True, DOT_PRECISION, SOFTCAP)
+                                      PAGE, True, True, True, DOT_PRECISION, SOFTCAP, KV_QUANT)
     m_i, l_i, acc = _attend_tiles(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, pos, lo, hi,
                                   window, j_win, j_full, scale_log2, softcap_log2, *strides, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                  PAGE, False, False, False, DOT_PRECISION, SOFTCAP)
+                                  PAGE, False, False, False, DOT_PRECISION, SOFTCAP, KV_QUANT)
     m_i, l_i, acc = _attend_tiles(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, pos, lo, hi,
                                   window, j_full, n_tiles, scale_log2, softcap_log2, *strides, HEAD_DIM, BLOCK_D,
-                                  BLOCK_N, PAGE, True, True, USE_WINDOW, DOT_PRECISION, SOFTCAP)
+                                  BLOCK_N, PAGE, True, True, USE_WINDOW, DOT_PRECISION, SOFTCAP, KV_QUANT)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_off = (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
@@ -168,7 +195,7 @@ def _decode_kernel(
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, USE_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, KV_QUANT: tl.constexpr = 0,
 ):
     """Grid (sequences, KV heads, splits). One query token per sequence; the tile rows are the GROUP query
     heads of one KV head. With SPLIT each program covers ``split_len`` keys and writes an unnormalised
@@ -200,10 +227,10 @@ def _decode_kernel(
     full = n_keys // BLOCK_N  # whole tiles run unmasked, then one masked tail
     m_i, l_i, acc = _attend_tiles(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, rows, start, end,
                                   window, 0, full, scale_log2, softcap_log2, *strides, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                  PAGE, False, False, False, DOT_PRECISION, SOFTCAP)
+                                  PAGE, False, False, False, DOT_PRECISION, SOFTCAP, KV_QUANT)
     m_i, l_i, acc = _attend_tiles(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, rows, start, end,
                                   window, full, tl.cdiv(n_keys, BLOCK_N), scale_log2, softcap_log2, *strides, HEAD_DIM,
-                                  BLOCK_D, BLOCK_N, PAGE, True, False, False, DOT_PRECISION, SOFTCAP)
+                                  BLOCK_D, BLOCK_N, PAGE, True, False, False, DOT_PRECISION, SOFTCAP, KV_QUANT)
 
     mask = g_ok[:, None] & d_ok[None, :]
     if not SPLIT:
@@ -259,6 +286,16 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def kv_quant_kind(cache: torch.Tensor) -> int:
+    """0 for a float cache, 1 for int8 KV (``torch.int8`` rows of D codes + an fp16 scale), 2 for fp8 e4m3 KV
+    (``torch.uint8`` rows holding e4m3 bits + an fp16 scale): the kernels' ``KV_QUANT``."""
+    if cache.dtype == torch.int8:
+        return 1
+    if cache.dtype == torch.uint8:
+        return 2
+    return 0
+
+
 def check_attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_table: torch.Tensor, seq_lens: torch.Tensor,
                            query_start_loc: torch.Tensor | None = None) -> None:
@@ -266,10 +303,15 @@ def check_attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     implementation of the custom op runs it too)."""
     assert q.dim() == 3 and k_cache.dim() == 4, "q [T, H, D], caches [num_blocks, block_size, Hkv, D]"
     assert k_cache.shape == v_cache.shape, f"k/v cache shapes differ: {k_cache.shape} vs {v_cache.shape}"
-    assert q.shape[2] == k_cache.shape[3], f"head dim {q.shape[2]} != cache head dim {k_cache.shape[3]}"
+    quant = kv_quant_kind(k_cache)
+    row = q.shape[2] + (2 if quant else 0)  # a quantized row: D codes, then its fp16 scale
+    assert k_cache.shape[3] == row, \
+        f"head dim {q.shape[2]}: cache rows must have {row} elements, not {k_cache.shape[3]}"
     assert q.shape[1] % k_cache.shape[2] == 0, f"{q.shape[1]} query heads not a multiple of {k_cache.shape[2]}"
-    assert q.dtype == k_cache.dtype == v_cache.dtype, f"dtypes differ: q {q.dtype}, cache {k_cache.dtype}"
+    assert k_cache.dtype == v_cache.dtype, f"k / v cache dtypes differ: {k_cache.dtype} vs {v_cache.dtype}"
+    assert quant or q.dtype == k_cache.dtype, f"dtypes differ: q {q.dtype}, cache {k_cache.dtype}"
     assert q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {q.dtype}"
+    assert not quant or q.shape[2] % 2 == 0, f"a quantized cache needs an even head dim, not {q.shape[2]}"
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "head dim must be contiguous"
     assert block_table.dim() == 2 and block_table.shape[0] >= seq_lens.shape[0], "block_table must be [B, max_blocks]"
     assert block_table.dtype == torch.int32 and block_table.stride(1) == 1, "block_table must be int32, rows dense"
@@ -347,7 +389,8 @@ def paged_prefill_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         *_cache_strides(k_cache, v_cache), block_table.stride(0),
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), GROUP=group, TOKENS=tokens,
         BLOCK_M=block_m, BLOCK_N=block_n, PAGE=k_cache.shape[1], USE_WINDOW=sliding_window is not None,
-        DOT_PRECISION=_dot_precision(q.dtype), SOFTCAP=softcap is not None, num_warps=warps, num_stages=stages,
+        DOT_PRECISION=_dot_precision(q.dtype), SOFTCAP=softcap is not None, KV_QUANT=kv_quant_kind(k_cache),
+        num_warps=warps, num_stages=stages,
     )
 
 
@@ -396,7 +439,8 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         *_cache_strides(k_cache, v_cache), block_table.stride(0),
         HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n, PAGE=k_cache.shape[1], USE_WINDOW=sliding_window is not None, SPLIT=splits > 1,
-        DOT_PRECISION=_dot_precision(q.dtype), SOFTCAP=softcap is not None, num_warps=warps, num_stages=stages,
+        DOT_PRECISION=_dot_precision(q.dtype), SOFTCAP=softcap is not None, KV_QUANT=kv_quant_kind(k_cache),
+        num_warps=warps, num_stages=stages,
     )
     if splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
@@ -436,5 +480,5 @@ def attention_flops(meta: AttentionMetadata, num_heads: int, head_dim: int, slid
     return 4.0 * head_dim * num_heads * pairs
 
 
-__all__ = ["paged_attention_varlen", "paged_prefill_triton", "paged_prefill_varlen", "paged_decode_triton",
-           "check_attention_inputs", "attention_flops"]
+__all__ = ["kv_quant_kind", "paged_attention_varlen", "paged_prefill_triton", "paged_prefill_varlen",
+           "paged_decode_triton", "check_attention_inputs", "attention_flops"]

@@ -17,10 +17,11 @@ def test_gpu_check_dry_run_passes():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     for name in ("paged_attention", "decode_split_kv", "store_kv+copy_blocks", "norm+rotary+silu", "quant_linear",
-                 "engine_greedy_cuda_vs_cpu", "engine_seeded_sampling", "engine_mixed_requests_triton", "fused_moe"):
+                 "engine_greedy_cuda_vs_cpu", "engine_seeded_sampling", "engine_mixed_requests_triton", "fused_moe",
+                 "kv_quant"):
         assert f"CHECK {name}: PASS" in out, out[-4000:]
     for case in ('"case": "baseline"', '"case": "decode', '"case": "prefill', '"case": "store_kv',
                  '"case": "copy_blocks', '"case": "quant_gemv', '"case": "quant_gemm', '"case": "engine_decode',
-                 '"case": "moe B=1 ', '"case": "moe B=64 '):
+                 '"case": "moe B=1 ', '"case": "moe B=64 ', '"case": "decode_kv_quant'):
         assert case in out, out[-4000:]
     assert "OK: 0 failure(s)" in out, out[-4000:]

@@ -155,16 +155,19 @@ def _fused_moe_fake(x, w13, w2, topk_weights, topk_ids, w13_scales=None, w13_min
 def store_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
     """Write ``key``/``value`` [T, Hkv, D] into ``k_cache``/``v_cache`` [num_blocks, block_size, Hkv, D] at the
     flat slots ``slot_mapping`` [T] (``block * block_size + offset``); negative slots (padding) are skipped.
-    Key and value may be strided views (head dim contiguous) and of another float dtype than the caches."""
+    Key and value may be strided views (head dim contiguous) and of another float dtype than the caches. An int8
+    / uint8 (fp8 e4m3) cache [..., D + 2] gets each row quantised with its fp16 scale, bit-exact with
+    :func:`fastinfer.ops.reference.quantize_kv_rows`."""
     torch.ops.fastinfer.triton_store_kv.default(key, value, k_cache, v_cache, slot_mapping)
 
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, scale: float,
                     sliding_window: int | None = None, softcap: float | None = None) -> Tensor:
     """Causal attention of packed queries ``q`` [T, H, D] over the paged caches [num_blocks, block_size, Hkv, D]:
-    the semantics of :func:`fastinfer.ops.reference.paged_attention`. The ``meta.num_decodes`` leading decode
-    rows go to the split-KV decode kernel, the other sequences to the varlen prefill kernel; the host lists of
-    ``meta`` size the grids (no device read)."""
+    the semantics of :func:`fastinfer.ops.reference.paged_attention`, on float or quantized (int8 / fp8 e4m3 rows
+    with their scales: codes in the dot products, scales on the score and probability columns) caches. The
+    ``meta.num_decodes`` leading decode rows go to the split-KV decode kernel, the other sequences to the varlen
+    prefill kernel; the host lists of ``meta`` size the grids (no device read)."""
     nd = meta.num_decodes
     if softcap is not None and not softcap > 0:
         raise ValueError(f"paged_attention: softcap must be positive (or None), got {softcap}")

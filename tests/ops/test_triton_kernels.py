@@ -240,6 +240,7 @@ except ImportError as e:
 from fastinfer.kernels import activation, cache, norm, rotary, attention as A
 
 def build(fn, dtype, consts, ptrs={}, floats=("scale_log2", "softcap_log2", "eps"), warps=4, stages=1):
+    consts = {**({"KV_QUANT": 0} if "KV_QUANT" in fn.arg_names else {}), **consts}
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -269,6 +270,18 @@ for dt, tdt, d, g, split in [("*bf16", torch.bfloat16, 128, 8, True), ("*fp16", 
 build(A._decode_reduce_kernel, "*bf16", dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=32), part)
 build(cache._store_kv_kernel, "*bf16", dict(NUM_KV=8, HEAD_DIM=128, BLOCK_H=8, BLOCK_D=128, PAGE=16),
       {"slot_ptr": "*i64"})
+for kv_quant, cptr in [(1, "*i8"), (2, "*u8")]:  # quantized KV caches: int8, fp8 e4m3 bits
+    cache_ptrs = {"k_cache_ptr": cptr, "v_cache_ptr": cptr}
+    bm, bn, w, st = A._prefill_config(128, 4, torch.bfloat16, True)
+    build(A._prefill_kernel, "*bf16", dict(HEAD_DIM=128, BLOCK_D=128, GROUP=4, TOKENS=bm // 4, BLOCK_M=bm, BLOCK_N=bn,
+          PAGE=16, USE_WINDOW=True, DOT_PRECISION="tf32", SOFTCAP=False, KV_QUANT=kv_quant), {**idx, **cache_ptrs},
+          warps=w, stages=st)
+    bn, w, st = A._decode_config(64, True)
+    build(A._decode_kernel, "*fp16", dict(HEAD_DIM=64, BLOCK_D=64, GROUP=3, BLOCK_G=16, BLOCK_N=bn, PAGE=16,
+          USE_WINDOW=False, SPLIT=True, DOT_PRECISION="tf32", SOFTCAP=False, KV_QUANT=kv_quant),
+          {**part, **cache_ptrs}, warps=w, stages=st)
+    build(cache._store_kv_kernel, "*bf16", dict(NUM_KV=8, HEAD_DIM=128, BLOCK_H=8, BLOCK_D=128, PAGE=16,
+          KV_QUANT=kv_quant), {"slot_ptr": "*i64", **cache_ptrs})
 build(cache._copy_blocks_kernel, "*bf16", dict(BLOCK=4096), {"pairs_ptr": "*i64"})
 build(norm._rms_norm_kernel, "*bf16", dict(BLOCK=4096, HAS_RESIDUAL=True), warps=8)
 build(rotary._rotary_kernel, "*bf16", dict(HALF=64, HEAD_DIM=128, BLOCK_HQ=32, BLOCK_HK=8, BLOCK_HALF=64,
