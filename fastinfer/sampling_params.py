@@ -265,6 +265,16 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def check_token_ids(self, vocab_size: int) -> None:
+        """The token ids of ``logit_bias`` and ``allowed_token_ids`` lie in the vocabulary ``[0, vocab_size)``
+        (the one check, by the engine at admission and by the server before it answers 400)."""
+        rules = {"logit_bias": list(self.logit_bias or ()), "allowed_token_ids": self.allowed_token_ids or []}
+        for name, ids in rules.items():
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                raise ValueError(f"SamplingParams.{name} has token ids outside the vocabulary [0, {vocab_size}): "
+                                 f"{bad[:5]}")
+
     @property
     def needs_logit_rules(self) -> bool:
         """Whether logit_bias, allowed_token_ids or bad words change this request's logits."""

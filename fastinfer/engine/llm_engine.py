@@ -172,13 +172,7 @@ class LLMEngine:
     def _check_logit_rules(self, params: SamplingParams) -> SamplingParams:
         """Token ids of logit_bias / allowed_token_ids within the vocabulary; bad_words tokenized (each word with
         and without a leading space, as it can appear mid-text) into ``bad_words_token_ids``."""
-        vocab = self.model_config.vocab_size
-        for name, ids in (("logit_bias", list(params.logit_bias or ())),
-                          ("allowed_token_ids", params.allowed_token_ids or [])):
-            bad = [t for t in ids if t >= vocab]
-            if bad:
-                raise ValueError(f"SamplingParams.{name} has token ids outside the vocabulary [0, {vocab}): "
-                                 f"{bad[:5]}")
+        params.check_token_ids(self.model_config.vocab_size)
         if not params.bad_words:
             return params
         words: list[list[int]] = []

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -139,38 +139,29 @@ class _Common(BaseModel):
         found = self._constraints()
         return found[0][0] if found else None
 
-    def logit_rules(self, vocab_size: int) -> dict[str, Any]:
-        """``logit_bias`` (OpenAI: token-id strings -> bias in [-100, 100]), ``allowed_token_ids``, ``bad_words``,
-        checked against the vocabulary."""
-        out: dict[str, Any] = {}
-        if self.logit_bias is not None:
-            bias: dict[int, float] = {}
-            for k, v in self.logit_bias.items():
-                if not k.strip().isdigit() or not 0 <= int(k) < vocab_size:
-                    raise RequestError("logit_bias", f"logit_bias keys must be token ids in [0, {vocab_size}), "
-                                       f"got {k!r}")
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
-                    raise RequestError("logit_bias", f"logit_bias[{k}] must be a number in [-100, 100], got {v!r}")
-                bias[int(k)] = float(v)
-            out["logit_bias"] = bias
-        if self.allowed_token_ids is not None:
-            bad = [t for t in self.allowed_token_ids if not 0 <= t < vocab_size]
-            if bad or not self.allowed_token_ids:
-                raise RequestError("allowed_token_ids", f"allowed_token_ids must be a non-empty list of token ids "
-                                   f"in [0, {vocab_size}); got {bad[:5] or 'none'}")
-            out["allowed_token_ids"] = self.allowed_token_ids
-        if self.bad_words is not None:
-            out["bad_words"] = self.bad_words
-        return out
-
     def sampling(self, max_tokens: int | None, logprobs: int | None, defaults: dict[str, Any],
                  vocab_size: int, constraint: StructuredOutputsParams | None = None,
                  prompt_logprobs: int | None = None, skip_special_tokens: bool | None = None) -> SamplingParams:
-        """SamplingParams for this request; ``defaults`` (by SamplingParams name) fill fields the request omits."""
+        """SamplingParams for this request; ``defaults`` (by SamplingParams name) fill fields the request omits.
+        SamplingParams' own checks (and its token-id check against ``vocab_size``) become a RequestError naming
+        the parameter (``logit_bias`` keys arrive as OpenAI's token-id strings; SamplingParams reads them)."""
         def pick(name: str, builtin: Any) -> Any:
             v = getattr(self, name)
             return v if v is not None else defaults.get(name, builtin)
 
+        try:
+            sp = self._sampling(pick, max_tokens, logprobs, constraint, prompt_logprobs, skip_special_tokens)
+            sp.check_token_ids(vocab_size)
+        except RequestError:
+            raise
+        except ValueError as e:
+            param = str(e).split(" ", 1)[0].removeprefix("SamplingParams.").split("[", 1)[0]
+            raise RequestError(param, str(e)) from None
+        return sp
+
+    def _sampling(self, pick: Any, max_tokens: int | None, logprobs: int | None,
+                  constraint: StructuredOutputsParams | None, prompt_logprobs: int | None,
+                  skip_special_tokens: bool | None) -> SamplingParams:
         return SamplingParams(
             n=self.n, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0), top_k=pick("top_k", 0),
             min_p=pick("min_p", 0.0), presence_penalty=self.presence_penalty,
@@ -180,7 +171,8 @@ class _Common(BaseModel):
             prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
-            structured_outputs=constraint, **self.logit_rules(vocab_size))
+            structured_outputs=constraint, logit_bias=cast(Any, self.logit_bias),  # str keys: SamplingParams reads
+            allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words)
 
 
 class CompletionRequest(_Common):

@@ -205,13 +205,7 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
         if max_tokens is None:
             default = defaults.get("max_tokens", fallback)
             max_tokens = room if default is None else min(default, room)
-        try:
-            return req.sampling(max_tokens, logprobs, defaults, vocab, **kw)
-        except RequestError:
-            raise
-        except ValueError as e:
-            field = str(e).split(" ", 1)[0].removeprefix("SamplingParams.")
-            raise APIError(400, str(e), param=field) from None
+        return req.sampling(max_tokens, logprobs, defaults, vocab, **kw)  # a RequestError names the parameter
 
     def aengine() -> AsyncLLMEngine:
         return state["async"]
