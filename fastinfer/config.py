@@ -277,6 +277,7 @@ class EngineConfig:
     quantization: str | None = None
     speculative_config: dict[str, Any] | None = None
     tensor_parallel_size: int = 1
+    distributed_timeout_s: float = 60.0  # tensor parallelism: a rank silent this long fails the engine
     seed: int = 0
     device: str = "auto"
     gpu_memory_utilization: float = 0.9
@@ -312,8 +313,14 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {g!r}")
         if self.model_impl not in registry.MODEL_IMPLS:
             raise ValueError(f"model_impl must be one of {registry.MODEL_IMPLS}, got {self.model_impl!r}")
-        if self.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported yet (one device per engine)")
+        tp = self.tensor_parallel_size
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+        t = self.distributed_timeout_s
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not t > 0:
+            raise ValueError(f"distributed_timeout_s must be a positive number of seconds, got {t!r}")
+        if tp > 1 and self.speculative_config is not None:
+            raise ValueError("speculative decoding is not supported with tensor_parallel_size > 1 yet")
         from fastinfer.quantization import parse_method
 
         parse_method(self.quantization)

@@ -19,6 +19,7 @@ from fastinfer.core.kv_cache_manager import KVCacheManager
 from fastinfer.core.outputs import ModelRunnerOutput, SchedulerOutput
 from fastinfer.core.request import Request, RequestStatus
 from fastinfer.core.scheduler import Scheduler
+from fastinfer.distributed import ExecutorFailed
 from fastinfer.engine.detokenizer import IncrementalDetokenizer
 from fastinfer.outputs import CompletionOutput, Logprob, RequestOutput
 from fastinfer.sampling_params import SamplingParams
@@ -63,10 +64,10 @@ class LLMEngine:
     """Owns the model, the KV cache, the scheduler and the tokenizer of one served model."""
 
     def __init__(self, config: EngineConfig) -> None:
-        from fastinfer.worker.worker import Worker  # the in-process executor: one worker on one device
+        from fastinfer.worker.executor import make_executor  # one in-process Worker, or tensor-parallel ranks
 
         self.config = config
-        self.worker = Worker(config)
+        self.worker = make_executor(config)
         info = self.worker.info
         self.tokenizer = self.worker.tokenizer
         self.model_config = self.worker.model_config  # plain data (a frozen dataclass)
@@ -239,6 +240,24 @@ class LLMEngine:
         ({layer index: [count per expert]}; {} for a dense model). Each token counts once per expert it chose."""
         return self.worker.expert_load()
 
+    def check_health(self) -> None:
+        """Raise :class:`~fastinfer.distributed.ExecutorFailed` when the executor cannot run (a tensor-parallel
+        rank died or hung); returns quietly otherwise."""
+        check = getattr(self.worker, "check_health", None)
+        if check is not None:
+            check()
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the tensor-parallel worker ranks this engine started ([] without tensor parallelism)."""
+        pids = getattr(self.worker, "worker_pids", None)
+        return list(pids()) if pids is not None else []
+
+    def shutdown(self) -> None:
+        """Stop the executor's worker processes (tensor parallelism; nothing to do for one in-process worker)."""
+        stop = getattr(self.worker, "shutdown", None)
+        if stop is not None:
+            stop()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)
 
@@ -258,6 +277,8 @@ class LLMEngine:
         t0 = time.perf_counter()
         try:
             result = self.worker.execute(sched)
+        except ExecutorFailed:  # a tensor-parallel rank is gone: nothing more can run
+            raise
         except Exception as e:  # keep serving: fail this batch's requests, loudly
             logger.exception("model step failed; failing the %d requests of this batch", len(sched.req_ids))
             return self._fail(sched, f"internal error during the forward pass: {type(e).__name__}: {e}")

@@ -41,6 +41,15 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def worker_pids(self) -> list[int]:
+        """Process ids of the tensor-parallel worker ranks (``tensor_parallel_size > 1``; [] otherwise)."""
+        return self.engine.worker_pids()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes now (they also stop when this LLM is garbage collected and
+        at interpreter exit); the LLM cannot generate afterwards."""
+        self.engine.shutdown()
+
     def get_default_sampling_params(self) -> SamplingParams:
         """The sampling parameters ``generate`` uses when given none: the model's ``generation_config.json``
         defaults (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens) over the built-in ones,

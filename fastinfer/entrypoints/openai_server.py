@@ -83,6 +83,15 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
 
+
+def _engine_healthy(engine: Any) -> bool:
+    """False once the engine's executor has failed (a tensor-parallel rank died or hung)."""
+    try:
+        engine.check_health()
+    except Exception:
+        return False
+    return True
+
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                    code: str | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
@@ -305,7 +314,7 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
     @app.get("/health")
     async def health():
         a = state.get("async")
-        ok = a is not None and a._thread.is_alive() and a.accepting
+        ok = a is not None and a._thread.is_alive() and a.accepting and _engine_healthy(a.engine)
         return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
 
     @app.get("/v1/models")

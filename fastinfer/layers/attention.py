@@ -8,6 +8,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from fastinfer.distributed.parallel_state import tp_rank, tp_size
+from fastinfer.distributed.sharding import head_shard
 from fastinfer.layers.linear import Linear
 from fastinfer.layers.norm import RMSNorm
 from fastinfer.layers.rotary import RotaryEmbedding
@@ -21,7 +23,9 @@ class SelfAttention(nn.Module):
     RMSNorm's signature, e.g. Gemma 3's), or with ``qk_norm_whole`` over the whole q and k projections (OLMoE);
     ``clip_qkv`` clamps q, k and v to [-clip_qkv, clip_qkv] after the norms (OLMoE's option); ``scale``
     defaults to head_dim ** -0.5; ``softcap`` caps the scores to
-    ``softcap * tanh(score / softcap)`` (Gemma 2)."""
+    ``softcap * tanh(score / softcap)`` (Gemma 2). Under tensor parallelism (``tp_size() > 1``) the layer holds
+    this rank's heads (:func:`~fastinfer.distributed.sharding.head_shard`): ``num_heads`` / ``num_kv_heads``
+    become the local counts, q/k/v are column-parallel and ``o_proj`` row-parallel (one all-reduce)."""
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, ops: OpSet,
                  dtype: torch.dtype, rotary: RotaryEmbedding | None, *, qkv_bias: bool = False,
@@ -31,11 +35,19 @@ class SelfAttention(nn.Module):
                  clip_qkv: float | None = None) -> None:
         super().__init__()
         self.ops = ops
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        tp = tp_size()
+        if tp > 1 and qk_norm_whole:
+            raise ValueError("tensor parallelism is not supported with a q/k norm over the whole projection (OLMoE)")
+        hs = head_shard(num_heads, num_kv_heads, tp_rank(), tp)  # this rank's heads (all of them without TP)
+        self.num_heads, self.num_kv_heads, self.head_dim = hs.num_heads, hs.num_kv_heads, head_dim
+        q_size, kv_size = hs.num_heads * head_dim, hs.num_kv_heads * head_dim
+        q_shard, kv_shard = (hs.q_start * head_dim, num_heads * head_dim), (hs.kv_start * head_dim,
+                                                                            num_kv_heads * head_dim)
         self.qkv_proj = Linear(hidden_size, q_size + 2 * kv_size, bias=qkv_bias, dtype=dtype,
-                               shard_sizes=(q_size, kv_size, kv_size), ops=ops)
-        self.o_proj = Linear(q_size, hidden_size, bias=o_bias, dtype=dtype, ops=ops)
+                               shard_sizes=(q_size, kv_size, kv_size), ops=ops,
+                               parallel="column" if tp > 1 else None, tp_shards=(q_shard, kv_shard, kv_shard))
+        self.o_proj = Linear(q_size, hidden_size, bias=o_bias, dtype=dtype, ops=ops,
+                             parallel="row" if tp > 1 else None, tp_shards=(q_shard,))
         self.q_norm = self.k_norm = None
         self.qk_norm_whole, self.clip_qkv = qk_norm_whole, clip_qkv
         if qk_norm_eps is not None:

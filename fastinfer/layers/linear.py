@@ -2,10 +2,15 @@
 from a checkpoint (or from quantizing the loaded float weight)."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastinfer.distributed.communication import all_reduce
+from fastinfer.distributed.parallel_state import tp_rank, tp_size
+from fastinfer.distributed.sharding import materialize, narrow
 from fastinfer.ops import OpSet
 from fastinfer.quantization.format import QuantizedWeight, common_format
 from fastinfer.quantization.methods import QuantMethod, method_for
@@ -19,12 +24,22 @@ class Linear(nn.Module):
     weight in the format of :mod:`fastinfer.quantization.format` and ``quant_method`` (a
     :class:`~fastinfer.quantization.methods.QuantMethod`) computes the output (for int8/int4: the op set's
     ``quant_linear`` kernel). The weight's tensors are buffers ``qweight``, ``scales`` and ``mins`` (so
-    ``state_dict`` saves them)."""
+    ``state_dict`` saves them).
+
+    Tensor parallelism (``parallel``): ``"column"`` holds this rank's output rows of each shard (``in_features``
+    / ``out_features`` / ``shard_sizes`` are the local sizes; ``tp_shards[i]`` = (first row of this rank's slice,
+    rows of the whole shard) in the checkpoint, default an even split); ``"row"`` holds this rank's input
+    columns (``tp_shards`` = ((first column, all columns),)) and sums the ranks' outputs with one all-reduce;
+    its bias lives on rank 0 only (zeros elsewhere), so it is added once. Checkpoint tensors are narrowed to
+    the slice as they load (quantized ones on group boundaries)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32, shard_sizes: tuple[int, ...] | None = None,
-                 ops: OpSet | None = None) -> None:
+                 ops: OpSet | None = None, parallel: str | None = None,
+                 tp_shards: tuple[tuple[int, int], ...] | None = None) -> None:
         super().__init__()
+        if parallel not in (None, "column", "row"):
+            raise ValueError(f"parallel must be None, 'column' or 'row', got {parallel!r}")
         self.in_features, self.out_features = in_features, out_features
         self.weight: nn.Parameter | None = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype),
                                                         requires_grad=False)
@@ -36,13 +51,21 @@ class Linear(nn.Module):
         self.quant: QuantizedWeight | None = None
         self.quant_method: QuantMethod | None = None
         self._pending: dict[int, QuantizedWeight] = {}
+        self.parallel = parallel
+        self.tp_rank, self.tp_size = (tp_rank(), tp_size()) if parallel else (0, 1)
+        r, n = self.tp_rank, self.tp_size
+        default = ((r * in_features, in_features * n),) if parallel == "row" else tuple(
+            (r * s, s * n) for s in self.shard_sizes)
+        self.tp_shards = tp_shards or default
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is None:
             assert self.weight is not None
-            return F.linear(x, self.weight, self.bias)
-        assert self.quant_method is not None
-        return self.quant_method.apply(self, x)
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            assert self.quant_method is not None
+            y = self.quant_method.apply(self, x)
+        return all_reduce(y) if self.parallel == "row" and self.tp_size > 1 else y
 
     @property
     def quantized(self) -> bool:
@@ -67,7 +90,11 @@ class Linear(nn.Module):
 
     def load_shard(self, name: str, shard: int, tensor: torch.Tensor | QuantizedWeight) -> None:
         """Copy a checkpoint tensor (``name`` is ``weight`` or ``bias``) into output shard ``shard``. Quantized
-        shards are collected and concatenated (rows) once every shard has arrived."""
+        shards are collected and concatenated (rows) once every shard has arrived. Under tensor parallelism the
+        tensor is the checkpoint's whole shard, narrowed here to this rank's slice."""
+        if self.tp_size > 1:
+            tensor = self._rank_slice(name, shard, tensor)
+        tensor = materialize(tensor)
         if isinstance(tensor, QuantizedWeight):
             if name != "weight":
                 raise ValueError(f"a quantized {name} is not supported")
@@ -91,6 +118,30 @@ class Linear(nn.Module):
             raise ValueError(f"shape mismatch for {name} shard {shard}: checkpoint {tuple(tensor.shape)}, "
                              f"model expects {expected}")
         param.data[start:start + size].copy_(tensor)
+
+    def load_whole(self, name: str, tensor: Any) -> None:
+        """Load a checkpoint tensor holding every shard (a fused ``qkv_proj`` / ``gate_up_proj``, or a plain
+        projection), split by the checkpoint's shard sizes and narrowed to this rank's slices."""
+        if self.parallel != "column":
+            self.load_shard(name, 0, tensor)
+            return
+        start = 0
+        for i, (_, full) in enumerate(self.tp_shards):
+            self.load_shard(name, i, narrow(tensor, 0, start, full))
+            start += full
+
+    def _rank_slice(self, name: str, shard: int, tensor: Any) -> Any:
+        offset, full = self.tp_shards[shard]
+        if self.parallel == "column":
+            dim, size = 0, self.shard_sizes[shard]
+        elif name == "bias":  # row-parallel: the whole bias, on rank 0 only
+            return tensor if self.tp_rank == 0 else torch.zeros(tuple(tensor.shape), dtype=torch.float32)
+        else:
+            dim, size = 1, self.in_features
+        if tensor.shape[dim] != full:
+            raise ValueError(f"shape mismatch for {name} shard {shard}: checkpoint {tuple(tensor.shape)}, the "
+                             f"{self.parallel}-parallel layer expects {full} along dim {dim}")
+        return narrow(tensor, dim, offset, size)
 
     def extra_repr(self) -> str:
         q = self.quant

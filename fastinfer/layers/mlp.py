@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastinfer.distributed.parallel_state import tp_size
+from fastinfer.distributed.sharding import divide
 from fastinfer.layers.activation import get_activation
 from fastinfer.layers.linear import Linear
 from fastinfer.ops import OpSet
@@ -11,15 +13,18 @@ from fastinfer.ops import OpSet
 
 class GatedMLP(nn.Module):
     """``down_proj(act(gate) * up)`` with gate and up fused into ``gate_up_proj`` (shards (gate, up)). SiLU runs
-    the op set's ``silu_and_mul``; other activations (e.g. Gemma's ``gelu_pytorch_tanh``) run in plain torch."""
+    the op set's ``silu_and_mul``; other activations (e.g. Gemma's ``gelu_pytorch_tanh``) run in plain torch.
+    Under tensor parallelism gate/up are column-parallel and down row-parallel over the intermediate size."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, ops: OpSet, dtype: torch.dtype,
                  activation: str = "silu", bias: bool = False) -> None:
         super().__init__()
         self.ops = ops
-        n = intermediate_size
-        self.gate_up_proj = Linear(hidden_size, 2 * n, bias=bias, dtype=dtype, shard_sizes=(n, n), ops=ops)
-        self.down_proj = Linear(n, hidden_size, bias=bias, dtype=dtype, ops=ops)
+        tp = tp_size()
+        n = divide(intermediate_size, tp, "intermediate_size")  # this rank's columns (all of them without TP)
+        self.gate_up_proj = Linear(hidden_size, 2 * n, bias=bias, dtype=dtype, shard_sizes=(n, n), ops=ops,
+                                   parallel="column" if tp > 1 else None)
+        self.down_proj = Linear(n, hidden_size, bias=bias, dtype=dtype, ops=ops, parallel="row" if tp > 1 else None)
         self.activation = activation
         self.act = get_activation(activation)
 

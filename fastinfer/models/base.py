@@ -26,8 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastinfer.config import ModelConfig
+from fastinfer.distributed.communication import all_gather
+from fastinfer.distributed.parallel_state import tp_rank, tp_size
+from fastinfer.distributed.sharding import materialize, narrow, vocab_shard
 from fastinfer.layers.attention import SelfAttention
-from fastinfer.layers.embedding import embedding
+from fastinfer.layers.embedding import VocabParallelEmbedding, token_embedding
 from fastinfer.layers.linear import Linear
 from fastinfer.layers.moe import SparseMoeBlock
 from fastinfer.models.interface import KVCaches, LayerKVSpec, RotationPlan
@@ -65,26 +68,42 @@ class PreNormDecoderLayer(nn.Module):
 
 class DecoderForCausalLM(nn.Module):
     """Base of the native families (see the module docstring). ``__init__`` creates ``embed_tokens``; the
-    subclass creates its layers, then assigns ``self.lm_head = self.new_lm_head()`` (None for tied models)."""
+    subclass creates its layers, then assigns ``self.lm_head = self.new_lm_head()`` (None for tied models).
+
+    Tensor parallelism (``SUPPORTS_TP``): the embedding and the lm_head are split by vocabulary rows, each rank's
+    logits all-gathered in :meth:`compute_logits` (only the rows being sampled), and checkpoint tensors narrowed
+    to this rank's slices as they load; a family whose layers do not shard leaves it False (a clear error)."""
 
     PREFIXES: ClassVar[tuple[str, ...]] = ("model.",)
     IGNORED: ClassVar[tuple[str, ...]] = (r"rotary_emb\.inv_freq$",)
     RENAMES: ClassVar[tuple[tuple[str, str], ...]] = ()
     STACKED: ClassVar[dict[str, tuple[str, int]]] = {}
+    SUPPORTS_TP: ClassVar[bool] = False
 
     def __init__(self, cfg: ModelConfig, ops: OpSet, dtype: torch.dtype) -> None:
         super().__init__()
+        if tp_size() > 1 and not self.SUPPORTS_TP:
+            raise ValueError(f"tensor parallelism is not supported for {cfg.architecture} (supported: the Llama "
+                             "family: Llama, Mistral, Qwen2, Qwen3, SmolLM, Phi-3); use tensor_parallel_size=1")
         self.config = cfg
         self.ops, self.dtype = ops, dtype
         self.kv_caches: KVCaches = []
-        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.embed_tokens = token_embedding(cfg.vocab_size, cfg.hidden_size, dtype)
         self.lm_head: Linear | None = None
 
     def new_lm_head(self) -> Linear | None:
         """The untied lm_head; None when the config ties it to the embedding (until quantization gives the model
         a quantized copy of the embedding)."""
-        return None if self.config.tie_word_embeddings else Linear(
-            self.config.hidden_size, self.config.vocab_size, dtype=self.dtype, ops=self.ops)
+        return None if self.config.tie_word_embeddings else self._head_linear()
+
+    def _head_linear(self) -> Linear:
+        """The lm_head's layer: all of the vocabulary, or this rank's rows under tensor parallelism."""
+        v = self.config.vocab_size
+        if tp_size() == 1:
+            return Linear(self.config.hidden_size, v, dtype=self.dtype, ops=self.ops)
+        start, rows, _ = vocab_shard(v, tp_rank(), tp_size())
+        return Linear(self.config.hidden_size, rows, dtype=self.dtype, ops=self.ops, parallel="column",
+                      tp_shards=((start, v),))
 
     # -- the KV cache ---------------------------------------------------------------------------------------------
 
@@ -101,8 +120,14 @@ class DecoderForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
-            return F.linear(hidden, self.embed_tokens.weight).float()  # [S, vocab]
-        return self.lm_head(hidden).float()  # [S, vocab]
+            logits = F.linear(hidden, self.embed_tokens.weight).float()  # [S, vocab (this rank's rows)]
+        else:
+            logits = self.lm_head(hidden).float()
+        if tp_size() == 1:
+            return logits
+        v = self.config.vocab_size
+        _, rows, per = vocab_shard(v, tp_rank(), tp_size())
+        return all_gather(F.pad(logits, (0, per - rows)), dim=-1)[:, :v]  # [S, vocab] on every rank
 
     def moe_layers(self) -> list[nn.Module]:
         return [m for m in self.modules() if isinstance(m, SparseMoeBlock)]
@@ -128,6 +153,7 @@ class DecoderForCausalLM(nn.Module):
             if m.quantized or name == "lm_head":
                 continue
             assert m.weight is not None
+            self._check_row_groups(m, group_size or spec.group_size)
             qw = qm.quantize_weight(m.weight.data, group_size or spec.group_size)
             if qw is not None:
                 m.set_quantized(qw, qm)
@@ -142,9 +168,20 @@ class DecoderForCausalLM(nn.Module):
         if qw is not None:
             self._set_lm_head(qw, hm)
 
+    @staticmethod
+    def _check_row_groups(m: Linear, group_size: int | None) -> None:
+        """A row-parallel layer's input columns split on quantization-group boundaries (ValueError otherwise)."""
+        if m.parallel != "row" or group_size is None or m.in_features % group_size == 0:
+            return
+        k = m.tp_shards[0][1]
+        valid = [t for t in range(1, k + 1) if k % t == 0 and (k // t) % group_size == 0]
+        raise ValueError(f"tensor_parallel_size={m.tp_size} splits K={k} into {m.in_features} columns, not a "
+                         f"multiple of the quantization group size {group_size}; valid sizes: "
+                         f"{', '.join(map(str, valid))} (or a smaller group)")
+
     def _new_lm_head(self) -> Linear:
         with torch.device(self.embed_tokens.weight.device):  # beside the model, wherever it lives
-            return Linear(self.config.hidden_size, self.config.vocab_size, dtype=self.dtype, ops=self.ops)
+            return self._head_linear()
 
     def _set_lm_head(self, qw: QuantizedWeight, method: QuantMethod | None = None) -> None:
         if self.lm_head is None:
@@ -201,6 +238,9 @@ class DecoderForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.lm_head is None:
                 if isinstance(tensor, QuantizedWeight):  # a quantized copy of a tied embedding
+                    if tp_size() > 1:
+                        start, rows, _ = vocab_shard(self.config.vocab_size, tp_rank(), tp_size())
+                        tensor = narrow(tensor, 0, start, rows)
                     self._set_lm_head(tensor)
                 continue  # tied: some checkpoints store the copy anyway
             for src, (dst, shard) in self.STACKED.items():
@@ -226,6 +266,11 @@ class DecoderForCausalLM(nn.Module):
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:4]}")
 
     def _load_whole(self, name: str, tensor: Any, params: dict[str, nn.Parameter]) -> None:
+        owner = self._owner(name)
+        if isinstance(owner, (Linear, VocabParallelEmbedding)) and owner.parallel and tp_size() > 1:
+            owner.load_whole(name.rsplit(".", 1)[1], tensor)  # narrowed to this rank's slice
+            return
+        tensor = materialize(tensor)
         if isinstance(tensor, QuantizedWeight):
             module = self.get_submodule(name.rsplit(".", 1)[0]) if name.endswith(".weight") else None
             if not isinstance(module, Linear):
@@ -239,6 +284,14 @@ class DecoderForCausalLM(nn.Module):
             raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, "
                              f"model expects {tuple(p.shape)}")
         p.data.copy_(tensor)
+
+
+    def _owner(self, name: str) -> nn.Module | None:
+        """The module holding parameter ``name`` (None when there is none)."""
+        try:
+            return self.get_submodule(name.rsplit(".", 1)[0]) if "." in name else None
+        except AttributeError:
+            return None
 
 
 def layer_sliding_window(cfg: ModelConfig, index: int) -> int | None:

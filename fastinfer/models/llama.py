@@ -51,6 +51,7 @@ class LlamaForCausalLM(DecoderForCausalLM):
     }
     QK_NORM: ClassVar[bool] = False
     O_PROJ_BIAS: ClassVar[bool] = False
+    SUPPORTS_TP = True
 
     def __init__(self, cfg: ModelConfig, ops: OpSet, dtype: torch.dtype) -> None:
         super().__init__(cfg, ops, dtype)

@@ -16,6 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from fastinfer.config import DEFAULT_MODEL, ModelConfig
+from fastinfer.distributed.parallel_state import tp_size
+from fastinfer.distributed.sharding import CheckpointSlice
 from fastinfer.layers.moe import StackedWeight
 from fastinfer.models.gguf_loader import GGUFFile
 from fastinfer.models.interface import CausalLM, build_model, moe_blocks
@@ -82,11 +84,13 @@ class LoadedModel:
 _QUANT_PARTS = ("qweight", "scales", "mins")
 
 
-def _safetensors_weights(path: str, method: QuantMethod | None = None,
-                         ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight | QuantizedExperts]]:
+def _safetensors_weights(path: str, method: QuantMethod | None = None, lazy: bool = False,
+                         ) -> Iterator[tuple[str, torch.Tensor | CheckpointSlice | QuantizedWeight | QuantizedExperts]]:
     """Every tensor of a directory's safetensors files; the parts of a quantized layer (``X.qweight``,
     ``X.scales``, ``X.mins`` as written by :func:`save_quantized`) come as one ``(X.weight, QuantizedWeight)``,
-    loaded by ``method`` (the one the directory was saved with; default: the shared int8/int4 format)."""
+    loaded by ``method`` (the one the directory was saved with; default: the shared int8/int4 format).
+    ``lazy`` (tensor parallelism) yields float tensors as :class:`CheckpointSlice` s, so each rank reads only
+    the rows / columns it keeps (valid until the next tensor is drawn)."""
     from safetensors import safe_open
 
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
@@ -101,7 +105,7 @@ def _safetensors_weights(path: str, method: QuantMethod | None = None,
                     if kind in _QUANT_PARTS:
                         parts.setdefault(prefix, {})[kind] = st.get_tensor(name)
                     else:
-                        yield name, st.get_tensor(name)
+                        yield name, CheckpointSlice(st.get_slice(name)) if lazy else st.get_tensor(name)
         except ValueError:
             raise
         except Exception as e:  # SafetensorError and friends
@@ -178,6 +182,9 @@ def load_model(model: str, dtype: str = "auto", ops: OpSet | None = None, max_mo
     if max_model_len is not None and max_model_len > cfg.max_position_embeddings:
         raise ValueError(f"max_model_len={max_model_len} exceeds the model's context length "
                          f"({cfg.max_position_embeddings})")
+    if tp_size() > 1 and cfg.model_impl == "transformers":
+        raise ValueError(f"tensor parallelism is not supported for the generic path (transformers' own modules, "
+                         f"serving {cfg.architecture}); use tensor_parallel_size=1")
     if quantization is not None and cfg.model_impl == "transformers":
         raise ValueError(f"quantization={quantization!r}: not supported on the generic path (transformers' own "
                          f"modules, serving {cfg.architecture}); load it unquantized")
@@ -186,7 +193,7 @@ def load_model(model: str, dtype: str = "auto", ops: OpSet | None = None, max_mo
     qm = method_of(quantization)
     n_tensors = (len(gguf_file.reader.tensors) if gguf_file else None)
     weights = (gguf_file.tensors(cfg, tdtype, keep_quantized=qm is not None and qm.keeps_file_quantization)
-               if gguf_file else _safetensors_weights(path, saved_method))
+               if gguf_file else _safetensors_weights(path, saved_method, lazy=tp_size() > 1))
     bar = tqdm(weights, total=n_tensors, desc="loading weights", unit="tensor", disable=not progress,
                leave=False)
     net.load_weights(bar)

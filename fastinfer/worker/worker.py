@@ -4,8 +4,10 @@ talks to it only through plain data: :class:`WorkerInfo` once, then ``execute(Sc
 ModelRunnerOutput`` every step."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +15,8 @@ import torch
 
 from fastinfer.config import EngineConfig, SpeculativeConfig
 from fastinfer.core.outputs import ModelRunnerOutput, SchedulerOutput
+from fastinfer.distributed.communication import all_reduce_min
+from fastinfer.distributed.parallel_state import tp_rank, tp_size
 from fastinfer.models.interface import allocate_kv_caches, forward_sequence, moe_blocks, scratch_kv_cache
 from fastinfer.models.loader import LoadedModel, load_model
 from fastinfer.ops import OpSet
@@ -75,15 +79,23 @@ class WorkerInfo:
 
 
 class Worker:
-    def __init__(self, config: EngineConfig) -> None:
+    """One device's worker. Under tensor parallelism (``tp_size() > 1``, set by the executor) it is one rank:
+    it loads its shards, then calls ``join(backend)`` to join the process groups, and every rank takes the
+    smallest KV block counts of all ranks (so the scheduler's plan fits every rank)."""
+
+    def __init__(self, config: EngineConfig, join: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.device = select_device(config.device)
-        if self.device.type == "cpu":
+        if tp_size() > 1:
+            self._place_rank()
+        elif self.device.type == "cpu":
             fit_cpu_threads()
         self.ops = OpSet(self.device.type, config.attention_backend)
         loaded = load_model(config.model, config.dtype, self.ops, config.max_model_len, config.tokenizer,
                             config.load_progress, quantization=config.quantization, device=self.device,
                             model_impl=config.model_impl)
+        if join is not None:
+            join("nccl" if self.device.type == "cuda" else "gloo")
         self.loaded = loaded
         self.model, self.model_config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
         self.max_model_len = config.max_model_len or loaded.config.max_position_embeddings
@@ -93,6 +105,9 @@ class Worker:
         spec = loaded.model.kv_cache_spec()
         self.kv_layout = plan_kv_cache(config, self.max_model_len, self.device, spec, loaded.dtype,
                                        None if draft is None else (draft.model.kv_cache_spec(), draft.dtype))
+        if tp_size() > 1:
+            self.kv_layout = dataclasses.replace(self.kv_layout,
+                                                 num_blocks=tuple(all_reduce_min(list(self.kv_layout.num_blocks))))
         self.num_kv_blocks = self.kv_layout.num_blocks[0]
         bs = config.block_size
         kv = self.kv_layout.allocate(spec, bs, loaded.dtype, self.device)
@@ -163,11 +178,29 @@ class Worker:
             return self.model.compute_logits(hidden).float().cpu()
 
     # -- set-up --------------------------------------------------------------------------------------------
+    def _place_rank(self) -> None:
+        """A tensor-parallel rank's device (``cuda:LOCAL_RANK``) or its share of the host's CPUs."""
+        local_rank = int(os.environ.get("LOCAL_RANK", tp_rank()))
+        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", tp_size()))
+        if self.device.type == "cuda":
+            if local_rank >= torch.cuda.device_count():
+                raise ValueError(f"tensor-parallel rank {tp_rank()} (local rank {local_rank}) has no GPU: this host "
+                                 f"has {torch.cuda.device_count()}")
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            torch.set_num_threads(max(1, usable_cpus() // local_size))
+            logger.info("tensor-parallel rank %d: %d CPU threads", tp_rank(), torch.get_num_threads())
+
     def _decode_graphs(self, mode: str, sizes: list[int] | None) -> DecodeGraphs | None:
         """The padded fixed-size decode step (``EngineConfig.decode_mode``), captured now; None (eager decode,
         logged with the reason) where it cannot run."""
         if mode == "auto":
             mode = "cuda_graph" if self.device.type == "cuda" else "eager"
+        if mode != "eager" and tp_size() > 1:
+            logger.warning("decode step: %s asked for, running eager: not captured under tensor parallelism yet",
+                           mode)
+            mode = "eager"
         if mode == "eager":
             logger.info("decode step: eager%s", " (enforce_eager)" if self.config.enforce_eager else "")
             return None
