@@ -54,9 +54,11 @@ void paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const a
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k_cache, &v_cache, &out})
     TORCH_CHECK(t->device().is_cpu(), "fastinfer::paged_attention: all tensors must be on the CPU");
   const fc::DType dt = cpu_dtype(q, "q");
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type() &&
-                  out.scalar_type() == q.scalar_type(),
-              "fastinfer::paged_attention: q, k_cache, v_cache and out must share a dtype");
+  // int8 caches: int8 KV rows (head_dim codes + an fp16 scale per token and KV head)
+  const bool kv_int8 = k_cache.scalar_type() == at::kChar;
+  TORCH_CHECK((kv_int8 || k_cache.scalar_type() == q.scalar_type()) &&
+                  v_cache.scalar_type() == k_cache.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "fastinfer::paged_attention: q and out must share a dtype, the caches q's or int8 (int8 KV)");
   check_rows(q, "q");
   check_rows(out, "out");
   TORCH_CHECK(out.sizes() == q.sizes(), "fastinfer::paged_attention: out must have q's shape");
@@ -65,8 +67,8 @@ void paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const a
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(),
               "fastinfer::paged_attention: caches must be contiguous");
   const int64_t heads = q.size(1), kv_heads = k_cache.size(2), head_dim = q.size(2);
-  TORCH_CHECK(k_cache.size(3) == head_dim, "fastinfer::paged_attention: cache head_dim ", k_cache.size(3),
-              " != q head_dim ", head_dim);
+  TORCH_CHECK(k_cache.size(3) == head_dim + (kv_int8 ? 2 : 0), "fastinfer::paged_attention: cache row ",
+              k_cache.size(3), " != q head_dim ", head_dim, kv_int8 ? " + 2 (int8 KV: codes + fp16 scale)" : "");
   TORCH_CHECK(head_dim % 16 == 0 && head_dim <= fc::kMaxHeadDim,
               "fastinfer::paged_attention: head_dim must be a multiple of 16 up to 256, got ", head_dim);
   TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "fastinfer::paged_attention: num_heads ", heads,
@@ -80,6 +82,7 @@ void paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const a
 
   fc::PagedAttentionParams p;
   p.dtype = dt;
+  p.kv_int8 = kv_int8;
   p.q = q.data_ptr();
   p.k_cache = k_cache.data_ptr();
   p.v_cache = v_cache.data_ptr();
@@ -110,22 +113,26 @@ void store_kv_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_
                   const at::Tensor& slot_mapping) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&key, &value, &k_cache, &v_cache})
     TORCH_CHECK(t->device().is_cpu(), "fastinfer::store_kv: all tensors must be on the CPU");
-  const fc::DType dt = cpu_dtype(k_cache, "k_cache");
-  TORCH_CHECK(key.scalar_type() == k_cache.scalar_type() && value.scalar_type() == k_cache.scalar_type() &&
+  const bool kv_int8 = k_cache.scalar_type() == at::kChar;  // int8 KV rows: quantized on the way in
+  const fc::DType dt = cpu_dtype(kv_int8 ? key : k_cache, kv_int8 ? "key" : "k_cache");
+  TORCH_CHECK((kv_int8 || key.scalar_type() == k_cache.scalar_type()) && value.scalar_type() == key.scalar_type() &&
                   v_cache.scalar_type() == k_cache.scalar_type(),
-              "fastinfer::store_kv: key, value and the caches must share a dtype");
+              "fastinfer::store_kv: key, value and the caches must share a dtype (or the caches be int8: int8 KV)");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
                   v_cache.is_contiguous(),
               "fastinfer::store_kv: caches must be contiguous [num_blocks, block_size, kv_heads, head_dim]");
   check_rows(key, "key");
   check_rows(value, "value");
-  TORCH_CHECK(key.sizes() == value.sizes() && key.size(1) == k_cache.size(2) && key.size(2) == k_cache.size(3),
-              "fastinfer::store_kv: key/value must be [T, kv_heads, head_dim] matching the cache");
+  TORCH_CHECK(key.sizes() == value.sizes() && key.size(1) == k_cache.size(2) &&
+                  key.size(2) + (kv_int8 ? 2 : 0) == k_cache.size(3),
+              "fastinfer::store_kv: key/value must be [T, kv_heads, head_dim] matching the cache (int8 KV: + 2)");
   check_int_vector(slot_mapping, "slot_mapping", at::kLong, 1);
   TORCH_CHECK(slot_mapping.size(0) == key.size(0), "fastinfer::store_kv: slot_mapping must have one slot per token");
 
   fc::StoreKVParams p;
   p.dtype = dt;
+  p.kv_int8 = kv_int8;
+  p.head_dim = key.size(2);
   p.key = key.data_ptr();
   p.value = value.data_ptr();
   p.k_cache = k_cache.data_ptr();

@@ -13,6 +13,8 @@ logger = logging.getLogger("fastinfer")
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 DECODE_MODES = ("auto", "eager", "cuda_graph", "compile", "static")  # see EngineConfig.decode_mode
+KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3")  # EngineConfig.kv_cache_dtype (vLLM's names)
+KV_CACHE_DTYPE_ALIASES = {"fp8": "fp8_e4m3"}  # as vLLM
 DEFAULT_MODEL = "smollm2-135m"  # the embedded default (fastinfer.models.loader.EMBEDDED_MODELS)
 
 
@@ -262,7 +264,9 @@ class EngineConfig:
     ``gpu_memory_utilization`` of the device memory, on CPU from ``max_num_seqs x max_model_len`` tokens capped at
     ``DEFAULT_KV_BYTES``. ``model_impl`` (vLLM's name): "auto" serves an architecture with its native class
     when fastinfer has one, else with transformers' own modules (the generic path); "fastinfer" or
-    "transformers" forces one."""
+    "transformers" forces one. ``kv_cache_dtype`` (vLLM's names): "auto" keeps K and V in the model dtype;
+    "int8" / "fp8_e4m3" ("fp8" is an alias) store them quantized with an fp16 scale per token and KV head
+    (about half the bytes of bf16: :func:`fastinfer.ops.reference.quantize_kv_rows`)."""
 
     model: str
     tokenizer: str | None = None
@@ -271,6 +275,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None
     block_size: int = 16
+    kv_cache_dtype: str = "auto"
     kv_cache_memory_bytes: int | None = None
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
@@ -300,6 +305,11 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        kv = KV_CACHE_DTYPE_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype)
+        if kv not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES} (or 'fp8', an alias of 'fp8_e4m3'), "
+                             f"got {self.kv_cache_dtype!r}")
+        object.__setattr__(self, "kv_cache_dtype", kv)
         for name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes", "num_kv_blocks"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):

@@ -17,15 +17,16 @@ class Perplexity:
 
 
 def perplexity(model: CausalLM, token_ids: list[int], window: int = 1024, block_size: int = 16,
-               ) -> Perplexity:
+               kv_cache_dtype: str = "auto") -> Perplexity:
     """Perplexity of ``token_ids`` in non-overlapping windows of ``window`` tokens (each window starts with an
     empty context and scores its tokens 2..window, as the usual chunked evaluation does). Runs the model
     through its own paged-attention path with a temporary KV cache of one window, then rebinds the caches
-    the model had (so an engine that owns the model keeps working)."""
+    the model had (so an engine that owns the model keeps working). ``kv_cache_dtype``: that cache's
+    ("int8" / "fp8_e4m3": quantized K and V, as an engine with that setting keeps them)."""
     if window < 2:
         raise ValueError("window must be at least 2 tokens")
     nll, count = 0.0, 0
-    with scratch_kv_cache(model, window, block_size), torch.inference_mode():
+    with scratch_kv_cache(model, window, block_size, kv_cache_dtype), torch.inference_mode():
         for start in range(0, len(token_ids) - 1, window):
             ids = token_ids[start:start + window]
             if len(ids) < 2:

@@ -203,7 +203,7 @@ def verify(llm: LLM, model: str, prompts: list[str], max_new_tokens: int = 32, m
                       every["top1"].mean().item(), every["top5"].mean().item(), len(divs), min(divs, default=None))
     passed = max_kl is None or summary.mean_kl <= max_kl  # NaN fails
     info = {"model": model, "dtype": llm.engine.dtype, "device": llm.engine.device, "reference": "transformers float32",
-            "max_new_tokens": max_new_tokens, **(settings or {})}
+            "max_new_tokens": max_new_tokens, "kv_cache_dtype": llm.engine.config.kv_cache_dtype, **(settings or {})}
     return VerifyReport(info, list(rows), summary, max_kl, passed)
 
 

@@ -16,6 +16,7 @@
 #include <limits>
 #include <memory>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -121,6 +122,11 @@ struct GenericOps {
     for (int i = 0; i < 16; ++i) r.v[i] = bits_to_float(uint32_t(p[i].x) << 16);
     return r;
   }
+  static FI_INLINE V load_cvt(const int8_t* p) {  // int8 KV codes
+    V r;
+    for (int i = 0; i < 16; ++i) r.v[i] = float(p[i]);
+    return r;
+  }
   static FI_INLINE void store(float* p, const V& a) {
     for (int i = 0; i < 16; ++i) p[i] = a.v[i];
   }
@@ -201,8 +207,8 @@ struct GenericOps {
   static FI_INLINE bool rows_qk(const T*, int64_t, int64_t) {
     return false;
   }
-  template <class T>
-  static FI_INLINE void qk_rows(const T* const*, const float* qf, int nq, const T* const* rows, int64_t hoff,
+  template <class T, class C>
+  static FI_INLINE void qk_rows(const T* const*, const float* qf, int nq, const C* const* rows, int64_t hoff,
                                 int64_t D, float, V* s) {
     for (int j = 0; j < nq; ++j) {
       s[j] = zero();
@@ -236,6 +242,10 @@ QkDpFn g_qk_rows_dpbf16 = nullptr;
 
 // The loads / stores / conversions of cpu_vec.h plus what the attention kernel needs.
 struct Avx512Ops : Avx512Vec {
+  using Avx512Vec::load_cvt;
+  static FI_INLINE V load_cvt(const int8_t* p) {  // 16 int8 KV codes, widened to fp32
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
   static FI_INLINE void store(float* p, V a) { _mm512_storeu_ps(p, a); }
   static FI_INLINE float hmax(V a) { return _mm512_reduce_max_ps(a); }
   static FI_INLINE V select(uint32_t mask, V a, V b) { return _mm512_mask_blend_ps(__mmask16(mask), b, a); }
@@ -314,6 +324,7 @@ struct Avx512Ops : Avx512Vec {
 #endif
   static FI_INLINE bool rows_qk(const float*, int64_t mh, int64_t) { return mh <= FI_ROWS_MAX_F32; }
   static FI_INLINE bool rows_qk(const fp16_t*, int64_t mh, int64_t) { return mh <= 4; }
+  static FI_INLINE bool rows_qk(const int8_t*, int64_t mh, int64_t) { return mh <= FI_ROWS_MAX_F32; }
   static FI_INLINE bool rows_qk(const bf16_t*, int64_t mh, int64_t D) {
     return g_dpbf16 && D % 32 == 0 && mh <= FI_ROWS_MAX_BF16;
   }
@@ -329,8 +340,8 @@ struct Avx512Ops : Avx512Vec {
     return reduce16(a);
   }
   // Scores of the nq queries (raw q[j], or qf + j D: fp32 pre-scaled) against the 16 rows, into s[j].
-  template <class T>
-  static FI_INLINE void qk_rows(const T* const*, const float* qf, int nq, const T* const* rows, int64_t hoff,
+  template <class T, class C>
+  static FI_INLINE void qk_rows(const T* const*, const float* qf, int nq, const C* const* rows, int64_t hoff,
                                 int64_t D, float, V* s) {
     for (int j = 0; j < nq; ++j) s[j] = qk_rows_cvt(qf + j * D, rows, hoff, D);
   }
@@ -407,23 +418,28 @@ Isa& current_isa() {
   return isa;
 }
 
-ItemFn item_fn(Isa isa, DType dt) {
+#define FI_ITEM_FNS(ns)                                                                     \
+  if (kv_int8) {                                                                            \
+    if (dt == DType::kFloat32) return ns::run_item<float, int8_t>;                          \
+    if (dt == DType::kBFloat16) return ns::run_item<bf16_t, int8_t>;                        \
+    return ns::run_item<fp16_t, int8_t>;                                                    \
+  }                                                                                         \
+  if (dt == DType::kFloat32) return ns::run_item<float, float>;                             \
+  if (dt == DType::kBFloat16) return ns::run_item<bf16_t, bf16_t>;                          \
+  return ns::run_item<fp16_t, fp16_t>;
+
+ItemFn item_fn(Isa isa, DType dt, bool kv_int8) {
 #if FI_X86
   if (isa == Isa::kAvx512 || isa == Isa::kAvx512Bf16) {
-    if (dt == DType::kFloat32) return avx512::run_item<float>;
-    if (dt == DType::kBFloat16) return avx512::run_item<bf16_t>;
-    return avx512::run_item<fp16_t>;
+    FI_ITEM_FNS(avx512)
   }
   if (isa == Isa::kAvx2) {
-    if (dt == DType::kFloat32) return avx2::run_item<float>;
-    if (dt == DType::kBFloat16) return avx2::run_item<bf16_t>;
-    return avx2::run_item<fp16_t>;
+    FI_ITEM_FNS(avx2)
   }
 #endif
-  if (dt == DType::kFloat32) return generic::run_item<float>;
-  if (dt == DType::kBFloat16) return generic::run_item<bf16_t>;
-  return generic::run_item<fp16_t>;
+  FI_ITEM_FNS(generic)
 }
+#undef FI_ITEM_FNS
 
 // Merge the parts of one split context: out = sum_p 2^(m_p - m) acc_p / sum_p 2^(m_p - m) l_p.
 template <class T>
@@ -605,7 +621,7 @@ int paged_attention(const PagedAttentionParams& p) {
 #if FI_X86
   g_dpbf16 = isa == Isa::kAvx512Bf16;
 #endif
-  const ItemFn fn = item_fn(isa, p.dtype);
+  const ItemFn fn = item_fn(isa, p.dtype, p.kv_int8);
   const int64_t mmax = std::max(rows_per_tile * G, kAllHeadsQueries);  // most queries of any item
   const int64_t n = int64_t(items.size());
   float* pbuf = partials.data();
@@ -636,11 +652,41 @@ int paged_attention(const PagedAttentionParams& p) {
   return kOk;
 }
 
+namespace {
+
+// One int8 KV row: D values of x (elements off .. off + D - 1 of dtype dt) -> D codes + the fp16 scale at dst,
+// exactly as fastinfer.ops.reference.quantize_kv_rows(x, "int8"): amax over non-NaN |x| (no finite element:
+// inf), scale = fp16(max(amax / 127, 2^-14)) capped at 65504, code = clamp(rint(x / scale), +-127), NaN -> 0.
+void quantize_row_int8(const void* x, DType dt, int64_t off, int64_t D, int8_t* dst) {
+  constexpr float kMinScale = 6.103515625e-05f;  // 2^-14
+  float amax = 0.f;
+  bool finite = false;
+  for (int64_t d = 0; d < D; ++d) {
+    const float v = load_elem(x, dt, off + d);
+    if (!std::isnan(v)) amax = std::max(amax, std::fabs(v));
+    finite |= std::isfinite(v);
+  }
+  if (!finite) amax = std::numeric_limits<float>::infinity();
+  const float s32 = std::max(amax / 127.f, kMinScale);
+  uint16_t h = float_to_fp16(s32);
+  if (h == 0x7c00u) h = 0x7bffu;  // inf -> 65504
+  const float s = fp16_to_float(h);
+  for (int64_t d = 0; d < D; ++d) {
+    float y = load_elem(x, dt, off + d) / s;
+    y = std::isnan(y) ? 0.f : std::min(127.f, std::max(-127.f, y));
+    dst[d] = int8_t(std::nearbyint(y));
+  }
+  std::memcpy(dst + D, &h, 2);  // little endian, as the host (x86) stores it
+}
+
+}  // namespace
+
 int store_kv(const StoreKVParams& p) {
   if (p.num_tokens == 0) return kOk;
   if (!p.key || !p.value || !p.k_cache || !p.v_cache || (!p.slot_mapping && p.num_tokens > 0) ||
       p.num_tokens < 0 || p.row_elems <= 0 || p.num_slots < 0)
     return kBadArgs;
+  if (p.kv_int8 && (p.head_dim <= 0 || p.row_elems % p.head_dim != 0)) return kBadArgs;
   size_t elem;
   switch (p.dtype) {
     case DType::kFloat32: elem = 4; break;
@@ -650,6 +696,23 @@ int store_kv(const StoreKVParams& p) {
   }
   for (int64_t t = 0; t < p.num_tokens; ++t)
     if (p.slot_mapping[t] >= p.num_slots) return kBadSlot;
+  if (p.kv_int8) {
+    const int64_t D = p.head_dim, heads = p.row_elems / D, qrow = heads * (D + 2);
+    int8_t* kq = static_cast<int8_t*>(p.k_cache);
+    int8_t* vq = static_cast<int8_t*>(p.v_cache);
+    const int nthreads = resolve_threads(p.num_threads);
+    const bool par = nthreads > 1 && p.num_tokens * p.row_elems >= (int64_t(1) << 16);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (par)
+    for (int64_t t = 0; t < p.num_tokens; ++t) {
+      const int64_t slot = p.slot_mapping[t];
+      if (slot < 0) continue;
+      for (int64_t h = 0; h < heads; ++h) {
+        quantize_row_int8(p.key, p.dtype, t * p.key_stride + h * D, D, kq + slot * qrow + h * (D + 2));
+        quantize_row_int8(p.value, p.dtype, t * p.value_stride + h * D, D, vq + slot * qrow + h * (D + 2));
+      }
+    }
+    return kOk;
+  }
   const size_t row_bytes = size_t(p.row_elems) * elem;
   const char* key = static_cast<const char*>(p.key);
   const char* value = static_cast<const char*>(p.value);

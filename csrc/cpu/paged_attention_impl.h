@@ -9,6 +9,10 @@
 // best for many queries), or straight from the cache rows as 16 dot products folded by a 16-way reduction
 // (best for few queries, e.g. decode; bf16 uses VDPBF16PS). The online softmax runs on that vector and the
 // probabilities are accumulated against the chunk's values.
+//
+// An int8 KV cache (C = int8_t: rows of head_dim codes + an fp16 scale) runs the same loops on the codes,
+// widened to fp32 as they load; the 16 rows' key scales multiply the chunk's score vector once, and their value
+// scales multiply the probabilities before the PV accumulation (p * scale, then fma with the codes).
 
 using V = Ops::V;
 
@@ -107,6 +111,17 @@ __attribute__((noinline)) void pv_scratch(int nq, int nd, float* acc, int64_t D,
   pv_any(nq, nd, acc, D, pr, alpha, ScratchRows{vf, D}, n, d0);
 }
 
+// The fp16 scales of 16 int8 KV rows (rows[t] + off: 2 bytes, little endian) as one fp32 vector.
+FI_INLINE V row_scales(const int8_t* const* rows, int64_t off) {
+  alignas(64) float f[kChunk];
+  for (int t = 0; t < kChunk; ++t) {
+    uint16_t h;
+    std::memcpy(&h, rows[t] + off, 2);
+    f[t] = fp16_to_float(h);
+  }
+  return Ops::load(f);
+}
+
 // Lanes t of the chunk [c0, c0 + n) with lo <= c0 + t < hi.
 FI_INLINE uint32_t lane_mask(int64_t lo, int64_t hi, int64_t c0, int n) {
   const int64_t a = lo > c0 ? lo - c0 : 0;
@@ -115,25 +130,28 @@ FI_INLINE uint32_t lane_mask(int64_t lo, int64_t hi, int64_t c0, int n) {
   return ((1u << b) - 1u) & ~((1u << a) - 1u);
 }
 
-template <class T>
+// T: q / out element type; C: cache element type (T, or int8_t for an int8 KV cache).
+template <class T, class C>
 void run_item(const PagedAttentionParams& p, const Item& it, const Scratch& sc, float* partials) {
+  constexpr bool kQ = std::is_same<C, int8_t>::value;
   const int64_t D = p.head_dim, H = p.num_heads, Hkv = p.num_kv_heads, G = H / Hkv, bs = p.block_size;
+  const int64_t RD = kQ ? D + 2 : D;  // cache elements per (slot, KV head) row: the codes and the fp16 scale
   const T* q = static_cast<const T*>(p.q);
-  const T* kc = static_cast<const T*>(p.k_cache);
-  const T* vc = static_cast<const T*>(p.v_cache);
+  const C* kc = static_cast<const C*>(p.k_cache);
+  const C* vc = static_cast<const C*>(p.v_cache);
   const int32_t* bt = p.block_table + int64_t(it.seq) * p.block_table_stride;
   const int64_t qs = p.query_start_loc[it.seq];
   const int64_t qlen = p.query_start_loc[it.seq + 1] - qs;
   const int64_t slen = p.seq_lens[it.seq];
   const int64_t Mh = int64_t(it.nrows) * G;  // queries per KV head
   const int64_t M = Mh * it.nkvh;            // query m: KV head kvh + m / Mh, row (m % Mh) / G, head g = m % G
-  const int64_t kv_row = Hkv * D;            // elements between consecutive slots of the cache
+  const int64_t kv_row = Hkv * RD;           // elements between consecutive slots of the cache
   const float qscale = p.scale * kLog2e;     // scores in the log2 domain: exp2 instead of exp
   const float cap = p.softcap > 0.f ? p.softcap * kLog2e : 0.f;  // the soft-cap in the log2 domain
   const float neg_inf = -std::numeric_limits<float>::infinity();
   // Scores from the cache rows directly (dot products + a 16-way reduction) instead of a transposed fp32
   // copy of K, where the vector API says that is cheaper for this many queries per KV head.
-  const bool rows_qk = Ops::rows_qk(static_cast<const T*>(nullptr), Mh, D);
+  const bool rows_qk = Ops::rows_qk(static_cast<const C*>(nullptr), Mh, D);
   // With at most 4 queries per KV head every V element is used by one PV tile: convert it there, no copy.
   const bool direct_v = Mh <= 4;
 
@@ -161,14 +179,14 @@ void run_item(const PagedAttentionParams& p, const Item& it, const Scratch& sc, 
 
   // Pointers to each position's slot row (the item's KV heads are contiguous in it), straight into the
   // cache blocks: no gather copy.
-  const T* kp[kChunk];
-  const T* vp[kChunk];
+  const C* kp[kChunk];
+  const C* vp[kChunk];
   auto row_ptrs = [&](int64_t c0, int n) {
     int64_t bi = c0 / bs, off = c0 % bs;
     for (int t = 0; t < n; ++t) {
       const int64_t slot = int64_t(bt[bi]) * bs + off;
-      kp[t] = kc + slot * kv_row + int64_t(it.kvh) * D;
-      vp[t] = vc + slot * kv_row + int64_t(it.kvh) * D;
+      kp[t] = kc + slot * kv_row + int64_t(it.kvh) * RD;
+      vp[t] = vc + slot * kv_row + int64_t(it.kvh) * RD;
       if (++off == bs) {
         off = 0;
         ++bi;
@@ -182,23 +200,23 @@ void run_item(const PagedAttentionParams& p, const Item& it, const Scratch& sc, 
   // Blocks sit at random places in memory, too short for the hardware prefetcher to learn: prefetch the
   // chunk kPrefetchChunks ahead, one KV head at a time, so that the requests trickle out while this chunk
   // is computed (a burst of hundreds of prefetches stalls on the miss buffers).
-  const T* pk[kChunk];
-  const T* pv[kChunk];
+  const C* pk[kChunk];
+  const C* pv[kChunk];
   int pn = 0;  // rows of the chunk to prefetch, in pk[]
   auto prefetch_ptrs = [&](int64_t c0) {
     pn = c0 < it.hi ? int(it.hi - c0 < kChunk ? it.hi - c0 : kChunk) : 0;
     int64_t bi = c0 / bs, off = c0 % bs;
     for (int t = 0; t < pn; ++t) {
       const int64_t slot = int64_t(bt[bi]) * bs + off;
-      pk[t] = kc + slot * kv_row + int64_t(it.kvh) * D;
-      pv[t] = vc + slot * kv_row + int64_t(it.kvh) * D;
+      pk[t] = kc + slot * kv_row + int64_t(it.kvh) * RD;
+      pv[t] = vc + slot * kv_row + int64_t(it.kvh) * RD;
       if (++off == bs) {
         off = 0;
         ++bi;
       }
     }
   };
-  const int64_t head_bytes = D * int64_t(sizeof(T));
+  const int64_t head_bytes = RD * int64_t(sizeof(C));
   auto prefetch_head = [&](int t, int64_t hoff) {  // row t of the prefetched chunk, one KV head
     const char* k = reinterpret_cast<const char*>(pk[t] + hoff);
     const char* v = reinterpret_cast<const char*>(pv[t] + hoff);
@@ -212,7 +230,7 @@ void run_item(const PagedAttentionParams& p, const Item& it, const Scratch& sc, 
   for (int k = 0; k < kPrefetchChunks; ++k) {
     prefetch_ptrs(it.lo + k * kChunk);
     for (int t = 0; t < pn; ++t)
-      for (int64_t hl = 0; hl < it.nkvh; ++hl) prefetch_head(t, hl * D);
+      for (int64_t hl = 0; hl < it.nkvh; ++hl) prefetch_head(t, hl * RD);
   }
   for (int64_t c0 = it.lo; c0 < it.hi; c0 += kChunk) {
     const int n = int(it.hi - c0 < kChunk ? it.hi - c0 : kChunk);
@@ -225,8 +243,13 @@ void run_item(const PagedAttentionParams& p, const Item& it, const Scratch& sc, 
     row_ptrs(c0, n);
     prefetch_ptrs(c0 + kPrefetchChunks * kChunk);
     for (int64_t hl = 0; hl < it.nkvh; ++hl) {
-      const int64_t hoff = hl * D;
+      const int64_t hoff = hl * RD;
       const int64_t mb = hl * Mh, me = mb + Mh;  // this KV head's queries
+      V kscale = Ops::zero(), vscale = Ops::zero();  // int8 KV: the chunk's 16 row scales
+      if constexpr (kQ) {
+        kscale = row_scales(kp, hoff + D);
+        vscale = row_scales(vp, hoff + D);
+      }
       if (!rows_qk) {  // K -> fp32, transposed to kt[D][16] (lanes past n are masked)
         for (int64_t d = 0; d < D; d += 16) {
           for (int t = 0; t < kChunk; ++t) rows[t] = Ops::load_cvt(kp[t] + hoff + d);
@@ -256,6 +279,8 @@ void run_item(const PagedAttentionParams& p, const Item& it, const Scratch& sc, 
         } else {
           qk_any(nq, sc.qf + m0 * D, D, sc.kt, s);
         }
+        if constexpr (kQ)
+          for (int j = 0; j < nq; ++j) s[j] = Ops::mul(s[j], kscale);
         if (cap > 0.f)
           for (int j = 0; j < nq; ++j) s[j] = Ops::softcap(s[j], cap);
         for (int j = 0; j < nq; ++j) {
@@ -275,11 +300,14 @@ void run_item(const PagedAttentionParams& p, const Item& it, const Scratch& sc, 
           sc.sum[m] = sc.sum[m] * alpha + Ops::hsum(e);
           sc.mx[m] = mnew;
           sc.alpha[m] = alpha;
-          Ops::store(pr, e);
+          if constexpr (kQ)
+            Ops::store(pr, Ops::mul(e, vscale));  // p * scale: PV then runs on the codes
+          else
+            Ops::store(pr, e);
         }
       }
       // acc = alpha * acc + p v, 4 queries x 64 dims at a time.
-      const CacheRows<T> v_cache{vp, hoff};
+      const CacheRows<C> v_cache{vp, hoff};
       for (int64_t m0 = mb; m0 < me; m0 += 4) {
         const int nq = int(me - m0 < 4 ? me - m0 : 4);
         uint32_t tile_any = 0;
@@ -315,6 +343,9 @@ void run_item(const PagedAttentionParams& p, const Item& it, const Scratch& sc, 
 }
 
 // Instantiate here, under this namespace's target options.
-template void run_item<float>(const PagedAttentionParams&, const Item&, const Scratch&, float*);
-template void run_item<bf16_t>(const PagedAttentionParams&, const Item&, const Scratch&, float*);
-template void run_item<fp16_t>(const PagedAttentionParams&, const Item&, const Scratch&, float*);
+template void run_item<float, float>(const PagedAttentionParams&, const Item&, const Scratch&, float*);
+template void run_item<bf16_t, bf16_t>(const PagedAttentionParams&, const Item&, const Scratch&, float*);
+template void run_item<fp16_t, fp16_t>(const PagedAttentionParams&, const Item&, const Scratch&, float*);
+template void run_item<float, int8_t>(const PagedAttentionParams&, const Item&, const Scratch&, float*);
+template void run_item<bf16_t, int8_t>(const PagedAttentionParams&, const Item&, const Scratch&, float*);
+template void run_item<fp16_t, int8_t>(const PagedAttentionParams&, const Item&, const Scratch&, float*);

@@ -29,6 +29,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8_e4m3", "fp8"],
+                   help="KV cache storage: auto (the model dtype) | int8 | fp8_e4m3 (fp8: alias), quantized with "
+                        "an fp16 scale per token and KV head (about half the bytes of bf16)")
     p.add_argument("--quantization", "-q", default=None,
                    help="int8 | int4 | int4-g32 | int4-g64 | int4-g128 | gguf (weight-only; default: float weights)")
     p.add_argument("--speculative-config", type=json.loads, default=None,
@@ -69,7 +72,7 @@ def _llm(a: argparse.Namespace):
     return LLM(a.model, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs, seed=a.seed,
                enable_prefix_caching=a.enable_prefix_caching, speculative_config=a.speculative_config,
                quantization=a.quantization, device=a.device, model_impl=a.model_impl,
-               enforce_eager=a.enforce_eager, compilation_config=a.compilation_config,
+               kv_cache_dtype=a.kv_cache_dtype, enforce_eager=a.enforce_eager, compilation_config=a.compilation_config,
                load_progress=sys.stderr.isatty())
 
 

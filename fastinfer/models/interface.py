@@ -122,26 +122,47 @@ def build_model(config: ModelConfig, ops: OpSet, dtype: torch.dtype, device: tor
     return model
 
 
-def kv_bytes_per_token(spec: list[LayerKVSpec], dtype: torch.dtype) -> int:
-    """Bytes of K and V one token takes in every layer's cache."""
-    elem = torch.empty(0, dtype=dtype).element_size()
-    return sum(2 * s.num_kv_heads * s.head_size * elem for s in spec)
+# Cache element dtype of each quantized ``kv_cache_dtype`` (EngineConfig); rows then hold D codes + an fp16 scale.
+QUANTIZED_KV_DTYPES = {"int8": torch.int8, "fp8_e4m3": torch.uint8}
+
+
+def kv_cache_layout(dtype: torch.dtype, kv_cache_dtype: str = "auto") -> tuple[torch.dtype, int]:
+    """(cache tensor dtype, extra elements per row) of a KV cache for a model of ``dtype``: "auto" is the model
+    dtype; "int8" / "fp8_e4m3" are int8 / uint8 rows with two more bytes for the row's fp16 scale (the layout
+    of :func:`fastinfer.ops.reference.quantize_kv_rows`)."""
+    if kv_cache_dtype == "auto":
+        return dtype, 0
+    if kv_cache_dtype not in QUANTIZED_KV_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be 'auto' or one of {sorted(QUANTIZED_KV_DTYPES)}, "
+                         f"got {kv_cache_dtype!r}")
+    return QUANTIZED_KV_DTYPES[kv_cache_dtype], 2
+
+
+def kv_bytes_per_token(spec: list[LayerKVSpec], dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    """Bytes of K and V one token takes in every layer's cache (a quantized cache's scales included)."""
+    cache_dtype, extra = kv_cache_layout(dtype, kv_cache_dtype)
+    elem = torch.empty(0, dtype=cache_dtype).element_size()
+    return sum(2 * s.num_kv_heads * (s.head_size + extra) * elem for s in spec)
 
 
 def allocate_kv_caches(spec: list[LayerKVSpec], num_blocks: int | Sequence[int], block_size: int,
-                       dtype: torch.dtype, device: torch.device | str = "cpu") -> KVCaches:
+                       dtype: torch.dtype, device: torch.device | str = "cpu", kv_cache_dtype: str = "auto",
+                       ) -> KVCaches:
     """One (k, v) pair of paged caches per layer, each [num_blocks, block_size, Hkv, D] (``num_blocks``: one count
-    for every layer, or one per layer, as KV cache groups of sliding-window layers have their own). Uninitialised
-    (pages are touched lazily): every attention backend reads only slots below seq_len that store_kv has
-    written, never a block wholly before a sliding window, and the kernel tests poison the rest with NaN to
-    prove it."""
+    for every layer, or one per layer, as KV cache groups of sliding-window layers have their own); with a
+    quantized ``kv_cache_dtype`` [num_blocks, block_size, Hkv, D + 2] int8 / uint8 (:func:`kv_cache_layout`).
+    Uninitialised (pages are touched lazily): every attention backend reads only slots below seq_len that
+    store_kv has written, never a block wholly before a sliding window, and the kernel tests poison the rest
+    with NaN to prove it."""
     counts = [num_blocks] * len(spec) if isinstance(num_blocks, int) else list(num_blocks)
     if len(counts) != len(spec):
         raise ValueError(f"{len(counts)} block counts for {len(spec)} layers")
+    cache_dtype, extra = kv_cache_layout(dtype, kv_cache_dtype)
     caches = []
     for s, n in zip(spec, counts):
-        shape = (n, block_size, s.num_kv_heads, s.head_size)
-        caches.append((torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)))
+        shape = (n, block_size, s.num_kv_heads, s.head_size + extra)
+        caches.append((torch.empty(shape, dtype=cache_dtype, device=device),
+                       torch.empty(shape, dtype=cache_dtype, device=device)))
     return caches
 
 
@@ -154,12 +175,14 @@ def model_dtype(model: Any) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def scratch_kv_cache(model: CausalLM, num_tokens: int, block_size: int = 16) -> Iterator[None]:
-    """Run ``model`` with a private KV cache for ``num_tokens`` positions (blocks 0..n-1), then rebind the caches
-    it had (so an engine that owns the model keeps working): for evaluation and calibration passes."""
+def scratch_kv_cache(model: CausalLM, num_tokens: int, block_size: int = 16, kv_cache_dtype: str = "auto",
+                     ) -> Iterator[None]:
+    """Run ``model`` with a private KV cache for ``num_tokens`` positions (blocks 0..n-1; ``kv_cache_dtype`` as
+    :func:`allocate_kv_caches`), then rebind the caches it had (so an engine that owns the model keeps
+    working): for evaluation and calibration passes."""
     saved = getattr(model, "kv_caches", None)
     model.bind_kv_cache(allocate_kv_caches(model.kv_cache_spec(), -(-num_tokens // block_size), block_size,
-                                           model_dtype(model), model_device(model)))
+                                           model_dtype(model), model_device(model), kv_cache_dtype))
     try:
         yield
     finally:

@@ -112,7 +112,10 @@ def _unsupported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
         return f"tensors on {q.device.type}"
     if q.dtype not in _KERNEL_DTYPES:
         return f"dtype {q.dtype}"
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    why = _kv_unsupported(k_cache, v_cache)
+    if why is not None:
+        return why
+    if k_cache.dtype != torch.int8 and (k_cache.dtype != q.dtype or v_cache.dtype != q.dtype):
         return f"mixed dtypes q={q.dtype} cache={k_cache.dtype}"
     if d % 16 or d > 256:
         return f"head_dim {d} (needs a multiple of 16 up to 256)"
@@ -121,15 +124,35 @@ def _unsupported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
     return None
 
 
+def _kv_unsupported(k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | None:
+    """Why the kernels cannot take these caches (None: they can). Quantized caches: int8 KV only (an fp8 e4m3
+    cache, uint8, runs on the torch backend, which dequantizes the gathered rows)."""
+    if v_cache.dtype != k_cache.dtype:
+        return f"k_cache {k_cache.dtype} and v_cache {v_cache.dtype} differ"
+    kind = reference.kv_quant_dtype(k_cache)
+    if kind == "fp8_e4m3":
+        return "fp8_e4m3 KV cache (the C++ kernels do int8 KV only)"
+    return None
+
+
 def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Scatter ``key``/``value`` [T, Hkv, D] into the caches at ``slot_mapping`` (negative slots skipped)."""
-    if (k_cache.device.type != "cpu" or k_cache.dtype not in _KERNEL_DTYPES or v_cache.dtype != k_cache.dtype
-            or not (k_cache.is_contiguous() and v_cache.is_contiguous())):
-        _fallback(f"store_kv on {k_cache.device.type} {k_cache.dtype} cache")
+    """Scatter ``key``/``value`` [T, Hkv, D] into the caches at ``slot_mapping`` (negative slots skipped). An int8
+    KV cache ([.., D + 2] int8) gets each row quantized on the way in, as
+    :func:`fastinfer.ops.reference.quantize_kv_rows`."""
+    quant = k_cache.dtype == torch.int8
+    why = _kv_unsupported(k_cache, v_cache)
+    if why is None and (k_cache.device.type != "cpu" or not (quant or k_cache.dtype in _KERNEL_DTYPES)
+                        or not (k_cache.is_contiguous() and v_cache.is_contiguous())):
+        why = f"store_kv on {k_cache.device.type} {k_cache.dtype} cache"
+    if why is None and quant and (key.dtype not in _KERNEL_DTYPES or value.dtype != key.dtype):
+        why = f"store_kv of {key.dtype} / {value.dtype} rows into an int8 KV cache"
+    if why is not None:
+        _fallback(why)
         torch_backend.store_kv(key, value, k_cache, v_cache, slot_mapping)
         return
-    key, value = key.to(k_cache.dtype), value.to(k_cache.dtype)
+    if not quant:
+        key, value = key.to(k_cache.dtype), value.to(k_cache.dtype)
     if not _rows_ok(key):
         key = key.contiguous()
     if not _rows_ok(value):
@@ -141,7 +164,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     scale: float, sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Causal attention of packed queries ``q`` [T, H, D] over the paged cache; same contract as
     :func:`fastinfer.ops.reference.paged_attention`. Every row (decode, prefill, chunked prefill) runs in the
-    kernel, which reads the cache blocks in place and only slots below each seq_len."""
+    kernel, which reads the cache blocks in place and only slots below each seq_len; an int8 KV cache's codes
+    are widened inside the dot products and scaled once per row (no float copy)."""
     if softcap is not None and not softcap > 0:
         raise ValueError(f"paged_attention: softcap must be positive (or None), got {softcap}")
     why = _unsupported(q, k_cache, v_cache)

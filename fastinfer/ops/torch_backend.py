@@ -22,6 +22,9 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
     src = torch.where(valid, torch.arange(t, device=slots.device), valid.to(torch.uint8).argmax())  # [T]
     dst = slots.index_select(0, src).clamp_min(0)
     real = valid.index_select(0, src).view(t, 1, 1)  # False only when no token is real
+    kind = reference.kv_quant_dtype(k_cache)
+    if kind is not None:  # quantized rows [T, Hkv, D + 2] (the spec's own vectorised quantization)
+        key, value = reference.quantize_kv_rows(key, kind), reference.quantize_kv_rows(value, kind)
     for x, cache in ((key, k_cache), (value, v_cache)):
         flat = cache.view(-1, *cache.shape[2:])  # [num_slots, Hkv, D]
         rows = torch.where(real, x.index_select(0, src).to(cache.dtype), flat.select(0, 0))
@@ -35,6 +38,16 @@ def _gather_kv(cache: torch.Tensor, blocks: torch.Tensor, start: int, end: int) 
     first, nb = start // bs, -(-end // bs) - start // bs
     rows = cache.index_select(0, blocks.narrow(0, first, nb).long()).reshape(nb * bs, *cache.shape[2:])
     return rows.narrow(0, start - first * bs, end - start)
+
+
+def _gather_values(cache: torch.Tensor, blocks: torch.Tensor, start: int, end: int, dtype: torch.dtype,
+                   ) -> torch.Tensor:
+    """:func:`_gather_kv` as values of ``dtype``: a quantized cache's rows dequantized (only the gathered
+    positions, never the whole cache)."""
+    rows = _gather_kv(cache, blocks, start, end)
+    if reference.kv_quant_dtype(cache) is None:
+        return rows.to(dtype)
+    return reference.dequantize_kv(rows).to(dtype)
 
 
 def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
@@ -73,8 +86,8 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block
     for i, slen in enumerate(seq_lens):
         lo = 0 if sliding_window is None else max(0, slen - sliding_window)
         blocks = block_table.select(0, i)
-        k = _gather_kv(k_cache, blocks, lo, slen).float()  # [L, Hkv, D]
-        v = _gather_kv(v_cache, blocks, lo, slen).float()
+        k = _gather_values(k_cache, blocks, lo, slen, torch.float32)  # [L, Hkv, D]
+        v = _gather_values(v_cache, blocks, lo, slen, torch.float32)
         probs = _softcap(torch.einsum("hgd,lhd->hgl", qg.select(0, i), k) * scale, softcap).softmax(dim=-1)
         outs.append(torch.einsum("hgl,lhd->hgd", probs, v).reshape(num_heads, d))
     return torch.stack(outs).to(q.dtype)  # [B, H, D]
@@ -91,16 +104,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         parts.append(_decode(q.narrow(0, 0, nd), k_cache, v_cache, meta.block_table, meta.seq_lens_cpu[:nd], scale,
                              sliding_window, softcap))
     start = nd
+    # a quantized cache's rows are dequantized to fp32 and the prefill math runs in fp32 (as the reference)
+    kv_dtype = q.dtype if reference.kv_quant_dtype(k_cache) is None else torch.float32
     for i in range(nd, meta.num_seqs):
         qlen, slen = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
         if qlen == 0:
             continue
-        qi = q.narrow(0, start, qlen).transpose(0, 1)  # [H, q, D]
+        qi = q.narrow(0, start, qlen).transpose(0, 1).to(kv_dtype)  # [H, q, D]
         blocks = meta.block_table.select(0, i)
         # keys from the first query's window on: blocks before it may be a sliding-window group's null block
         lo = 0 if sliding_window is None else max(0, slen - qlen - sliding_window + 1)
-        k = _gather_kv(k_cache, blocks, lo, slen).transpose(0, 1)  # [Hkv, L, D]
-        v = _gather_kv(v_cache, blocks, lo, slen).transpose(0, 1)
+        k = _gather_values(k_cache, blocks, lo, slen, kv_dtype).transpose(0, 1)  # [Hkv, L, D]
+        v = _gather_values(v_cache, blocks, lo, slen, kv_dtype).transpose(0, 1)
         # 4-D [1, H, L, D]: SDPA's fused CPU kernel takes batched inputs only (3-D runs the math path, ~4x slower)
         if softcap is None and qlen == slen and (sliding_window is None or slen <= sliding_window):
             o = F.scaled_dot_product_attention(qi.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), is_causal=True,
@@ -111,7 +126,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             o = (_capped_attention(qi, k, v, mask, scale, softcap) if softcap is not None else
                  F.scaled_dot_product_attention(qi.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask,
                                                 scale=scale, enable_gqa=True).squeeze(0))
-        parts.append(o.transpose(0, 1))
+        parts.append(o.transpose(0, 1).to(q.dtype))
         start += qlen
     if start < q.shape[0]:  # rows past the batch's tokens (padding): zeros
         parts.append(q.new_zeros((q.shape[0] - start, *q.shape[1:])))

@@ -37,8 +37,8 @@ class KVCacheLayout:
                 for g in (self.group_of_window[s.sliding_window] for s in spec)]
 
     def allocate(self, spec: list[LayerKVSpec], block_size: int, dtype: torch.dtype, device: torch.device,
-                 ) -> KVCaches:
-        return allocate_kv_caches(spec, self.tensor_blocks(spec), block_size, dtype, device)
+                 kv_cache_dtype: str = "auto") -> KVCaches:
+        return allocate_kv_caches(spec, self.tensor_blocks(spec), block_size, dtype, device, kv_cache_dtype)
 
 
 def plan_kv_cache(config: EngineConfig, max_model_len: int, device: torch.device, spec: list[LayerKVSpec],
@@ -47,7 +47,8 @@ def plan_kv_cache(config: EngineConfig, max_model_len: int, device: torch.device
     (``gpu_memory_utilization``) of the free device memory; on CPU, ``max_num_seqs x max_model_len`` tokens
     capped at ``DEFAULT_KV_BYTES``. A draft model's cache uses the target's blocks (sized together), and then
     one group holds every layer: the draft's catch-up reads positions the target has passed, so no window
-    block is freed."""
+    block is freed. Bytes per block follow ``config.kv_cache_dtype`` (a quantized cache's scales counted), the
+    draft's cache too."""
     bs, seqs = config.block_size, config.max_num_seqs
     windows, group_of = kv_cache_groups([s.sliding_window for s in spec], max_model_len, free_windows=draft is None)
     if draft is None and any(w is not None for w in windows):
@@ -56,9 +57,9 @@ def plan_kv_cache(config: EngineConfig, max_model_len: int, device: torch.device
         logger.info("sliding-window layers keep every block: a draft model shares the target's block tables")
     block_bytes = [0] * len(windows)
     for s in spec:
-        block_bytes[group_of[s.sliding_window]] += kv_bytes_per_token([s], dtype) * bs
+        block_bytes[group_of[s.sliding_window]] += kv_bytes_per_token([s], dtype, config.kv_cache_dtype) * bs
     if draft is not None:
-        block_bytes[0] += kv_bytes_per_token(draft[0], draft[1]) * bs
+        block_bytes[0] += kv_bytes_per_token(draft[0], draft[1], config.kv_cache_dtype) * bs
     wanted = seqs * cdiv(max_model_len, bs)
     chunk = config.max_num_batched_tokens or max(2048, seqs)
     caps = [wanted if w is None else min(wanted, window_group_blocks(w, bs, seqs, chunk)) for w in windows]
@@ -89,9 +90,9 @@ def plan_kv_cache(config: EngineConfig, max_model_len: int, device: torch.device
                              f"one request's window plus a step of {min(chunk, max_model_len)} tokens; give more KV "
                              "memory or a smaller max_num_batched_tokens")
     for w, n, b in zip(windows, counts, block_bytes):
-        logger.info("KV cache on %s%s: %d blocks x %d tokens = %d tokens, %.2f GiB (%s%s)", device,
-                    "" if w is None else f", sliding window {w}", n, bs, n * bs, n * b / 2**30, why,
-                    ", with the draft model's" if draft is not None else "")
+        logger.info("KV cache on %s%s: %d blocks x %d tokens = %d tokens (capacity), %.2f GiB, kv_cache_dtype %s "
+                    "(%s%s)", device, "" if w is None else f", sliding window {w}", n, bs, n * bs, n * b / 2**30,
+                    config.kv_cache_dtype, why, ", with the draft model's" if draft is not None else "")
     layer_groups = tuple(group_of[s.sliding_window] for s in spec)
     return KVCacheLayout(tuple(windows), tuple(counts), group_of, layer_groups)
 

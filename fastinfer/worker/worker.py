@@ -109,15 +109,18 @@ class Worker:
             self.kv_layout = dataclasses.replace(self.kv_layout,
                                                  num_blocks=tuple(all_reduce_min(list(self.kv_layout.num_blocks))))
         self.num_kv_blocks = self.kv_layout.num_blocks[0]
+        if self._fp8_kv_on_torch():
+            logger.warning("kv_cache_dtype fp8_e4m3 on the CPU: the C++ attention kernels do int8 KV only, so "
+                           "store_kv and paged_attention run on the torch backend (dequantizing gathered rows)")
         bs = config.block_size
-        kv = self.kv_layout.allocate(spec, bs, loaded.dtype, self.device)
+        kv = self.kv_layout.allocate(spec, bs, loaded.dtype, self.device, config.kv_cache_dtype)
         budget = config.max_num_batched_tokens or max(2048, config.max_num_seqs)
         self.proposer: Proposer | None = None
         if self.spec is not None and draft is None:
             self.proposer = NgramProposer(self.spec.prompt_lookup_max, self.spec.prompt_lookup_min)
         elif draft is not None:
             draft_kv = allocate_kv_caches(draft.model.kv_cache_spec(), self.num_kv_blocks, bs, draft.dtype,
-                                          self.device)
+                                          self.device, config.kv_cache_dtype)
             self.proposer = DraftModelProposer(draft.model, draft_kv, bs, self.device, config.seed, budget,
                                                config.enable_prefix_caching)
         speculator = None
@@ -169,15 +172,20 @@ class Worker:
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Teacher-forced fp32 logits [n, vocab] (on the CPU) at every position of one whole sequence from
-        position 0: the served model and op set, with a paged KV cache of its own (the model's dtype and the
-        engine's block size) for the call, so the engine's cache and its prefix cache stay untouched. For
-        ``LLMEngine.prompt_logits``."""
+        position 0: the served model and op set, with a paged KV cache of its own (the engine's
+        ``kv_cache_dtype`` and block size) for the call, so the engine's cache and its prefix cache stay
+        untouched. For ``LLMEngine.prompt_logits``."""
         bs = self.config.block_size
-        with scratch_kv_cache(self.model, len(token_ids), bs):
+        with scratch_kv_cache(self.model, len(token_ids), bs, self.config.kv_cache_dtype):
             hidden = forward_sequence(self.model, token_ids, bs)
             return self.model.compute_logits(hidden).float().cpu()
 
     # -- set-up --------------------------------------------------------------------------------------------
+    def _fp8_kv_on_torch(self) -> bool:
+        """An fp8 KV cache where the op set chose the C++ kernels, which take int8 KV only (the torch backend
+        runs those calls)."""
+        return self.config.kv_cache_dtype == "fp8_e4m3" and self.ops.chosen.get("paged_attention") == "cpp"
+
     def _place_rank(self) -> None:
         """A tensor-parallel rank's device (``cuda:LOCAL_RANK``) or its share of the host's CPUs."""
         local_rank = int(os.environ.get("LOCAL_RANK", tp_rank()))
@@ -205,7 +213,7 @@ class Worker:
             logger.info("decode step: eager%s", " (enforce_eager)" if self.config.enforce_eager else "")
             return None
         why = None
-        if self.ops.chosen.get("paged_attention") == "torch":
+        if self.ops.chosen.get("paged_attention") == "torch" or self._fp8_kv_on_torch():
             why = "the torch attention backend reads host-side lengths"
         elif len(self.kv_layout.windows) > 1:
             why = "several KV cache groups (sliding windows)"

@@ -5,6 +5,8 @@ computation of the scale and codes, then the reference ops on quantized caches, 
 reference."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -133,3 +135,131 @@ def test_reference_ops_on_quantized_cache(kind):
     out = reference.paged_attention(q, kc, vc, meta, 0.125)
     torch.testing.assert_close(out, reference.paged_attention(q, kf, vf, meta, 0.125), rtol=0, atol=0)
     assert torch.isfinite(out).all()
+
+
+# ---- the CPU backends against the reference ------------------------------------------------------------------
+try:
+    from fastinfer.ops import cpp_backend as cpp
+except ImportError:  # the compiled extension is not built: its cases skip
+    cpp = None
+from fastinfer.ops import torch_backend  # noqa: E402
+
+BACKENDS = [pytest.param(torch_backend, id="torch"),
+            pytest.param(cpp, id="cpp", marks=pytest.mark.skipif(cpp is None, reason="fastinfer._C not built"))]
+TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-3, 8e-3), torch.float16: (5e-4, 1e-3)}
+
+
+def check_attention(backend, q, k_cache, v_cache, meta, window=None, softcap=None, ref=None):
+    """Backend output vs the reference on the same quantized caches (fp32 math from the same q; ``ref``: that
+    reference output, computed already)."""
+    scale = q.shape[-1] ** -0.5
+    out = backend.paged_attention(q, k_cache, v_cache, meta, scale, window, softcap)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert torch.isfinite(out).all(), "non-finite output: a poisoned slot leaked"
+    if ref is None:
+        ref = reference.paged_attention(q.float(), k_cache, v_cache, meta, scale, window, softcap)
+    atol, rtol = TOL[q.dtype]
+    torch.testing.assert_close(out.float(), ref, atol=atol, rtol=rtol)
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("heads", [(4, 4), (9, 3), (8, 1)], ids=["mha", "gqa3", "gqa8"])
+def test_attention_vs_reference(backend, kind, dtype, block_size, heads):
+    # decode rows first (odd lengths), then a fresh prompt, a chunk with prior context and a longer chunk
+    query_lens, seq_lens = [1, 1, 1, 17, 5, 33], [1, 37, 129, 17, 40, 101]
+    case = paged_case(query_lens, seq_lens, *heads, 64, block_size, dtype, seed=5, kv_cache_dtype=kind)
+    check_attention(backend, *case)
+    check_attention(backend, *case, window=24)
+
+
+@functools.cache
+def isa_cases(dtype: torch.dtype) -> list:
+    """(case, window, softcap, reference output) for :func:`test_cpp_int8_every_isa`, built once per dtype."""
+    long = paged_case([1, 1, 1, 12, 40], [3, 700, 2100, 12, 1000], 12, 3, 64, 16, dtype, seed=2,
+                      kv_cache_dtype="int8")
+    wide = paged_case([1, 1, 20], [77, 300, 50], 8, 2, 128, 32, dtype, seed=3, kv_cache_dtype="int8")
+    out = []
+    for case, window, softcap in ((long, None, None), (long, 300, None), (long, 300, 2.0), (wide, None, None)):
+        q, kc, vc, meta = case
+        ref = reference.paged_attention(q.float(), kc, vc, meta, q.shape[-1] ** -0.5, window, softcap)
+        out.append((case, window, softcap, ref))
+    return out
+
+
+@pytest.mark.skipif(cpp is None, reason="fastinfer._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_cpp_int8_every_isa(isa, threads, dtype):
+    """Every instruction-set variant (generic, AVX2, AVX-512: the conftest forces each) and 1 / 2 threads (long
+    rows split into parts), with windows and soft-capping; head_dim 128 for the wider PV tiles."""
+    for case, window, softcap, ref in isa_cases(dtype):
+        check_attention(cpp, *case, window, softcap, ref=ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_extreme_values(backend, kind):
+    """One token's keys and values all large (1e4) beside small ones, and an all-zero token: each row keeps its
+    own scale, so the large token dominates the softmax and the small ones keep their precision."""
+    q, kc, vc, meta = paged_case([1, 1, 6], [20, 50, 30], 6, 2, 64, 16, torch.float32, seed=7, kv_cache_dtype=kind)
+    slots = meta.slot_mapping  # this step's positions: overwrite them with the extreme tokens
+    gen = torch.Generator().manual_seed(8)
+    key = torch.randn(len(slots), 2, 64, generator=gen) * 0.01
+    value = torch.randn(len(slots), 2, 64, generator=gen)
+    key[1], value[1] = 1e4, -1e4
+    key[3], value[3] = 0.0, 0.0
+    backend.store_kv(key, value, kc, vc, slots)
+    ref_k, ref_v = kc.clone(), vc.clone()
+    reference.store_kv(key, value, ref_k, ref_v, slots)
+    assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v)
+    check_attention(backend, q * 0.1, kc, vc, meta)
+
+
+def edge_tokens(dtype: torch.dtype) -> torch.Tensor:
+    """[T, 2, 64] keys holding the rows of :func:`rows_under_test` (NaN, inf, 1e9, zeros...) in ``dtype``."""
+    return rows_under_test().view(-1, 2, 64).to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_store_kv_bit_exact(backend, kind, dtype):
+    """store_kv writes exactly the reference rows (edge rows included), skips negative slots, touches nothing else."""
+    key = edge_tokens(dtype)
+    value = key.flip(0)
+    t = key.shape[0]
+    qdtype = torch.int8 if kind == "int8" else torch.uint8
+    kc = torch.full((6, 4, 2, 66), 0x7F, dtype=qdtype)
+    vc = kc.clone()
+    slots = torch.randperm(24, generator=torch.Generator().manual_seed(9))[:t]
+    slots[2] = -1
+    ref_k, ref_v = kc.clone(), vc.clone()
+    backend.store_kv(key, value, kc, vc, slots)
+    reference.store_kv(key, value, ref_k, ref_v, slots)
+    assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v)
+    scales = kc.view(-1, 2, 66)[slots[slots >= 0]][..., 64:].contiguous().view(torch.float16)
+    assert torch.isfinite(scales).all() and (scales > 0).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_copy_blocks_quantized(kind):
+    """copy_blocks (copy-on-write forks) moves whole quantized blocks, scales with the codes."""
+    _, kc, vc, _ = paged_case([1], [40], 4, 2, 64, 16, torch.float32, kv_cache_dtype=kind)
+    ref_k, ref_v = kc.clone(), vc.clone()
+    pairs = torch.tensor([[0, 3], [2, 1]], dtype=torch.int64)
+    torch_backend.copy_blocks(kc, vc, pairs)
+    reference.copy_blocks(ref_k, ref_v, pairs)
+    assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v)
+    assert torch.equal(kc[3], kc[0]) and torch.equal(vc[1], vc[2])
+
+
+@pytest.mark.skipif(cpp is None, reason="fastinfer._C not built")
+def test_cpp_fp8_runs_torch_backend():
+    """fp8 e4m3 KV on the CPU: the C++ kernels do int8 only, so the call runs on the torch backend (logged once
+    by the backend; the worker says so at start-up: tests/models/test_kv_quant_engine.py)."""
+    q, kc, vc, meta = paged_case([1, 3], [20, 9], 4, 2, 64, 16, torch.float32, kv_cache_dtype="fp8_e4m3")
+    out = check_attention(cpp, q, kc, vc, meta)
+    torch.testing.assert_close(out, torch_backend.paged_attention(q, kc, vc, meta, 0.125), rtol=0, atol=0)

@@ -21,8 +21,14 @@ enum class Isa : int { kAuto = -1, kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512
 // in cache block block_table[i * block_table_stride + pos / block_size], slot pos % block_size. Slots at or
 // beyond seq_lens[i] are never read. Softmax runs in fp32 (online); out = softmax(cap(scale * q k^T)) v, where
 // cap(x) = softcap * tanh(x / softcap) when softcap > 0 (Gemma 2's attention logit soft-capping), else x.
+//
+// kv_int8: the caches are int8 KV rows [num_blocks, block_size, num_kv_heads, head_dim + 2]: per token and KV
+// head, head_dim int8 codes then that row's scale as a little-endian IEEE fp16 (value = code * scale; the spec
+// is fastinfer.ops.reference.quantize_kv_rows). The codes are widened to fp32 inside the dot products and the
+// scale applied once per row (to the score for K, to the probability for V): no float copy of the cache.
 struct PagedAttentionParams {
-  DType dtype = DType::kFloat32;  // of q, k_cache, v_cache and out alike
+  DType dtype = DType::kFloat32;  // of q and out, and of the caches unless kv_int8
+  bool kv_int8 = false;
   const void* q = nullptr;        // [num_tokens, num_heads, head_dim]; token stride q_stride (elements)
   const void* k_cache = nullptr;  // [num_blocks, block_size, num_kv_heads, head_dim]
   const void* v_cache = nullptr;
@@ -52,8 +58,12 @@ int paged_attention(const PagedAttentionParams& p);
 
 // Scatter key/value [num_tokens, num_kv_heads, head_dim] (heads and dims contiguous, token stride given)
 // into the caches at flat slots slot_mapping[t] = block * block_size + offset; negative slots are skipped.
+// kv_int8: the caches hold int8 KV rows (see PagedAttentionParams): each key / value row of head_dim values is
+// quantized on the way in, exactly as fastinfer.ops.reference.quantize_kv_rows(x, "int8").
 struct StoreKVParams {
-  DType dtype = DType::kFloat32;  // of key, value and the caches
+  DType dtype = DType::kFloat32;  // of key and value, and of the caches unless kv_int8
+  bool kv_int8 = false;
+  int64_t head_dim = 0;  // needed when kv_int8
   const void* key = nullptr;
   const void* value = nullptr;
   void* k_cache = nullptr;
