@@ -16,9 +16,7 @@ nothing.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
-import glob
 import json
 import os
 import shutil
@@ -50,39 +48,12 @@ def decode_speed(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[f
 def make_sibling(model: str, num_layers: int, out_dir: str) -> str:
     """A draft model made of ``model``'s first ``num_layers`` layers (same embeddings, final norm, lm_head and
     tokenizer), written as an HF directory. ``model`` is a GGUF file / short name or an HF directory."""
-    import torch
-    from safetensors.torch import load_file, save_file
+    from fastinfer.distill.student import layer_student, load_teacher
 
-    from fastinfer.config import ModelConfig
-    from fastinfer.models.gguf_loader import GGUFFile
-    from fastinfer.models.loader import resolve_model_path
-    from fastinfer.tokenizer import tokenizer_from_gguf
-
-    def keep(name: str) -> bool:
-        return ".layers." not in name or int(name.split(".layers.")[1].split(".")[0]) < num_layers
-
-    path = resolve_model_path(model)
-    os.makedirs(out_dir, exist_ok=True)
-    if path.endswith(".gguf"):
-        gguf = GGUFFile(path)
-        cfg = gguf.model_config()
-        tensors = {n: w.contiguous() for n, w in gguf.tensors(cfg, torch.float32) if keep(n)}
-        tokenizer_from_gguf(gguf).save_pretrained(out_dir)
-    else:
-        with open(os.path.join(path, "config.json")) as fh:
-            cfg = ModelConfig.from_hf_dict(json.load(fh))
-        tensors = {}
-        for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-            tensors.update({n: t for n, t in load_file(f).items() if keep(n)})
-        for f in os.listdir(path):
-            if f.startswith("tokenizer") or f in ("special_tokens_map.json", "chat_template.jinja"):
-                shutil.copy(os.path.join(path, f), out_dir)
-    if not 1 <= num_layers < cfg.num_hidden_layers:
-        raise SystemExit(f"--draft-layers must be in [1, {cfg.num_hidden_layers - 1}]")
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as fh:
-        json.dump(dataclasses.replace(cfg, num_hidden_layers=num_layers).to_hf_dict(), fh)
-    return out_dir
+    teacher = load_teacher(model)
+    if not 1 <= num_layers < teacher.num_layers:
+        raise SystemExit(f"--draft-layers must be in [1, {teacher.num_layers - 1}]")
+    return layer_student(teacher, range(num_layers), out_dir)
 
 
 def num_layers_of(model: str) -> int:

@@ -1,6 +1,6 @@
 """The ``fastinfer`` command: ``generate`` one completion, ``chat`` interactively in the terminal, ``serve`` an
 OpenAI-compatible API, ``verify`` a model and its settings against HF transformers, ``quantize`` a model to
-int8/int4 safetensors."""
+int8/int4 safetensors, ``distill`` a draft model for speculative decoding."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastinfer.config import DEFAULT_MODEL
+from fastinfer.distill.options import add_arguments as add_distill_arguments  # torch-free
 from fastinfer.entrypoints.reasoning_parsers import REASONING_PARSERS
 from fastinfer.entrypoints.tool_parsers import TOOL_PARSERS
 from fastinfer.quantization import QuantSpec  # torch-free
@@ -238,6 +239,13 @@ def cmd_verify(a: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def cmd_distill(a: argparse.Namespace) -> int:
+    from fastinfer.distill.run import distill  # torch: imported only for this command
+
+    distill(a)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fastinfer", description="Fast LLM inference: generate, chat, serve.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -307,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0, help="seed of the random rotation")
     q.add_argument("-v", "--verbose", action="store_true")
     q.set_defaults(func=cmd_quantize)
+    di = sub.add_parser("distill", help="train a draft model for speculative decoding from the served model "
+                        "(teacher data through the engine, acceptance measured by the engine)")
+    add_distill_arguments(di)
+    di.add_argument("-v", "--verbose", action="store_true")
+    di.set_defaults(func=cmd_distill)
     return ap
 
 
