@@ -45,6 +45,28 @@ def decode_speed(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[f
     return statistics.median(speeds), outs
 
 
+def workload_prompts(llm: LLM, kind: str, n: int, limit: int) -> list[list[int]]:
+    """Token ids (the last ``limit``) of ``n`` prompts of a standard workload: ``grounded`` through the chat
+    template (seed 0), ``mixed`` as plain text (seed 3), as this benchmark has always built them."""
+    if kind == "grounded":
+        return [llm.chat_prompt(w["messages"])["prompt_token_ids"][-limit:] for w in make_workload(kind, n, 0)]
+    tok = llm.get_tokenizer()
+    return [tok.encode(w["prompt"])[-limit:] for w in make_workload(kind, n, 3)]
+
+
+def spec_single_stream(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]], dict]:
+    """``decode_speed`` of a speculative ``llm`` (after a warm-up) and the engine's speculation figures over
+    those runs alone: acceptance rate, mean acceptance length, draft and verify seconds."""
+    eng = llm.engine
+    decode_speed(llm, prompts[:1], 8)  # warm-up
+    before = eng.spec_summary()
+    fast, out = decode_speed(llm, prompts, max_tokens)
+    st = {k: v - before[k] for k, v in eng.spec_summary().items()}
+    return fast, out, {"acceptance_rate": st["accepted_tokens"] / max(1, st["draft_tokens"]),
+                       "mean_acceptance_length": 1 + st["accepted_tokens"] / max(1, st["steps"]),
+                       "draft_time_s": st["draft_time_s"], "verify_time_s": st["verify_time_s"]}
+
+
 def make_sibling(model: str, num_layers: int, out_dir: str) -> str:
     """A draft model made of ``model``'s first ``num_layers`` layers (same embeddings, final norm, lm_head and
     tokenizer), written as an HF directory. ``model`` is a GGUF file / short name or an HF directory."""
@@ -106,8 +128,7 @@ def run(args: argparse.Namespace, proposers: list[str], tmp: str) -> list[dict]:
     plain = LLM(args.model, **common)
     tok = plain.get_tokenizer()
     limit = args.max_model_len - args.max_tokens - args.k - 2
-    grounded = [plain.chat_prompt(w["messages"])["prompt_token_ids"][-limit:]
-                for w in make_workload("grounded", args.prompts, 0)]
+    grounded = workload_prompts(plain, "grounded", args.prompts, limit)
     items = [{"ids": tok.encode(w["prompt"])[-limit:],
               "max_tokens": min(w["max_tokens"], 2 * args.max_tokens) if args.quick else w["max_tokens"]}
              for w in make_workload("mixed", args.concurrent, 3)]
@@ -132,23 +153,13 @@ def run(args: argparse.Namespace, proposers: list[str], tmp: str) -> list[dict]:
     rows: list[dict] = []
     for name in proposers:
         llm = LLM(args.model, speculative_config=configs[name], **common)
-        eng = llm.engine
-        decode_speed(llm, grounded[:1], 8)  # warm-up
-        before = eng.spec_summary()
-        fast, fast_out = decode_speed(llm, grounded, args.max_tokens)
-        st = eng.spec_summary()
-        steps = st["steps"] - before["steps"]
-        drafts = st["draft_tokens"] - before["draft_tokens"]
-        accepted = st["accepted_tokens"] - before["accepted_tokens"]
+        fast, fast_out, st = spec_single_stream(llm, grounded, args.max_tokens)
         emit({"case": "single_stream_grounded", "proposer": labels[name], "k": args.k, "plain_tok_s": base,
-              "spec_tok_s": fast, "ratio": fast / base, "identical": base_out == fast_out,
-              "acceptance_rate": accepted / max(1, drafts), "mean_acceptance_length": 1 + accepted / max(1, steps),
-              "draft_time_s": st["draft_time_s"] - before["draft_time_s"],
-              "verify_time_s": st["verify_time_s"] - before["verify_time_s"]}, rows)
+              "spec_tok_s": fast, "ratio": fast / base, "identical": base_out == fast_out, **st}, rows)
         tp = throughput(llm, items)
         emit({"case": f"throughput_{args.concurrent}_concurrent", "proposer": f"{labels[name]} (adaptive)",
               "plain_tok_s": base_tp, "spec_tok_s": tp, "ratio": tp / base_tp}, rows)
-        del llm, eng
+        del llm
         gc.collect()
     print()
     print(table(rows, ["case", "proposer", "plain_tok_s", "spec_tok_s", "ratio", "acceptance_rate",
