@@ -43,6 +43,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto: fastinfer's native class when there is one, else transformers' own modules with "
                         "fastinfer's paged attention (the generic path); or force one")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compiled decode steps")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over N ranks (GPUs with NCCL, or CPU processes with gloo); ranks 1..N-1 "
+                        "are spawned, or under torchrun every rank runs this same command")
+    p.add_argument("--distributed-timeout-s", type=float, default=60.0,
+                   help="tensor parallelism: a rank that does not answer within this many seconds fails the engine")
     p.add_argument("--compilation-config", "-O", type=json.loads, default=None,
                    help='JSON: {"mode": "auto|eager|cuda_graph|compile|static", "cudagraph_capture_sizes": [1, 2, 4]}')
     p.add_argument("-v", "--verbose", action="store_true", help="log engine details to stderr")
@@ -74,6 +79,7 @@ def _llm(a: argparse.Namespace):
                enable_prefix_caching=a.enable_prefix_caching, speculative_config=a.speculative_config,
                quantization=a.quantization, device=a.device, model_impl=a.model_impl,
                kv_cache_dtype=a.kv_cache_dtype, enforce_eager=a.enforce_eager, compilation_config=a.compilation_config,
+               tensor_parallel_size=a.tensor_parallel_size, distributed_timeout_s=a.distributed_timeout_s,
                load_progress=sys.stderr.isatty())
 
 
@@ -151,8 +157,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
                        enable_in_reasoning=_enable_in_reasoning(a.structured_outputs_config),
                        generation_config=a.generation_config)
     app = build_app(llm.engine, cfg)
-    uvicorn.run(app, host=a.host, port=a.port, log_level="warning" if not a.verbose else "info",
-                timeout_graceful_shutdown=int(a.shutdown_timeout))
+    try:
+        uvicorn.run(app, host=a.host, port=a.port, log_level="warning" if not a.verbose else "info",
+                    timeout_graceful_shutdown=int(a.shutdown_timeout))
+    finally:
+        llm.shutdown()  # tensor parallelism: stop the other ranks
     return 0
 
 

@@ -153,8 +153,7 @@ class DecoderForCausalLM(nn.Module):
             if m.quantized or name == "lm_head":
                 continue
             assert m.weight is not None
-            self._check_row_groups(m, group_size or spec.group_size)
-            qw = qm.quantize_weight(m.weight.data, group_size or spec.group_size)
+            qw = qm.quantize_weight(m.weight.data, self._row_group(qm, m, group_size or spec.group_size))
             if qw is not None:
                 m.set_quantized(qw, qm)
         if lm_head is None or (self.lm_head is not None and self.lm_head.quantized):
@@ -169,15 +168,25 @@ class DecoderForCausalLM(nn.Module):
             self._set_lm_head(qw, hm)
 
     @staticmethod
-    def _check_row_groups(m: Linear, group_size: int | None) -> None:
-        """A row-parallel layer's input columns split on quantization-group boundaries (ValueError otherwise)."""
-        if m.parallel != "row" or group_size is None or m.in_features % group_size == 0:
-            return
+    def _row_group(qm: QuantMethod, m: Linear, requested: int | None) -> int | None:
+        """The group size for ``m``: a row-parallel shard takes the group one process would give the whole K
+        (so every rank's groups are one process's groups; ValueError naming the valid sizes when the shard
+        boundary splits a group). Per-channel scales (int8) become per-shard-row scales."""
+        if m.parallel != "row":
+            return requested
         k = m.tp_shards[0][1]
-        valid = [t for t in range(1, k + 1) if k % t == 0 and (k // t) % group_size == 0]
-        raise ValueError(f"tensor_parallel_size={m.tp_size} splits K={k} into {m.in_features} columns, not a "
-                         f"multiple of the quantization group size {group_size}; valid sizes: "
-                         f"{', '.join(map(str, valid))} (or a smaller group)")
+        try:
+            g = qm.group_size(k, requested)
+        except NotImplementedError:
+            return requested
+        if requested is None and g >= k:  # per channel: each rank's slice of the row gets its own scale
+            return requested
+        if m.in_features % g:
+            valid = [t for t in range(1, k + 1) if k % t == 0 and (k // t) % g == 0]
+            raise ValueError(f"tensor_parallel_size={m.tp_size} splits K={k} into {m.in_features} columns, not a "
+                             f"multiple of the quantization group size {g}; valid sizes: "
+                             f"{', '.join(map(str, valid))} (or a smaller group)")
+        return g
 
     def _new_lm_head(self) -> Linear:
         with torch.device(self.embed_tokens.weight.device):  # beside the model, wherever it lives

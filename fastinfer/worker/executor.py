@@ -55,8 +55,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _reap(procs: list[BaseProcess]) -> None:
-    """Stop every worker process still running (SIGTERM, then SIGKILL) and leave the process groups."""
+def _reap(procs: list[BaseProcess], state: dict[str, bool]) -> None:
+    """Stop every rank: unless a rank failed, tell them all to exit (torchrun's ranks too) and give spawned ones 5 s
+    to do so; then SIGTERM, SIGKILL what is left and leave the process groups."""
+    if not state["failed"] and state["joined"]:
+        try:
+            broadcast_header([tp_worker.SHUTDOWN, 0], 2)[1].wait()
+        except Exception as e:  # a rank already gone
+            logger.warning("tensor parallelism: shutdown message failed (%s)", e)
+        deadline = time.monotonic() + 5.0
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
     for p in procs:
         if p.is_alive():
             p.terminate()
@@ -84,12 +93,14 @@ class MultiprocExecutor:
         else:
             init_method = f"tcp://127.0.0.1:{_free_port()}"
             self._spawn(config, init_method)
-        self._finalizer = weakref.finalize(self, _reap, self._procs)  # also runs at interpreter exit
+        self._state = {"failed": False, "joined": False}
+        self._finalizer = weakref.finalize(self, _reap, self._procs, self._state)  # also at interpreter exit
         parallel_state.set_tensor_parallel(0, tp)
         try:
             self.worker = Worker(config, join=lambda backend: self._join(backend, init_method))
         except BaseException as e:
             reason = self._dead_rank()
+            self._state["failed"] = True  # the ranks may be inside a start-up collective: stop them, say nothing
             self._finalizer()
             if reason is not None:
                 raise ExecutorFailed(f"tensor parallelism failed to start: {reason}") from e
@@ -135,23 +146,15 @@ class MultiprocExecutor:
 
     def shutdown(self) -> None:
         """Tell every rank to stop, then join them (killing those that do not exit in time)."""
-        if self._closed:
-            return
-        got = self._lock.acquire(timeout=self.timeout_s)
+        got = self._lock.acquire(timeout=self.timeout_s)  # let a running command finish
         try:
-            if self._failed is None and not self._closed and got:
-                try:
-                    self._send(tp_worker.SHUTDOWN, b"")
-                except Exception as e:  # a rank already gone: reaping below handles it
-                    logger.warning("tensor parallelism: shutdown message failed (%s)", e)
             self._closed = True
+            if not got:
+                self._state["failed"] = True  # a command is stuck: do not wait for the ranks
+            self._finalizer()
         finally:
             if got:
                 self._lock.release()
-        deadline = time.monotonic() + 5.0
-        for p in self._procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        self._finalizer()
 
     # -- commands -------------------------------------------------------------------------------------------
     def _command(self, cmd: int, payload: bytes, local: Any) -> Any:
@@ -197,6 +200,7 @@ class MultiprocExecutor:
             raise ExecutorFailed("the tensor-parallel executor was shut down")
 
     def _fail(self, reason: str) -> None:
+        self._state["failed"] = True
         if self._failed is None:
             self._failed = reason
             logger.error("tensor parallelism failed: %s; stopping every rank", reason)
@@ -258,6 +262,7 @@ class MultiprocExecutor:
                                      f"within {tp_worker.STARTUP_TIMEOUT_S:g} s")
             time.sleep(0.05)
         parallel_state.init_groups(backend, init_method, self.timeout_s, tp_worker.STARTUP_TIMEOUT_S)
+        self._state["joined"] = True
 
 
 def _heartbeat(ref: weakref.ref[MultiprocExecutor], interval: float) -> None:

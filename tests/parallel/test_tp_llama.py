@@ -1,6 +1,6 @@
-"""Tensor parallelism on 2 CPU ranks (gloo) against one process, on tiny random Llama models (fp32): greedy
-tokens identical with batching, preemption and prefix caching; more ranks than KV heads (replicated KV);
-int4 weights equal to int4 on one process. One TP engine per test (a spawned rank costs seconds)."""
+"""Tensor parallelism on 2 CPU ranks (gloo) against one process, on tiny random Llama models: fp32 greedy tokens
+identical with batching, preemption and prefix caching (KV heads split); int4 with more ranks than KV heads
+(replicated KV) equal to int4 on one process. One TP engine per test (a spawned rank costs seconds)."""
 from __future__ import annotations
 
 import gc
@@ -39,18 +39,13 @@ def test_tp2_equals_tp1_batching_preemption_prefix_cache(tiny_llm):
     assert not psutil.pid_exists(pids[0]) or worker.status() == psutil.STATUS_ZOMBIE
 
 
-def test_tp2_replicated_kv_heads(tiny_llm):
-    """llama3rope: 4 query heads, 1 KV head (replicated on both ranks), tied embeddings, llama3 RoPE."""
-    ref, _ = _greedy(tiny_llm("llama3rope", max_num_seqs=4), PROMPTS)
-    got, llm = _greedy(tiny_llm("llama3rope", max_num_seqs=4, tensor_parallel_size=2), PROMPTS)
+def test_tp2_int4_replicated_kv_equals_int4_tp1(tiny_llm):
+    """llama3rope: 4 query heads and 1 KV head (replicated on both ranks), tied embeddings, llama3 RoPE; int4
+    weights in groups of 32 (row-parallel shards split on group boundaries) and the int8 lm_head."""
+    kw = dict(quantization="int4-g32", max_num_seqs=4)
+    ref, _ = _greedy(tiny_llm("llama3rope", **kw), PROMPTS)
+    got, llm = _greedy(tiny_llm("llama3rope", tensor_parallel_size=2, **kw), PROMPTS)
     assert got == ref
     lp = llm.prompt_logits(PROMPTS[0])  # teacher-forced logits through every rank's forward
     assert lp.shape[1] == llm.engine.model_config.vocab_size
-    llm.shutdown()
-
-
-def test_tp2_int4_equals_int4_tp1(tiny_llm):
-    ref, _ = _greedy(tiny_llm("llama", quantization="int4-g32"), PROMPTS)
-    got, llm = _greedy(tiny_llm("llama", quantization="int4-g32", tensor_parallel_size=2), PROMPTS)
-    assert got == ref
     llm.shutdown()
