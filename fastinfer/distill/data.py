@@ -75,8 +75,10 @@ class TeacherData:
             raise ValueError(f"held_out must be in [0, {len(self.records)}), got {held_out}")
         order = list(range(len(self.records)))
         random.Random(seed).shuffle(order)
-        pick = lambda idx: TeacherData([self.records[i] for i in sorted(idx)], self.top_k, self.kind,  # noqa: E731
-                                       self.teacher)
+
+        def pick(idx: list[int]) -> TeacherData:
+            return TeacherData([self.records[i] for i in sorted(idx)], self.top_k, self.kind, self.teacher)
+
         return pick(order[held_out:]), pick(order[:held_out])
 
 

@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
     p.add_argument("--ignore-eos", action="store_true", help="the teacher generates --max-tokens whatever (as the "
                    "speculative benchmarks measure)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the data generation")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature of the data generation "
+                   "(default: 0, greedy, off-policy; 1 on-policy)")
     p.add_argument("--top-k", type=int, default=20, help="teacher logprobs kept per position (<= 20)")
     p.add_argument("--loss", default="fkl", choices=["fkl", "rkl", "jsd", "tv"])
     p.add_argument("--beta", type=float, default=0.5, help="JSD interpolation (0: forward KL, 1: reverse KL)")

@@ -51,11 +51,12 @@ def teacher_records(a: argparse.Namespace, init_dir: str) -> teacher_data.Teache
     ids = teacher_data.encode_prompts(teacher, prompts[:a.generate], a.max_prompt_len, a.chat)
     if a.on_policy:
         student = _llm(init_dir, max_len, a.dtype)
-        recs = teacher_data.generate_on_policy(student, teacher, ids, a.max_tokens, a.top_k, a.temperature or 1.0,
-                                               a.seed)
+        temp = 1.0 if a.temperature is None else a.temperature
+        recs = teacher_data.generate_on_policy(student, teacher, ids, a.max_tokens, a.top_k, temp, a.seed)
         del student
     else:
-        recs = teacher_data.generate_off_policy(teacher, ids, a.max_tokens, a.top_k, a.temperature, a.seed,
+        temp = 0.0 if a.temperature is None else a.temperature
+        recs = teacher_data.generate_off_policy(teacher, ids, a.max_tokens, a.top_k, temp, a.seed,
                                                 score_prompt=not a.mask_prompt, ignore_eos=a.ignore_eos)
     del teacher
     gc.collect()
@@ -67,6 +68,8 @@ def teacher_records(a: argparse.Namespace, init_dir: str) -> teacher_data.Teache
 
 def distill(a: argparse.Namespace) -> TrainResult:
     """The whole run for the parsed ``fastinfer distill`` arguments (:func:`options.add_arguments`)."""
+    if a.hidden_size is not None and a.student_config is not None:
+        raise ValueError("--hidden-size projects a layer student; put hidden_size in --student-config instead")
     os.makedirs(a.out, exist_ok=True)
     init_dir = make_student(a.teacher, os.path.join(a.out, "init"), a.layers_every, a.student_config,
                             a.hidden_size, a.seed)

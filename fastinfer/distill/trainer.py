@@ -195,12 +195,10 @@ class Trainer:
         self.held_out, self.acceptance = held_out, acceptance
         self.model = training_module(student_dir).to(cfg.device)
         self.model.train()
-        frozen = set()
         if not cfg.train_embeddings:
             for m in (self.model.get_input_embeddings(), self.model.get_output_embeddings()):
                 for p in m.parameters():
                     p.requires_grad_(False)
-                    frozen.add(id(p))
         self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)

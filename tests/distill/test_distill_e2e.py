@@ -62,3 +62,19 @@ def test_distill_command(teacher, tmp_path):
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step-000003", "step-000006"]
     llm = LLM(out, dtype="float32", max_model_len=128, load_progress=False)  # the draft is a servable model
     assert llm.generate({"prompt_token_ids": [2, 3, 4]}, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_distill_command_on_policy_and_resume(teacher, tmp_path):
+    from fastinfer.entrypoints.cli import main
+
+    out = str(tmp_path / "onp")
+    args = ["distill", teacher, "--out", out, "--student-config", json.dumps(STUDENT), "--on-policy",
+            "--generate", "6", "--max-tokens", "8", "--max-prompt-len", "32", "--save-every", "2", "--held-out", "1",
+            "--eval-prompts", "0", "--dtype", "float32", "--quiet"]
+    assert main([*args, "--steps", "2"]) == 0
+    data = D.load(os.path.join(out, "data", "teacher.safetensors"), VOCAB)
+    assert data.kind == "on-policy" and all(r.target_start == r.prompt_len - 1 for r in data.records)
+    assert main([*args, "--steps", "4", "--resume"]) == 0  # continues from step 2, the data file reused
+    log = json.loads(Path(os.path.join(out, "distill_log.json")).read_text())
+    assert log["resumed_from"] == 2 and len(log["losses"]) == 4
+    assert main([*args[:-1], "--hidden-size", "16", "--steps", "1"]) == 2  # a clear error, exit status 2
