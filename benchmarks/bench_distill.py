@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import os
 import shlex
 import shutil
@@ -31,7 +32,7 @@ from fastinfer import LLM  # noqa: E402
 DEFAULT_OUT = os.path.expanduser("~/.cache/fastinfer/distill-smollm2")
 # The benchmark's training configuration: ``fastinfer distill TEACHER --out DIR`` plus these options.
 TRAIN_ARGS = ["--layers-every", "6", "--generate", "320", "--max-tokens", "128", "--ignore-eos",
-              "--max-prompt-len", "384", "--top-k", "20", "--steps", "400", "--batch-size", "4", "--lr", "3e-4",
+              "--max-prompt-len", "384", "--top-k", "20", "--steps", "300", "--batch-size", "4", "--lr", "3e-4",
               "--warmup", "30", "--save-every", "25", "--eval-every", "150", "--eval-prompts", "8",
               "--eval-k", "4", "--eval-max-tokens", "64"]
 
@@ -41,6 +42,7 @@ def train(model: str, out: str, extra: list[str]) -> None:
     from fastinfer.distill.run import distill
     from fastinfer.distill.student import student_size
 
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # evals, data, sizes
     argv = [model, "--out", out, *TRAIN_ARGS, *extra]
     p = argparse.ArgumentParser()
     add_arguments(p)

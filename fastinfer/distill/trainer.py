@@ -17,6 +17,7 @@ The student trains as a transformers model (``student.training_module``); only t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -87,13 +88,18 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, n_records: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n_records, generator=g).tolist()
+
+
 def micro_batch(cfg: TrainConfig, n_records: int, index: int) -> list[int]:
     """Record indices of micro-batch ``index`` (the deterministic data order)."""
     out = []
     for pos in range(index * cfg.batch_size, (index + 1) * cfg.batch_size):
         epoch, i = divmod(pos, n_records)
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        out.append(int(torch.randperm(n_records, generator=g)[i]))
+        out.append(_epoch_order(cfg.seed, epoch, n_records)[i])
     return out
 
 
