@@ -7,7 +7,7 @@ TORCH_CPU = torch==2.13.0
 # FASTINFER_BUILD_EXT=1 makes a failed compile an error (0 skips the extension).
 INSTALL = FASTINFER_BUILD_EXT=$${FASTINFER_BUILD_EXT:-1} $(PIP) install --no-build-isolation -e
 
-.PHONY: prereqs install install-dev demo test lint bench
+.PHONY: prereqs install install-dev demo test lint bench cuda-check
 
 prereqs:
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_CPU)  # CPU wheel; keeps an existing (CUDA) torch
@@ -33,6 +33,10 @@ lint:
 
 test: install-dev lint
 	$(PY) -m pytest -q
+
+# Compile-only check of the CUDA kernels (csrc/cuda/*.cu) for sm_80 and sm_90 with the machine's nvcc; no GPU needed.
+cuda-check:
+	.ci/cuda_check.sh
 
 bench:
 	$(PY) benchmarks/bench_generate.py

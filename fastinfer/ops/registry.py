@@ -3,7 +3,9 @@
 Backends register their functions here at import. ``OpSet`` resolves every op once for a device (and an
 optional preferred backend) and says what it picked, so a missing fast path is visible, never silent.
 Override with ``FASTINFER_BACKEND=torch|cpp|triton|cuda`` or the engine argument ``attention_backend``.
-``cpp`` is the compiled CPU extension ``fastinfer._C`` (csrc/); it runs on CPU tensors only.
+``cpp`` is the compiled CPU extension ``fastinfer._C`` (csrc/); it runs on CPU tensors only. ``cuda`` is the CUDA
+C++ kernels, the extension ``fastinfer._C_cuda`` (csrc/cuda/), built only with a CUDA torch and nvcc:
+:func:`compiled_tiers` says which tiers this install has.
 """
 from __future__ import annotations
 
@@ -29,6 +31,31 @@ _BACKEND_MODULES = {
     "cuda": "fastinfer.ops.cuda_backend",
     "cpp": "fastinfer.ops.cpp_backend",
 }
+
+
+def compiled_tiers() -> dict[str, str]:
+    """Which compiled tiers this install has: ``{"cpp": ..., "cuda": ...}``, each "built" or "not built (why)".
+    ``cpp`` is ``fastinfer._C``; ``cuda`` is ``fastinfer._C_cuda``, the CUDA implementations of the same ops (it is
+    built only with a CUDA torch and nvcc). Loads what exists; touches no GPU."""
+    try:
+        import torch
+
+        import fastinfer._C  # noqa: F401
+    except ImportError as e:
+        return {"cpp": f"not built ({e})", "cuda": "not built (no compiled extension fastinfer._C)"}
+    try:
+        import fastinfer._C_cuda  # noqa: F401
+    except ImportError as e:
+        if torch.version.cuda is None:
+            why = "CPU-only torch"
+        elif "No module named" in str(e):
+            why = "fastinfer._C_cuda was not compiled: reinstall with nvcc on PATH or CUDA_HOME set"
+        else:
+            why = f"fastinfer._C_cuda does not load: {e}"
+        return {"cpp": "built", "cuda": f"not built ({why})"}
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fastinfer::paged_attention", "CUDA"):
+        return {"cpp": "built", "cuda": "not built (fastinfer._C_cuda registered no CUDA kernels)"}
+    return {"cpp": "built", "cuda": "built"}
 
 
 def backend_status(backend: str, device_type: str, requested: bool = False) -> tuple[Any | None, str]:
