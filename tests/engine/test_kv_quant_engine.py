@@ -49,6 +49,14 @@ def test_ngram_speculation_equals_plain(tiny_llm, reference):
     assert _tokens(spec.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference
 
 
+def test_fixed_size_decode_step_equals_eager(tiny_llm, reference):
+    """The padded decode step (static mode: the CUDA-graph path run eagerly) on int8 KV."""
+    static = tiny_llm("llama", kv_cache_dtype="int8", compilation_config={"mode": "static"},
+                      enable_prefix_caching=False)
+    assert _tokens(static.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference
+    assert static.engine.worker.decode_graph_runs() > 0
+
+
 def test_forks_copy_on_write(tiny_llm):
     """Sample i of a forked n=2 request (the samples share the prompt's int8 blocks, the last one copied on
     write) equals sample i when every sample prefills on its own."""
