@@ -1,8 +1,9 @@
 """gpu_check plugin: the CUDA C++ kernels (csrc/cuda/, fastinfer.ops.cuda_backend). Loaded by benchmarks/gpu_check.py.
 
 On a GPU, when the install lacks the CUDA tier, ``register`` builds it first (``setup.py build_ext --inplace`` with
-FASTINFER_BUILD_EXT=1 for this GPU's architecture only, ninja when it is there, at most BUILD_TIMEOUT_S; before any
-check has loaded fastinfer._C) and says how long it took or why it failed.
+FASTINFER_BUILD_EXT=1 for this GPU's architecture only, ninja when it is there, else setuptools with the two
+extensions side by side; at most BUILD_TIMEOUT_S; before any check has loaded fastinfer._C) and says how long it
+took or why it failed.
 
 Check ``cuda_kernels``: tests/ops/test_cuda_kernels.py (every CUDA op against ``fastinfer.ops.reference``) in
 process. Bench ``cuda_decode``: paged decode at long context on a Llama-3-8B layer (H 32, Hkv 8, D 128, bf16,
@@ -52,7 +53,9 @@ def ensure_cuda_tier() -> str:
           f"{'found' if ninja else 'MISSING (serial setuptools build)'}", flush=True)
     t = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT, env=env,
+        # -j: the two extensions build side by side (without ninja each one's sources compile one at a time)
+        proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace", "-j", env["MAX_JOBS"]],
+                              cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return f"not built (the build ran past {BUILD_TIMEOUT_S} s)"

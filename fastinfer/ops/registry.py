@@ -2,7 +2,8 @@
 
 Backends register their functions here at import. ``OpSet`` resolves every op once for a device (and an
 optional preferred backend) and says what it picked, so a missing fast path is visible, never silent.
-Override with ``FASTINFER_BACKEND=torch|cpp|triton|cuda`` or the engine argument ``attention_backend``.
+Override with ``FASTINFER_BACKEND=torch|cpp|triton|cuda|flash_attn`` or the engine argument ``attention_backend``
+(``flash_attn``: flash-attn's paged attention, only when asked for, see ops/flash_attn_backend.py).
 ``cpp`` is the compiled CPU extension ``fastinfer._C`` (csrc/); it runs on CPU tensors only. ``cuda`` is the CUDA
 C++ kernels, the extension ``fastinfer._C_cuda`` (csrc/cuda/), built only with a CUDA torch and nvcc:
 :func:`compiled_tiers` says which tiers this install has.
@@ -21,6 +22,9 @@ logger = logging.getLogger("fastinfer.ops")
 OPS = ("store_kv", "paged_attention", "rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul",
        "copy_blocks", "quant_linear", "quant_linear_a8", "fused_moe", "argmax", "apply_token_bitmask")
 BACKENDS = ("cuda", "triton", "cpp", "torch")
+# asked for by name only, then followed by BACKENDS for the ops they lack (flash_attn: attention only, and only on
+# blocks of a multiple of 256 tokens)
+OPT_IN_BACKENDS = ("flash_attn",)
 # ops with no Triton kernel: on a GPU they run the torch backend (argmax, the token bitmask: one device op each)
 # or not at all in practice (W4A8 is a CPU technique)
 OPS_WITHOUT_TRITON = ("argmax", "quant_linear_a8", "apply_token_bitmask")
@@ -30,6 +34,7 @@ _BACKEND_MODULES = {
     "triton": "fastinfer.ops.triton_backend",
     "cuda": "fastinfer.ops.cuda_backend",
     "cpp": "fastinfer.ops.cpp_backend",
+    "flash_attn": "fastinfer.ops.flash_attn_backend",
 }
 
 
@@ -65,7 +70,7 @@ def backend_status(backend: str, device_type: str, requested: bool = False) -> t
     Resolving needs no GPU: for "cuda" the Triton backend is chosen whenever ``triton`` imports (no driver is
     touched until a kernel launches), so a model can be built for a fake CUDA device under FakeTensorMode on a
     CPU-only machine; its ops then run their fake implementations."""
-    if backend == "cuda" and device_type != "cuda":
+    if backend in ("cuda", "flash_attn") and device_type != "cuda":
         return None, "needs a CUDA device"
     if backend == "triton" and device_type != "cuda" and not (requested and os.environ.get("TRITON_INTERPRET") == "1"):
         return None, "needs a CUDA device (on CPU: TRITON_INTERPRET=1 and the backend asked for by name)"
@@ -88,8 +93,8 @@ class OpSet:
 
     def __post_init__(self) -> None:
         prefer = self.prefer or os.environ.get("FASTINFER_BACKEND") or None
-        if prefer is not None and prefer not in BACKENDS:
-            raise ValueError(f"unknown backend {prefer!r}; choose from {BACKENDS}")
+        if prefer is not None and prefer not in BACKENDS + OPT_IN_BACKENDS:
+            raise ValueError(f"unknown backend {prefer!r}; choose from {BACKENDS + OPT_IN_BACKENDS}")
         order = BACKENDS if prefer is None else (prefer,) + tuple(b for b in BACKENDS if b != prefer)
         modules = {}
         for b in order:
