@@ -14,7 +14,8 @@ SYSTEM = "You are a careful assistant. Answer questions about the printing press
 QUESTIONS = ["Who built the first press?", "When did it reach Venice?", "What did a book cost?"]
 PROMPTS = [SYSTEM + q for q in QUESTIONS] + ["1 2 3 1 2 3 1 2 3 1 2", "abc abc abc abc"]
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1,
+        "disable_by_batch_size": 8}
 
 
 def _tokens(outs):
@@ -47,6 +48,16 @@ def test_preempted_equals_uninterrupted(tiny_llm, reference):
 def test_ngram_speculation_equals_plain(tiny_llm, reference):
     spec = tiny_llm("llama", kv_cache_dtype="int8", speculative_config=SPEC, enable_prefix_caching=False)
     assert _tokens(spec.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference
+    assert spec.engine.spec_summary()["accepted_tokens"] > 0
+
+
+def test_draft_model_speculation_equals_plain(tiny_llm, reference):
+    """A draft model (the target's int4 self-draft) writes its own KV into an int8 cache over the target's blocks."""
+    spec = tiny_llm("llama", kv_cache_dtype="int8", enable_prefix_caching=False,
+                    speculative_config={"method": "draft_model", "quantization": "int4-g32",
+                                        "num_speculative_tokens": 3, "cost_aware": False, "disable_by_batch_size": 8})
+    assert _tokens(spec.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference
+    assert spec.engine.spec_summary()["draft_tokens"] > 0
 
 
 def test_fixed_size_decode_step_equals_eager(tiny_llm, reference):
@@ -111,3 +122,14 @@ def test_bad_kv_cache_dtype():
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         EngineConfig(model="x", kv_cache_dtype="int4")
     assert EngineConfig(model="x", kv_cache_dtype="fp8").kv_cache_dtype == "fp8_e4m3"
+
+
+def test_cli_flag():
+    from fastinfer.entrypoints.cli import build_parser
+
+    parser = build_parser()
+    for cmd in (["generate", "m", "hi"], ["serve", "m"], ["verify", "m"], ["chat", "m"]):
+        assert parser.parse_args([*cmd, "--kv-cache-dtype", "int8"]).kv_cache_dtype == "int8"
+        assert parser.parse_args(cmd).kv_cache_dtype == "auto"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "m", "hi", "--kv-cache-dtype", "int4"])
