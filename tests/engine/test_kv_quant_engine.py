@@ -68,6 +68,12 @@ def test_fixed_size_decode_step_equals_eager(tiny_llm, reference):
     assert static.engine.worker.decode_graph_runs() > 0
 
 
+def test_generic_path_equals_native(tiny_llm, reference):
+    """transformers' own modules with our PagedLayer (the generic path) on the int8 cache."""
+    generic = tiny_llm("llama", kv_cache_dtype="int8", model_impl="transformers", enable_prefix_caching=False)
+    assert _tokens(generic.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference
+
+
 def test_forks_copy_on_write(tiny_llm):
     """Sample i of a forked n=2 request (the samples share the prompt's int8 blocks, the last one copied on
     write) equals sample i when every sample prefills on its own."""
