@@ -2,7 +2,8 @@
 // (params.h) for the contract and the work split. No torch headers.
 //
 // One CTA of kAttnThreads threads per (token, KV head, split). A K or V row of D elements is read by D / 8 lanes,
-// 16 bytes each, so a CTA reads kAttnThreads * 8 / D rows per step, each once for all `group` query heads:
+// 16 bytes each, so a CTA reads kAttnThreads * 8 / D rows per load (four loads in flight per thread), each row
+// once for all `group` query heads:
 //   1. scores: each lane's partial dot products with every head's query (fp32, queries in shared memory), summed
 //      over the row's lanes with xor shuffles, scaled (and soft-capped) into shared memory;
 //   2. per head (one warp each): the chunk's max, the running max / sum rescaled (flash-attention's online
@@ -36,7 +37,7 @@ __device__ __forceinline__ int sequence_of(const int32_t* qsl, int64_t num_seqs,
 
 template <class T, int D, int GP>
 __global__ void __launch_bounds__(kAttnThreads) paged_attention_split_kernel(const PagedAttentionParams p) {
-  constexpr int kVec = 8, kLanesPerRow = D / kVec, kRows = kAttnThreads / kLanesPerRow;
+  constexpr int kVec = 8, kLanesPerRow = D / kVec, kRows = kAttnThreads / kLanesPerRow, kUnroll = 4;
   static_assert(D % (kVec * 8) == 0 && kLanesPerRow <= 32, "head_dim must be 64 or 128");
   extern __shared__ float smem[];
   const int group = int(p.num_heads / p.num_kv_heads), P = p.partition;
@@ -96,28 +97,30 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_split_kernel(con
 
   for (int64_t c0 = start; c0 < end; c0 += P) {
     const int n = int(min(int64_t(P), end - c0));
-    // 1. scores of the chunk's keys, two rows per thread per step (both loads issued before the shuffles)
-    for (int j0 = 0; j0 < n; j0 += 2 * kRows) {
-      const int ja = j0 + slot, jb = ja + kRows;
-      float ka[kVec] = {}, kb[kVec] = {};
-      if (ja < n) load8(kbase + slot_of(c0 + ja) * row_stride, ka);
-      if (jb < n) load8(kbase + slot_of(c0 + jb) * row_stride, kb);
+    // 1. scores of the chunk's keys, kUnroll rows per thread per step (all loads issued before the shuffles)
+    for (int j0 = 0; j0 < n; j0 += kUnroll * kRows) {
+      float kr[kUnroll][kVec] = {};
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int j = j0 + u * kRows + slot;
+        if (j < n) load8(kbase + slot_of(c0 + j) * row_stride, kr[u]);
+      }
       for (int g = 0; g < group; ++g) {
         const float* qg = q_s + g * D + c * kVec;
-        float sa = 0.f, sb = 0.f;
+        float sc[kUnroll] = {};
 #pragma unroll
         for (int e = 0; e < kVec; ++e) {
-          sa = fmaf(qg[e], ka[e], sa);
-          sb = fmaf(qg[e], kb[e], sb);
+          const float qe = qg[e];
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) sc[u] = fmaf(qe, kr[u][e], sc[u]);
         }
-        sa = group_sum<kLanesPerRow>(sa) * p.scale;
-        sb = group_sum<kLanesPerRow>(sb) * p.scale;
-        if (p.softcap > 0.f) {
-          sa = p.softcap * tanhf(sa / p.softcap);
-          sb = p.softcap * tanhf(sb / p.softcap);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          float v = group_sum<kLanesPerRow>(sc[u]) * p.scale;  // every lane takes part
+          if (p.softcap > 0.f) v = p.softcap * tanhf(v / p.softcap);
+          const int j = j0 + u * kRows + slot;
+          if (c == 0 && j < n) logits[g * P + j] = v;
         }
-        if (c == 0 && ja < n) logits[g * P + ja] = sa;
-        if (c == 0 && jb < n) logits[g * P + jb] = sb;
       }
     }
     __syncthreads();
@@ -147,7 +150,7 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_split_kernel(con
     // 3. p * V, GP heads per pass
     for (int g0 = 0; g0 < group; g0 += GP) {
       float acc[GP][kVec] = {};
-#pragma unroll 2
+#pragma unroll 4
       for (int j = slot; j < n; j += kRows) {
         float v[kVec];
         load8(vbase + slot_of(c0 + j) * row_stride, v);

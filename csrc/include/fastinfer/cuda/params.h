@@ -29,7 +29,7 @@ constexpr int kAttnThreads = 128;
 constexpr int kAttnMaxSmemBytes = 48 * 1024;  // no opt-in needed on any sm_80+ part
 constexpr int kAttnMinPartition = 32;
 constexpr int kAttnMaxPartition = 512;
-constexpr int64_t kAttnTargetCtas = 512;  // split long contexts until about this many CTAs are in flight
+constexpr int64_t kAttnTargetCtas = 1024;  // split long contexts until about this many CTAs are in flight
 
 struct PagedAttentionParams {
   DType dtype = DType::kFloat16;  // of q, out and the caches (fp16 / bf16)
