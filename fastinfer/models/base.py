@@ -87,6 +87,7 @@ class DecoderForCausalLM(nn.Module):
                              "family: Llama, Mistral, Qwen2, Qwen3, SmolLM, Phi-3); use tensor_parallel_size=1")
         self.config = cfg
         self.ops, self.dtype = ops, dtype
+        self.tp_rank, self.tp_size = tp_rank(), tp_size()  # fixed at construction (a model is one rank's)
         self.kv_caches: KVCaches = []
         self.embed_tokens = token_embedding(cfg.vocab_size, cfg.hidden_size, dtype)
         self.lm_head: Linear | None = None
@@ -99,9 +100,9 @@ class DecoderForCausalLM(nn.Module):
     def _head_linear(self) -> Linear:
         """The lm_head's layer: all of the vocabulary, or this rank's rows under tensor parallelism."""
         v = self.config.vocab_size
-        if tp_size() == 1:
+        if self.tp_size == 1:
             return Linear(self.config.hidden_size, v, dtype=self.dtype, ops=self.ops)
-        start, rows, _ = vocab_shard(v, tp_rank(), tp_size())
+        start, rows, _ = vocab_shard(v, self.tp_rank, self.tp_size)
         return Linear(self.config.hidden_size, rows, dtype=self.dtype, ops=self.ops, parallel="column",
                       tp_shards=((start, v),))
 
@@ -123,10 +124,10 @@ class DecoderForCausalLM(nn.Module):
             logits = F.linear(hidden, self.embed_tokens.weight).float()  # [S, vocab (this rank's rows)]
         else:
             logits = self.lm_head(hidden).float()
-        if tp_size() == 1:
+        if self.tp_size == 1:
             return logits
         v = self.config.vocab_size
-        _, rows, per = vocab_shard(v, tp_rank(), tp_size())
+        _, rows, per = vocab_shard(v, self.tp_rank, self.tp_size)
         return all_gather(F.pad(logits, (0, per - rows)), dim=-1)[:, :v]  # [S, vocab] on every rank
 
     def moe_layers(self) -> list[nn.Module]:
@@ -247,8 +248,8 @@ class DecoderForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.lm_head is None:
                 if isinstance(tensor, QuantizedWeight):  # a quantized copy of a tied embedding
-                    if tp_size() > 1:
-                        start, rows, _ = vocab_shard(self.config.vocab_size, tp_rank(), tp_size())
+                    if self.tp_size > 1:
+                        start, rows, _ = vocab_shard(self.config.vocab_size, self.tp_rank, self.tp_size)
                         tensor = narrow(tensor, 0, start, rows)
                     self._set_lm_head(tensor)
                 continue  # tied: some checkpoints store the copy anyway
@@ -276,7 +277,7 @@ class DecoderForCausalLM(nn.Module):
 
     def _load_whole(self, name: str, tensor: Any, params: dict[str, nn.Parameter]) -> None:
         owner = self._owner(name)
-        if isinstance(owner, (Linear, VocabParallelEmbedding)) and owner.parallel and tp_size() > 1:
+        if isinstance(owner, (Linear, VocabParallelEmbedding)) and owner.parallel and self.tp_size > 1:
             owner.load_whole(name.rsplit(".", 1)[1], tensor)  # narrowed to this rank's slice
             return
         tensor = materialize(tensor)

@@ -42,6 +42,9 @@ logger = logging.getLogger("fastinfer")
 def make_executor(config: EngineConfig) -> Worker | MultiprocExecutor:
     """The executor for ``config``: the worker itself for one device. Under torchrun, ranks > 0 run their
     worker loop here and exit when rank 0 shuts down."""
+    if parallel_state.tp_size() > 1:  # the rank and groups are per process
+        raise ValueError("a tensor-parallel engine is already running in this process: with tensor parallelism, "
+                         "one engine per process (shut the other down first)")
     if config.tensor_parallel_size == 1:
         return Worker(config)
     if tp_worker.launched_by_torchrun() and tp_worker.torchrun_rank(config) != 0:

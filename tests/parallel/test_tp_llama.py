@@ -6,6 +6,8 @@ from __future__ import annotations
 import gc
 
 import psutil
+import pytest
+import torch
 
 from fastinfer import SamplingParams
 
@@ -43,9 +45,12 @@ def test_tp2_int4_replicated_kv_equals_int4_tp1(tiny_llm):
     """llama3rope: 4 query heads and 1 KV head (replicated on both ranks), tied embeddings, llama3 RoPE; int4
     weights in groups of 32 (row-parallel shards split on group boundaries) and the int8 lm_head."""
     kw = dict(quantization="int4-g32", max_num_seqs=4)
-    ref, _ = _greedy(tiny_llm("llama3rope", **kw), PROMPTS)
+    ref, one = _greedy(tiny_llm("llama3rope", **kw), PROMPTS)
     got, llm = _greedy(tiny_llm("llama3rope", tensor_parallel_size=2, **kw), PROMPTS)
     assert got == ref
-    lp = llm.prompt_logits(PROMPTS[0])  # teacher-forced logits through every rank's forward
-    assert lp.shape[1] == llm.engine.model_config.vocab_size
+    want = one.prompt_logits(PROMPTS[0])  # teacher-forced logits through every rank's forward
+    lp = llm.prompt_logits(PROMPTS[0])
+    assert lp.shape == want.shape and torch.allclose(lp, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="one engine per process"):
+        tiny_llm("llama")  # the rank and process groups are per process
     llm.shutdown()
