@@ -1,8 +1,8 @@
 """gpu_check plugin: the CUDA C++ kernels (csrc/cuda/, fastinfer.ops.cuda_backend). Loaded by benchmarks/gpu_check.py.
 
 On a GPU, when the install lacks the CUDA tier, ``register`` builds it first (``setup.py build_ext --inplace`` with
-FASTINFER_BUILD_EXT=1 for this GPU's architecture only, ninja when it is there, else setuptools with the two
-extensions side by side; at most BUILD_TIMEOUT_S; before any check has loaded fastinfer._C) and says how long it
+FASTINFER_BUILD_EXT=1 for this GPU's architecture only, ninja when it is there (else setuptools compiles one file
+at a time: may not fit); at most BUILD_TIMEOUT_S; before any check has loaded fastinfer._C) and says how long it
 took or why it failed.
 
 Check ``cuda_kernels``: tests/ops/test_cuda_kernels.py (every CUDA op against ``fastinfer.ops.reference``) in
@@ -53,9 +53,9 @@ def ensure_cuda_tier() -> str:
           f"{'found' if ninja else 'MISSING (serial setuptools build)'}", flush=True)
     t = time.perf_counter()
     try:
-        # -j: the two extensions build side by side (without ninja each one's sources compile one at a time)
-        proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace", "-j", env["MAX_JOBS"]],
-                              cwd=ROOT, env=env,
+        # one extension after the other (no -j): torch's BuildExtension writes each one's build.ninja into the same
+        # build directory
+        proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return f"not built (the build ran past {BUILD_TIMEOUT_S} s)"
