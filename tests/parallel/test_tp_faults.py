@@ -8,9 +8,11 @@ import time
 
 import psutil
 import pytest
+from starlette.testclient import TestClient
 
 from fastinfer import SamplingParams
 from fastinfer.distributed import ExecutorFailed
+from fastinfer.entrypoints.openai_server import ServerConfig, build_app
 
 TIMEOUT_S = 5
 
@@ -28,6 +30,8 @@ def _run_until_failure(llm) -> float:
 def test_dead_or_hung_rank_fails_the_engine_within_the_timeout(tiny_llm, fault):
     llm = tiny_llm("llama", tensor_parallel_size=2, distributed_timeout_s=TIMEOUT_S)
     (pid,) = llm.worker_pids()
+    with TestClient(build_app(llm.engine, ServerConfig(served_model_name="tiny"))) as client:
+        assert client.get("/health").status_code == 200
     t0 = _run_until_failure(llm)
     os.kill(pid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
     want = r"rank 1 \(pid \d+\) exited with code -9" if fault == "kill" else rf"did not finish within {TIMEOUT_S} s"
@@ -37,6 +41,8 @@ def test_dead_or_hung_rank_fails_the_engine_within_the_timeout(tiny_llm, fault):
     assert time.monotonic() - t0 < TIMEOUT_S + 3
     with pytest.raises(ExecutorFailed):  # the engine stays failed: health reports it, later steps raise
         llm.engine.check_health()
+    with TestClient(build_app(llm.engine, ServerConfig(served_model_name="tiny"))) as client:
+        assert client.get("/health").status_code == 503
     llm.shutdown()
     assert not _spawned_children()
 
