@@ -8,9 +8,11 @@ workloads, in one run. Two phases, so training can run on a busy machine and tim
 
 ``--train`` is ``fastinfer distill`` with this benchmark's configuration (printed, with the draft's size);
 ``--measure`` decodes ``--prompts`` prompts of each workload one at a time (greedy, ``--max-tokens`` tokens,
-EOS ignored) with plain decoding and with each draft (``cost_aware`` as the engine's default unless
-``--always-draft``). The training prompts are standard-library docstrings; the workloads are CPython's reference
-manual (``pydoc_data``): other text. ``--quick`` runs tiny settings to check that the script works.
+EOS ignored) with plain decoding and with each draft, drafting every step (``always``: the acceptance rate of
+the draft itself) and under the engine's default cost-aware rule (``cost-aware``: it drafts only while drafting
+pays, so a poor draft costs little and shows an acceptance of 0 when it never drafts; ``--modes`` picks).
+The training prompts are standard-library docstrings; the workloads are CPython's reference manual
+(``pydoc_data``): other text. ``--quick`` runs tiny settings to check that the script works.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from common import emit, machine_line, table  # noqa: E402
 
 from fastinfer import LLM  # noqa: E402
 
+MODES = ("always", "cost-aware")
 DEFAULT_OUT = os.path.expanduser("~/.cache/fastinfer/distill-smollm2")
 # The benchmark's training configuration: ``fastinfer distill TEACHER --out DIR`` plus these options.
 TRAIN_ARGS = ["--layers-every", "6", "--generate", "320", "--max-tokens", "128", "--ignore-eos",
@@ -62,7 +65,6 @@ def measure(args: argparse.Namespace, tmp: str) -> list[dict]:
     base = {kind: decode_speed(plain, p, args.max_tokens) for kind, p in prompts.items()}
     del plain
     gc.collect()
-    spec = {"num_speculative_tokens": args.k, "cost_aware": not args.always_draft}
     drafts = {f"distilled ({os.path.basename(args.student.rstrip('/'))})": {"model": args.student},
               "before training (init/)": {"model": os.path.join(args.student, "init")}}
     if args.draft_quantization:
@@ -72,17 +74,22 @@ def measure(args: argparse.Namespace, tmp: str) -> list[dict]:
         drafts["truncated: first 20 layers"] = {"model": make_sibling(args.model, 20, os.path.join(tmp, "t20"))}
     drafts["int4 self-draft"] = {"quantization": args.self_quantization}
     rows: list[dict] = []
-    for label, cfg in drafts.items():
-        llm = LLM(args.model, speculative_config={"method": "draft_model", **spec, **cfg}, **common)
-        for kind, p in prompts.items():
-            fast, out, st = spec_single_stream(llm, p, args.max_tokens)
-            emit({"case": f"single_stream_{kind}", "draft": label, "k": args.k, "plain_tok_s": base[kind][0],
-                  "spec_tok_s": fast, "ratio": fast / base[kind][0], "identical": out == base[kind][1], **st}, rows)
-        del llm
-        gc.collect()
+    for mode in args.modes.split(","):
+        if mode not in MODES:
+            raise SystemExit(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
+        spec = {"num_speculative_tokens": args.k, "cost_aware": mode == "cost-aware"}
+        for label, cfg in drafts.items():
+            llm = LLM(args.model, speculative_config={"method": "draft_model", **spec, **cfg}, **common)
+            for kind, p in prompts.items():
+                fast, out, st = spec_single_stream(llm, p, args.max_tokens)
+                emit({"case": f"single_stream_{kind}", "draft": label, "mode": mode, "k": args.k,
+                      "plain_tok_s": base[kind][0], "spec_tok_s": fast, "ratio": fast / base[kind][0],
+                      "identical": out == base[kind][1], **st}, rows)
+            del llm
+            gc.collect()
     print()
     print(machine_line())
-    print(table(rows, ["case", "draft", "plain_tok_s", "spec_tok_s", "ratio", "acceptance_rate",
+    print(table(rows, ["case", "draft", "mode", "plain_tok_s", "spec_tok_s", "ratio", "acceptance_rate",
                        "mean_acceptance_length", "draft_time_s", "verify_time_s", "identical"]))
     return rows
 
@@ -109,7 +116,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--draft-quantization", default="int4-g32",
                     help="also measure the distilled draft quantized so ('' to skip)")
     ap.add_argument("--self-quantization", default="int4")
-    ap.add_argument("--always-draft", action="store_true", help="cost_aware=False: draft every step")
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help="always: draft every step (cost_aware=False: the draft's acceptance); cost-aware: the "
+                    "engine's default rule (drafts only while they pay: the speed a user gets)")
     ap.add_argument("--quick", action="store_true", help="tiny settings, to check that the script runs")
     args = ap.parse_args(argv)
     if args.quick:
