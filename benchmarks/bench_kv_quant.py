@@ -32,11 +32,12 @@ from fastinfer import LLM, SamplingParams  # noqa: E402
 from fastinfer.ops import AttentionMetadata, cpp_backend, reference  # noqa: E402
 
 H, HKV, D, BLOCK = 9, 3, 64, 16  # SmolLM2-135M's attention layer
+MAX_LAYERS = 256  # distinct caches per attention case (the small ones: 100+ MB, past any L3)
 
 
 def paged_layers(batch: int, context: int, dtype: torch.dtype, kv: str, max_bytes: int, seed: int = 0):
     """Distinct (q, k_cache, v_cache) layers of ``batch`` sequences x ``context`` tokens in shuffled blocks, as
-    many as fit ``max_bytes`` (at least one), and their metadata."""
+    many as fit ``max_bytes`` (at least one, at most MAX_LAYERS), their metadata and the KV bytes one call reads."""
     rng = random.Random(seed)
     nb = -(-context // BLOCK)
     pool = batch * nb + 4
@@ -48,7 +49,7 @@ def paged_layers(batch: int, context: int, dtype: torch.dtype, kv: str, max_byte
     per_layer = 2 * pool * BLOCK * HKV * row_bytes
     gen = torch.Generator().manual_seed(seed)
     layers = []
-    for _ in range(max(1, max_bytes // per_layer)):
+    for _ in range(min(MAX_LAYERS, max(1, max_bytes // per_layer))):
         caches = []
         for _kv in range(2):
             x = torch.randn(pool, BLOCK, HKV, D, generator=gen)
