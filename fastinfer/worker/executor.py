@@ -168,8 +168,8 @@ class MultiprocExecutor:
                 return local()
             except Exception as e:
                 time.sleep(0.2)  # a rank that died mid-collective: let its exit status land first
-                reason = self._dead_rank() or (f"a tensor-parallel collective failed or did not finish within "
-                                               f"{self.timeout_s:g} s ({type(e).__name__}: {e})")
+                reason = self._dead_rank() or (f"a tensor-parallel step failed on rank 0, or one of its collectives "
+                                               f"did not finish within {self.timeout_s:g} s ({type(e).__name__}: {e})")
                 self._fail(reason)
                 raise ExecutorFailed(reason) from e
 
