@@ -5,11 +5,14 @@ rank reads only its rows / columns from the file."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fastinfer.quantization.format import QuantizedWeight
+
+if TYPE_CHECKING:
+    from fastinfer.quantization.methods import QuantMethod
 
 
 def divisors(n: int) -> list[int]:
@@ -61,6 +64,30 @@ def vocab_shard(vocab: int, rank: int, tp: int) -> tuple[int, int, int]:
         raise ValueError(f"tensor_parallel_size={tp} leaves a rank without vocabulary rows (vocab_size={vocab}); "
                          f"valid sizes: up to {max(valid)}")
     return start, rows, per
+
+
+def check_group_split(k: int, local: int, group: int, tp: int) -> None:
+    """ValueError naming the valid sizes when splitting ``k`` input columns into ``tp`` shards of ``local`` cuts
+    a quantization group of ``group`` columns (each rank must hold whole groups, one process's groups)."""
+    if local % group:
+        valid = [t for t in range(1, k + 1) if k % t == 0 and (k // t) % group == 0]
+        raise ValueError(f"tensor_parallel_size={tp} splits K={k} into {local} columns, not a multiple of the "
+                         f"quantization group size {group}; valid sizes: {', '.join(map(str, valid))} "
+                         f"(or a smaller group)")
+
+
+def row_group_size(qm: QuantMethod, k: int, local: int, tp: int, requested: int | None) -> int | None:
+    """The group size for a row-parallel shard of ``local`` of ``k`` input columns: the group one process would
+    give the whole K (so every rank's groups are one process's groups; ValueError naming the valid sizes when a
+    shard boundary splits a group). Per-channel scales (int8) become per-shard-row scales."""
+    try:
+        g = qm.group_size(k, requested)
+    except NotImplementedError:
+        return requested
+    if requested is None and g >= k:  # per channel: each rank's slice of the row gets its own scale
+        return requested
+    check_group_split(k, local, g, tp)
+    return g
 
 
 class CheckpointSlice:

@@ -30,13 +30,14 @@ class Linear(nn.Module):
     / ``out_features`` / ``shard_sizes`` are the local sizes; ``tp_shards[i]`` = (first row of this rank's slice,
     rows of the whole shard) in the checkpoint, default an even split); ``"row"`` holds this rank's input
     columns (``tp_shards`` = ((first column, all columns),)) and sums the ranks' outputs with one all-reduce;
-    its bias lives on rank 0 only (zeros elsewhere), so it is added once. Checkpoint tensors are narrowed to
+    its bias lives on rank 0 only (zeros elsewhere), so it is added once; ``reduce=False`` leaves the sum to the
+    caller (an MoE block reduces its shared expert together with its experts). Checkpoint tensors are narrowed to
     the slice as they load (quantized ones on group boundaries)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32, shard_sizes: tuple[int, ...] | None = None,
                  ops: OpSet | None = None, parallel: str | None = None,
-                 tp_shards: tuple[tuple[int, int], ...] | None = None) -> None:
+                 tp_shards: tuple[tuple[int, int], ...] | None = None, reduce: bool = True) -> None:
         super().__init__()
         if parallel not in (None, "column", "row"):
             raise ValueError(f"parallel must be None, 'column' or 'row', got {parallel!r}")
@@ -51,7 +52,7 @@ class Linear(nn.Module):
         self.quant: QuantizedWeight | None = None
         self.quant_method: QuantMethod | None = None
         self._pending: dict[int, QuantizedWeight] = {}
-        self.parallel = parallel
+        self.parallel, self.reduce = parallel, reduce
         self.tp_rank, self.tp_size = (tp_rank(), tp_size()) if parallel else (0, 1)
         r, n = self.tp_rank, self.tp_size
         default = ((r * in_features, in_features * n),) if parallel == "row" else tuple(
@@ -65,7 +66,7 @@ class Linear(nn.Module):
         else:
             assert self.quant_method is not None
             y = self.quant_method.apply(self, x)
-        return all_reduce(y) if self.parallel == "row" and self.tp_size > 1 else y
+        return all_reduce(y) if self.parallel == "row" and self.reduce and self.tp_size > 1 else y
 
     @property
     def quantized(self) -> bool:

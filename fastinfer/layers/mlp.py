@@ -14,17 +14,19 @@ from fastinfer.ops import OpSet
 class GatedMLP(nn.Module):
     """``down_proj(act(gate) * up)`` with gate and up fused into ``gate_up_proj`` (shards (gate, up)). SiLU runs
     the op set's ``silu_and_mul``; other activations (e.g. Gemma's ``gelu_pytorch_tanh``) run in plain torch.
-    Under tensor parallelism gate/up are column-parallel and down row-parallel over the intermediate size."""
+    Under tensor parallelism gate/up are column-parallel and down row-parallel over the intermediate size
+    (``reduce=False``: the caller all-reduces the output)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, ops: OpSet, dtype: torch.dtype,
-                 activation: str = "silu", bias: bool = False) -> None:
+                 activation: str = "silu", bias: bool = False, reduce: bool = True) -> None:
         super().__init__()
         self.ops = ops
         tp = tp_size()
         n = divide(intermediate_size, tp, "intermediate_size")  # this rank's columns (all of them without TP)
         self.gate_up_proj = Linear(hidden_size, 2 * n, bias=bias, dtype=dtype, shard_sizes=(n, n), ops=ops,
                                    parallel="column" if tp > 1 else None)
-        self.down_proj = Linear(n, hidden_size, bias=bias, dtype=dtype, ops=ops, parallel="row" if tp > 1 else None)
+        self.down_proj = Linear(n, hidden_size, bias=bias, dtype=dtype, ops=ops, parallel="row" if tp > 1 else None,
+                                reduce=reduce)
         self.activation = activation
         self.act = get_activation(activation)
 

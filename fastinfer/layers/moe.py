@@ -9,15 +9,24 @@ stacked (``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I]; o
 int4 weight-only after ``quantize`` (a method's ``quantize_experts``) or when the checkpoint holds quantized experts
 (a GGUF file's stacked ``ffn_*_exps``, a directory saved by ``fastinfer quantize``); ``fused_moe`` reads either.
 The router and the shared-expert gate stay float.
+
+Tensor parallelism: every rank routes identically (the router is replicated) and holds its slice of each expert's
+intermediate size: rows ``[r I/N, (r+1) I/N)`` of both the gate and the up half of ``w13`` and the same columns of
+``w2`` (quantized ``w2`` on group boundaries); ``fused_moe`` runs on the slice and the block's output (the shared
+expert's, split like a dense MLP, included) is all-reduced once.
 """
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastinfer.distributed.communication import all_reduce
+from fastinfer.distributed.parallel_state import tp_rank, tp_size
+from fastinfer.distributed.sharding import check_group_split, divide, materialize, narrow, row_group_size
 from fastinfer.layers.mlp import GatedMLP
 from fastinfer.ops import OpSet
 from fastinfer.quantization.format import QuantizedExperts, QuantizedWeight
@@ -102,10 +111,15 @@ class StackedWeight(nn.Module):
 class FusedExperts(nn.Module):
     """``num_experts`` SwiGLU experts stacked: ``w13`` [E, 2I, H], ``w2`` [E, H, I] (:class:`StackedWeight`s,
     float or weight-only quantized, each on its own). ``load`` takes checkpoint tensors per expert or stacked,
-    float or quantized, and says when both projections are complete."""
+    float or quantized, and says when both projections are complete. Under tensor parallelism
+    ``intermediate_size`` is this rank's slice of ``full_intermediate_size`` (the checkpoint's), which ``load``
+    narrows each tensor to."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype) -> None:
         super().__init__()
+        self.tp_rank, self.tp_size = tp_rank(), tp_size()
+        self.full_intermediate_size = intermediate_size
+        intermediate_size = divide(intermediate_size, self.tp_size, "moe intermediate_size")
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
         self.w13 = StackedWeight(num_experts, 2 * intermediate_size, hidden_size, dtype)
         self.w2 = StackedWeight(num_experts, hidden_size, intermediate_size, dtype)
@@ -123,6 +137,12 @@ class FusedExperts(nn.Module):
         ``param`` is complete."""
         if expert is not None and not 0 <= expert < self.num_experts:
             raise ValueError(f"checkpoint has expert {expert}, the model has {self.num_experts} experts")
+        if self.tp_size > 1:
+            if param == "w13" and half is None:  # both halves stacked: each narrowed to this rank's rows
+                full = self.full_intermediate_size
+                self.load(param, expert, 0, _narrow_experts(tensor, 0, 0, full))
+                return self.load(param, expert, 1, _narrow_experts(tensor, 0, full, full))
+            tensor = self._rank_slice(param, tensor)
         experts = range(self.num_experts) if expert is None else (expert,)
         halves = (0, 1) if param == "w13" and half is None else (half or 0,)
         parts = {(e, h) for e in experts for h in halves}
@@ -135,6 +155,18 @@ class FusedExperts(nn.Module):
         if done and self._pending[param]:
             self._finish_quantized(param)
         return done
+
+    def _rank_slice(self, param: str, tensor: Any) -> Any:
+        """This rank's rows of a w13 half or columns of w2 (quantized: on group boundaries)."""
+        dim = 0 if param == "w13" else 1
+        full, size = self.full_intermediate_size, self.intermediate_size
+        got = tensor.shape[dim - 2]
+        if got != full:
+            raise ValueError(f"shape mismatch for expert tensor {param}: checkpoint {tuple(tensor.shape)}, the "
+                             f"tensor-parallel experts expect {full} along the intermediate dimension")
+        if dim == 1 and isinstance(tensor, (QuantizedWeight, QuantizedExperts)):
+            check_group_split(full, size, tensor.group_size, self.tp_size)
+        return _narrow_experts(tensor, dim, self.tp_rank * size, size)
 
     def _load_float(self, param: str, expert: int | None, half: int | None, tensor: torch.Tensor) -> None:
         w: StackedWeight = getattr(self, param)
@@ -183,7 +215,10 @@ class FusedExperts(nn.Module):
         for w in (self.w13, self.w2):
             if w.weight is None:
                 continue
-            q = method.quantize_experts(w.weight.data, group_size)
+            g = group_size
+            if w is self.w2 and self.tp_size > 1:  # one process's groups along the whole K
+                g = row_group_size(method, self.full_intermediate_size, self.intermediate_size, self.tp_size, g)
+            q = method.quantize_experts(w.weight.data, g)
             if q is not None:
                 w.set_quantized(q)
                 done = True
@@ -194,11 +229,22 @@ class FusedExperts(nn.Module):
         return self.w13.quant is not None or self.w2.quant is not None
 
     def forward(self, ops: OpSet, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """The experts' output; under tensor parallelism this rank's partial sum (the block all-reduces)."""
         w13, s13, m13 = self.w13.kernel_args()
         w2, s2, m2 = self.w2.kernel_args()
         if s13 is None and s2 is None:
             return ops.fused_moe(x, w13, w2, topk_weights, topk_ids)
         return ops.fused_moe(x, w13, w2, topk_weights, topk_ids, s13, m13, s2, m2)
+
+
+def _narrow_experts(t: Any, dim: int, start: int, size: int) -> Any:
+    """Rows (``dim`` 0) or columns (``dim`` 1) of each expert's [N, K] in a float tensor ([N, K] or [E, N, K],
+    possibly a lazy checkpoint slice: read here), a :class:`QuantizedWeight` or :class:`QuantizedExperts`."""
+    if isinstance(t, QuantizedExperts):
+        return QuantizedExperts.stack([narrow(t.expert(e), dim, start, size) for e in range(t.num_experts)])
+    if isinstance(t, QuantizedWeight):
+        return narrow(t, dim, start, size)
+    return materialize(narrow(t, dim - 2, start, size))
 
 
 class SparseMoeBlock(nn.Module):
@@ -221,7 +267,7 @@ class SparseMoeBlock(nn.Module):
         self.shared_expert: GatedMLP | None = None
         self.shared_expert_gate: nn.Parameter | None = None
         if shared_intermediate_size:
-            self.shared_expert = GatedMLP(hidden_size, shared_intermediate_size, ops, dtype)
+            self.shared_expert = GatedMLP(hidden_size, shared_intermediate_size, ops, dtype, reduce=False)
             self.shared_expert_gate = nn.Parameter(torch.empty(1, hidden_size, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -231,4 +277,4 @@ class SparseMoeBlock(nn.Module):
         out = self.experts(self.ops, x, weights, ids)
         if self.shared_expert is not None and self.shared_expert_gate is not None:
             out = out + torch.sigmoid(F.linear(x, self.shared_expert_gate)) * self.shared_expert(x)
-        return out
+        return all_reduce(out)  # the ranks' partial sums (no call without tensor parallelism)

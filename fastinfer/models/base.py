@@ -28,7 +28,7 @@ from torch import nn
 from fastinfer.config import ModelConfig
 from fastinfer.distributed.communication import all_gather
 from fastinfer.distributed.parallel_state import tp_rank, tp_size
-from fastinfer.distributed.sharding import materialize, narrow, vocab_shard
+from fastinfer.distributed.sharding import materialize, narrow, row_group_size, vocab_shard
 from fastinfer.layers.attention import SelfAttention
 from fastinfer.layers.embedding import VocabParallelEmbedding, token_embedding
 from fastinfer.layers.linear import Linear
@@ -171,23 +171,10 @@ class DecoderForCausalLM(nn.Module):
     @staticmethod
     def _row_group(qm: QuantMethod, m: Linear, requested: int | None) -> int | None:
         """The group size for ``m``: a row-parallel shard takes the group one process would give the whole K
-        (so every rank's groups are one process's groups; ValueError naming the valid sizes when the shard
-        boundary splits a group). Per-channel scales (int8) become per-shard-row scales."""
+        (:func:`~fastinfer.distributed.sharding.row_group_size`)."""
         if m.parallel != "row":
             return requested
-        k = m.tp_shards[0][1]
-        try:
-            g = qm.group_size(k, requested)
-        except NotImplementedError:
-            return requested
-        if requested is None and g >= k:  # per channel: each rank's slice of the row gets its own scale
-            return requested
-        if m.in_features % g:
-            valid = [t for t in range(1, k + 1) if k % t == 0 and (k // t) % g == 0]
-            raise ValueError(f"tensor_parallel_size={m.tp_size} splits K={k} into {m.in_features} columns, not a "
-                             f"multiple of the quantization group size {g}; valid sizes: "
-                             f"{', '.join(map(str, valid))} (or a smaller group)")
-        return g
+        return row_group_size(qm, m.tp_shards[0][1], m.in_features, m.tp_size, requested)
 
     def _new_lm_head(self) -> Linear:
         with torch.device(self.embed_tokens.weight.device):  # beside the model, wherever it lives

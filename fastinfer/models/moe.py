@@ -60,7 +60,7 @@ class MoEForCausalLM(LlamaForCausalLM):
 
     QK_NORM: ClassVar[bool | str] = False  # type: ignore[assignment]  # True: per head (Qwen3); "whole": OLMoE
     SHARED_EXPERT: ClassVar[bool] = False
-    SUPPORTS_TP = False  # the experts do not shard yet
+    SUPPORTS_TP = True  # experts split by intermediate size (layers/moe.py)
 
     def make_layer(self, cfg: ModelConfig, ops: OpSet, dtype: torch.dtype, index: int, o_bias: bool) -> nn.Module:
         return MoEDecoderLayer(type(self), cfg, ops, dtype, self.rotary, index, o_bias)
