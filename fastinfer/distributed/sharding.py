@@ -1,7 +1,7 @@
 """How a checkpoint splits over the tensor-parallel ranks: the divisibility rules (a clear error naming the
 sizes that work), where each rank's attention heads and vocabulary rows are, and narrowing a checkpoint tensor
-to this rank's slice. Tensors may be :class:`CheckpointSlice` s (a safetensors file's tensor not read yet), so a
-rank reads only its rows / columns from the file."""
+to this rank's slice. Tensors may be :class:`LazyTensor` s (a safetensors file's :class:`CheckpointSlice`, a GGUF
+file's ``GGUFSlice``: not read yet), so a rank reads only its rows / columns from the file."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -90,7 +90,21 @@ def row_group_size(qm: QuantMethod, k: int, local: int, tp: int, requested: int 
     return g
 
 
-class CheckpointSlice:
+class LazyTensor:
+    """A checkpoint tensor not read yet: :meth:`narrow` keeps a region, :meth:`tensor` reads only that region."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def narrow(self, dim: int, start: int, size: int) -> LazyTensor:
+        raise NotImplementedError
+
+    def tensor(self) -> Any:
+        raise NotImplementedError
+
+
+class CheckpointSlice(LazyTensor):
     """A tensor of an open safetensors file, read only when :meth:`tensor` is called, and only the region that
     :meth:`narrow` calls have kept (safetensors' ``get_slice``)."""
 
@@ -114,8 +128,8 @@ class CheckpointSlice:
 
 
 def materialize(t: Any) -> Any:
-    """A :class:`CheckpointSlice` read into a tensor; anything else as it is."""
-    return t.tensor() if isinstance(t, CheckpointSlice) else t
+    """A :class:`LazyTensor` read (its region only); anything else as it is."""
+    return t.tensor() if isinstance(t, LazyTensor) else t
 
 
 def narrow(t: Any, dim: int, start: int, size: int) -> Any:

@@ -5,6 +5,8 @@ Parsing uses the ``gguf`` package; the quantized blocks are decoded in torch by
 """
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -12,9 +14,12 @@ from typing import Any
 import torch
 
 from fastinfer.config import ModelConfig
+from fastinfer.distributed.parallel_state import tp_rank, tp_size
 from fastinfer.models.gguf_quants import dequantize, to_quantized
-from fastinfer.models.gguf_reader import GGUFReader
+from fastinfer.models.gguf_reader import GGUFReader, GGUFSlice
 from fastinfer.quantization.format import QuantizedExperts, QuantizedWeight
+
+logger = logging.getLogger("fastinfer.models")
 
 __all__ = ["GGUFFile", "dequantize", "hf_name", "to_quantized", "unpermute_qk"]
 
@@ -41,6 +46,7 @@ _GEMMA_LAYER_NAMES = {  # Gemma's four norms per layer
     "post_ffw_norm": "post_feedforward_layernorm",
 }
 _ARCH_LAYER_NAMES = {"gemma3": _GEMMA_LAYER_NAMES}
+_SPLIT_TOP = ("model.embed_tokens.weight", "lm_head.weight")  # split by vocabulary under tensor parallelism
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -164,8 +170,8 @@ class GGUFFile:
             "attn_logit_softcapping": None,
         }
 
-    def tensors(self, cfg: ModelConfig, dtype: torch.dtype, keep_quantized: bool = False,
-                ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight | QuantizedExperts]]:
+    def tensors(self, cfg: ModelConfig, dtype: torch.dtype, keep_quantized: bool = False, lazy: bool = False,
+                ) -> Iterator[tuple[str, Any]]:
         """(HF name, tensor [out, in] in ``dtype``) for every tensor; Q/K rows un-permuted back to HF's
         rotate-half order for llama-arch files (llama.cpp's converter interleaves them; Mixtral's too, not the
         Qwen-MoE / OLMoE ones). A MoE layer's stacked experts (``ffn_{gate,up,down}_exps``) come as one [E, N, K]
@@ -174,34 +180,55 @@ class GGUFFile:
         ``keep_quantized``: quantized projection weights come as :class:`QuantizedWeight` (lossless; int4 g32
         for Q4_0 / Q4_1 / Q4_K, int8 for the other types, see :func:`~fastinfer.models.gguf_quants.to_quantized`),
         stacked experts as :class:`QuantizedExperts`; a quantized tied embedding also yields a quantized
-        ``lm_head.weight`` beside its dense copy (the embedding lookup needs float rows)."""
+        ``lm_head.weight`` beside its dense copy (the embedding lookup needs float rows).
+
+        ``lazy`` (tensor parallelism): the projections, the embedding and the lm_head come as
+        :class:`~fastinfer.models.gguf_reader.GGUFSlice` s, so a rank dequantizes (or converts) only the rows /
+        columns it keeps; the load log says how many of their bytes this rank read. (With ``keep_quantized``
+        the tied lm_head's codes are converted whole, then narrowed.)"""
+        read = [0]
+        total = 0
         for t in self.reader.tensors:
             name = hf_name(t.name, self.arch)
-            qw = to_quantized(t) if keep_quantized and (name.endswith("proj.weight") or name == "lm_head.weight"
-                                                        or name == "model.embed_tokens.weight") else None
-            if isinstance(qw, QuantizedWeight) and name == "model.embed_tokens.weight":
-                if cfg.tie_word_embeddings:
+            if keep_quantized and name == "model.embed_tokens.weight" and cfg.tie_word_embeddings:
+                qw = to_quantized(t)
+                if isinstance(qw, QuantizedWeight):
                     yield "lm_head.weight", qw
-                qw = None
-            if qw is not None:
-                if isinstance(qw, QuantizedWeight) and self.arch in ("llama", "mistral") and (
-                        ".q_proj." in name or ".k_proj." in name):
-                    n_head = cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads
-                    qw = QuantizedWeight(qw.bits, qw.group_size, unpermute_qk(qw.qweight, n_head),
-                                         unpermute_qk(qw.scales, n_head),
-                                         None if qw.mins is None else unpermute_qk(qw.mins, n_head))
-                yield name, qw
+            if lazy and len(t.shape) == 2 and (name.endswith("proj.weight") or name in _SPLIT_TOP):
+                total += int(t.n_bytes)
+                yield name, GGUFSlice(t, functools.partial(self._convert, name, cfg, dtype, keep_quantized,
+                                                           int(t.shape[1])), read)
                 continue
-            w = dequantize(t)
-            if self.arch == "gemma3" and name.endswith("norm.weight"):
-                w = w - 1.0  # llama.cpp stores Gemma's (1 + w) norm weights with the 1 added; HF's hold w
-            if name.endswith(".shared_expert_gate.weight"):
-                w = w.reshape(1, -1)  # Qwen2-MoE's [1, H] shared-expert gate, a vector [H] in llama.cpp's files
-            w = w.to(dtype)
-            if self.arch in ("llama", "mistral") and (".q_proj." in name or ".k_proj." in name):
-                n_head = cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads
-                w = unpermute_qk(w, n_head)
-            yield name, w
+            yield name, self._convert(name, cfg, dtype, keep_quantized, None, t)
+        if lazy:
+            logger.info("GGUF %s: rank %d of %d read %.1f of %.1f MiB of the split weights (%.3f)",
+                        os.path.basename(self.path), tp_rank(), tp_size(), read[0] / 2**20, total / 2**20,
+                        read[0] / max(total, 1))
+
+    def _convert(self, name: str, cfg: ModelConfig, dtype: torch.dtype, keep_quantized: bool, full_rows: int | None,
+                 t: Any) -> torch.Tensor | QuantizedWeight | QuantizedExperts:
+        """One tensor (or a :class:`GGUFSlice` region of one: ``full_rows`` the whole tensor's rows, its Q/K rows
+        cut on head boundaries) as :meth:`tensors` yields it."""
+        n_head = None
+        if self.arch in ("llama", "mistral") and (".q_proj." in name or ".k_proj." in name):
+            n_head = cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads
+            if full_rows is not None:
+                n_head = n_head * int(t.shape[1]) // full_rows
+        if keep_quantized and (name.endswith("proj.weight") or name == "lm_head.weight"):
+            qw = to_quantized(t)
+            if isinstance(qw, QuantizedWeight) and n_head is not None:
+                qw = QuantizedWeight(qw.bits, qw.group_size, unpermute_qk(qw.qweight, n_head),
+                                     unpermute_qk(qw.scales, n_head),
+                                     None if qw.mins is None else unpermute_qk(qw.mins, n_head))
+            if qw is not None:
+                return qw
+        w = dequantize(t)
+        if self.arch == "gemma3" and name.endswith("norm.weight"):
+            w = w - 1.0  # llama.cpp stores Gemma's (1 + w) norm weights with the 1 added; HF's hold w
+        if name.endswith(".shared_expert_gate.weight"):
+            w = w.reshape(1, -1)  # Qwen2-MoE's [1, H] shared-expert gate, a vector [H] in llama.cpp's files
+        w = w.to(dtype)
+        return w if n_head is None else unpermute_qk(w, n_head)
 
     def tokenizer_description(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(tokenizer dict, tokenizer config) in the shape transformers' GGUF converter takes."""

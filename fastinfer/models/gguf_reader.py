@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import mmap
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from fastinfer.distributed.sharding import LazyTensor
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
@@ -131,3 +134,50 @@ class GGUFReader:
         if arr.nbytes == n_bytes:
             arr = arr.reshape(shape)
         return TensorInfo(name, qtype, dims, offset, n_bytes, arr)
+
+
+class GGUFSlice(LazyTensor):
+    """A region of a 2-D GGUF tensor [N, K] (torch order), read only when :meth:`tensor` is called: rows are a
+    contiguous byte range of whole blocks, columns (on block boundaries: 32 or 256 elements for the quantized
+    types, ValueError otherwise) whole blocks of each row. ``convert`` turns the region (a :class:`TensorInfo`
+    of its own shape, its data a view of the file) into what the loader yields (dequantized, or the codes kept);
+    ``counter[0]`` adds up the source bytes read."""
+
+    def __init__(self, info: TensorInfo, convert: Callable[[TensorInfo], Any], counter: list[int],
+                 rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> None:
+        self.info, self.convert, self.counter = info, convert, counter
+        self.rows = rows or (0, int(info.shape[1]))
+        self.cols = cols or (0, int(info.shape[0]))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.rows[1] - self.rows[0], self.cols[1] - self.cols[0]
+
+    def narrow(self, dim: int, start: int, size: int) -> GGUFSlice:
+        dim %= 2
+        lo = (self.rows, self.cols)[dim][0] + start
+        block = self._block()[0]
+        if dim == 1 and (lo % block or size % block):
+            raise ValueError(f"GGUF tensor {self.info.name!r}: columns {lo}..{lo + size} are not on "
+                             f"{self.info.tensor_type.name}'s block boundaries ({block} elements); use a "
+                             f"tensor_parallel_size that splits K into multiples of {block}")
+        part = (lo, lo + size)
+        return GGUFSlice(self.info, self.convert, self.counter, part if dim == 0 else self.rows,
+                         part if dim == 1 else self.cols)
+
+    def _block(self) -> tuple[int, int]:
+        import gguf
+
+        return gguf.GGML_QUANT_SIZES[self.info.tensor_type]  # (elements, bytes) per block
+
+    def tensor(self) -> Any:
+        (r0, r1), (c0, c1) = self.rows, self.cols
+        data = self.info.data
+        if data.dtype == np.uint8:  # raw blocks: [N, bytes per row]
+            block, nbytes = self._block()
+            data = data[r0:r1, c0 // block * nbytes:c1 // block * nbytes]
+        else:  # a typed float view: [N, K]
+            data = data[r0:r1, c0:c1]
+        self.counter[0] += int(data.nbytes)
+        return self.convert(TensorInfo(self.info.name, self.info.tensor_type, [c1 - c0, r1 - r0],
+                                       self.info.data_offset, int(data.nbytes), data))

@@ -192,7 +192,8 @@ def load_model(model: str, dtype: str = "auto", ops: OpSet | None = None, max_mo
     net = build_model(cfg, ops, tdtype, device if device is not None else ops.device_type)
     qm = method_of(quantization)
     n_tensors = (len(gguf_file.reader.tensors) if gguf_file else None)
-    weights = (gguf_file.tensors(cfg, tdtype, keep_quantized=qm is not None and qm.keeps_file_quantization)
+    weights = (gguf_file.tensors(cfg, tdtype, keep_quantized=qm is not None and qm.keeps_file_quantization,
+                                 lazy=tp_size() > 1)
                if gguf_file else _safetensors_weights(path, saved_method, lazy=tp_size() > 1))
     bar = tqdm(weights, total=n_tensors, desc="loading weights", unit="tensor", disable=not progress,
                leave=False)
