@@ -329,13 +329,15 @@ class EngineConfig:
         t = self.distributed_timeout_s
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not t > 0:
             raise ValueError(f"distributed_timeout_s must be a positive number of seconds, got {t!r}")
-        if tp > 1 and self.speculative_config is not None:
-            raise ValueError("speculative decoding is not supported with tensor_parallel_size > 1 yet")
         from fastinfer.quantization import parse_method
 
         parse_method(self.quantization)
         if self.speculative_config is not None:
-            SpeculativeConfig.from_dict(dict(self.speculative_config))
+            spec = SpeculativeConfig.from_dict(dict(self.speculative_config))
+            if tp > 1 and spec.method != "ngram":  # every rank proposes the same n-gram drafts (no timing involved)
+                raise ValueError(f"speculative_config.method {spec.method!r} is not supported with "
+                                 f"tensor_parallel_size > 1 (the draft model does not run on the tensor-parallel "
+                                 f"ranks yet); use method 'ngram'")
         if not isinstance(self.generation_config, str) or not self.generation_config:
             raise ValueError(f"generation_config must be 'auto', 'vllm' or a folder, got {self.generation_config!r}")
         if not isinstance(self.enforce_eager, bool):

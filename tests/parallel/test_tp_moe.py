@@ -60,13 +60,13 @@ def test_rank_holds_its_expert_slices_from_per_expert_and_stacked_tensors(moe_mo
     assert any(k.endswith("mlp.experts.gate_up_proj") for k in stacked)
     full = _experts(load_model(path, "float32", progress=False).model)
     with as_rank(1, 2):
-        disk = load_model(path, "float32", progress=False).model
-        fresh = load_model(path, "float32", progress=False).model
-        for b in fresh.moe_layers():
+        model = load_model(path, "float32", progress=False).model
+        from_disk = _experts(model)  # per-expert tensors
+        for b in model.moe_layers():
             b.experts.w13.weight.data.zero_()
             b.experts.w2.weight.data.zero_()
-        fresh.load_weights(stacked.items())
-    for (w13, w2), part, other in zip(full, _experts(disk), _experts(fresh)):
+        model.load_weights(stacked.items())
+    for (w13, w2), part, other in zip(full, from_disk, _experts(model)):
         want13 = torch.cat([w13[:, 32:64], w13[:, 96:128]], dim=1)  # rank 1's rows of gate, then of up
         assert torch.equal(part[0], want13) and torch.equal(part[1], w2[:, :, 32:64])
         assert torch.equal(other[0], part[0]) and torch.equal(other[1], part[1])
