@@ -162,7 +162,9 @@ def test_perplexity_gate_int4_g128_calibrated(smollm2_path, text_ids):
     """Acceptance gate: int4 g128 (g64 where 128 does not divide K = 576) within 5% of the float model, with
     the calibrated recipe (fastinfer.quantization.calibrate: Hadamard rotation, GPTQ, group scales distilled from
     the float model) on CPython docs text disjoint from the test text. Plain RTN misses the gate (see the test
-    below)."""
+    below). CI runs the recipe at half its shipped budget (8,192 calibration tokens and 12 tuning steps instead
+    of 16,384 and 24: +3.8% measured, vs +1.6% for the shipped defaults in benchmarks/RESULTS.md), which halves the
+    suite's slowest test (CI's 30-minute budget)."""
     from fastinfer.evaluate import perplexity
     from fastinfer.models.loader import load_tokenizer
     from fastinfer.quantization.calibrate import calibrated_quantize
@@ -171,8 +173,8 @@ def test_perplexity_gate_int4_g128_calibrated(smollm2_path, text_ids):
     llm = LLM(smollm2_path, dtype="float32", max_model_len=1024, load_progress=False)
     model = llm.engine.worker.model
     float_ppl = perplexity(model, text_ids, window=1024).perplexity
-    info = calibrated_quantize(model, load_tokenizer(smollm2_path), "int4", 128, tune_steps=24)
-    assert info["tuned"]["steps"] == 24 and info["calibration_tokens"] == 16384
+    info = calibrated_quantize(model, load_tokenizer(smollm2_path), "int4", 128, tune_steps=12, num_tokens=8192)
+    assert info["tuned"]["steps"] == 12 and info["calibration_tokens"] == 8192
     assert describe_quantization(model) == "int4 g128 x30, int4 g64 x90, int8 g576 x1"  # g64 where K = 576
     ratio = perplexity(model, text_ids, window=1024).perplexity / float_ppl
     assert 1.0 < ratio < 1.05, ratio
