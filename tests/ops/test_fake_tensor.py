@@ -283,10 +283,12 @@ def _compile_backends() -> list:
     return out
 
 
+@pytest.mark.parametrize("kv_cache_dtype", [None, "int8"])
 @pytest.mark.parametrize("name", _compile_backends())
-def test_torch_compile_store_and_attend(name):
+def test_torch_compile_store_and_attend(name, kv_cache_dtype):
     """One compiled graph (fullgraph: no graph break, so no host read) for store_kv + paged_attention, equal to
-    eager. aot_eager runs the functionalized graph without codegen (cheap on CPU)."""
+    eager, on a float and an int8 KV cache. aot_eager runs the functionalized graph without codegen (cheap on
+    CPU)."""
     import importlib
 
     dev = "cpu"
@@ -295,7 +297,8 @@ def test_torch_compile_store_and_attend(name):
         if dev is None:
             pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1")
     be = importlib.import_module(f"fastinfer.ops.{name}_backend")
-    q, kc, vc, meta = paged_case([1, 3], [6, 5], 4, 2, 16, 4, torch.float32, device=dev)
+    q, kc, vc, meta = paged_case([1, 3], [6, 5], 4, 2, 16, 4, torch.float32, device=dev,
+                                 kv_cache_dtype=kv_cache_dtype)
     kc, vc = kc.nan_to_num(), vc.nan_to_num()
     gen = torch.Generator().manual_seed(1)
     k = torch.randn(q.shape[0], 2, 16, generator=gen).to(dev)

@@ -282,20 +282,3 @@ def test_cpp_int8_opcheck(op):
     torch.library.opcheck(fn.default, args)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_torch_compile_on_int8_cache(backend):
-    """store_kv + paged_attention on an int8 cache compile into one graph (no graph break) equal to eager."""
-    q, kc, vc, meta = paged_case([1, 3], [6, 5], 4, 2, 16, 4, torch.float32, kv_cache_dtype="int8")
-    gen = torch.Generator().manual_seed(1)
-    k, v = torch.randn(q.shape[0], 2, 16, generator=gen), torch.randn(q.shape[0], 2, 16, generator=gen)
-
-    def step(q, k, v, k_cache, v_cache, meta):
-        backend.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        return backend.paged_attention(q, k_cache, v_cache, meta, 0.25)
-
-    k_ref, v_ref = kc.clone(), vc.clone()
-    ref = step(q, k, v, k_ref, v_ref, meta)
-    torch._dynamo.reset()
-    out = torch.compile(step, backend="aot_eager", fullgraph=True)(q, k, v, kc, vc, meta)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert torch.equal(kc, k_ref) and torch.equal(vc, v_ref)
