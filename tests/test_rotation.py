@@ -42,3 +42,26 @@ def test_rotation_refuses_a_quantized_model(tiny_llm):
     model = tiny_llm("llama", quantization="int8").engine.worker.model
     with pytest.raises(ValueError, match="float model"):
         rotate_model(model)
+
+
+@pytest.mark.parametrize("n", [1, 16, 64, 80, 96, 100, 256])
+def test_kv_key_rotation_is_orthonormal_for_every_head_size(n):
+    """The quantized KV cache's q/k rotation: the Hadamard matrix of the order, or a block-diagonal one of the largest
+    power-of-two block (80 = 5 x 16, 100 = 25 x 4), always orthonormal, so scores are unchanged."""
+    from fastinfer.layers.kv_rotation import hadamard as kv_hadamard
+
+    h = kv_hadamard(n, torch.float64)
+    torch.testing.assert_close(h @ h.T, torch.eye(n, dtype=torch.float64))
+    b = n if hadamard(n) is not None else n & -n
+    torch.testing.assert_close(h.abs().max(), torch.tensor(b ** -0.5, dtype=torch.float64))
+    q, k = torch.randn(3, n, dtype=torch.float64), torch.randn(5, n, dtype=torch.float64)
+    torch.testing.assert_close((q @ h) @ (k @ h).T, q @ k.T)
+
+
+def test_kv_key_rotation_only_for_a_quantized_cache():
+    from fastinfer.layers.kv_rotation import key_rotation
+
+    assert key_rotation(torch.empty(2, 4, 1, 64, dtype=torch.bfloat16), 64, torch.bfloat16) is None
+    for dt in (torch.int8, torch.uint8):  # int8 and fp8_e4m3 rows (D codes + the fp16 scale)
+        r = key_rotation(torch.empty(2, 4, 1, 66, dtype=dt), 64, torch.bfloat16)
+        assert r is not None and r.shape == (64, 64) and r.dtype == torch.bfloat16

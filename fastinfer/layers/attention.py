@@ -10,6 +10,7 @@ from torch import nn
 
 from fastinfer.distributed.parallel_state import tp_rank, tp_size
 from fastinfer.distributed.sharding import head_shard
+from fastinfer.layers.kv_rotation import key_rotation, rotate
 from fastinfer.layers.linear import Linear
 from fastinfer.layers.norm import RMSNorm
 from fastinfer.layers.rotary import RotaryEmbedding
@@ -57,8 +58,16 @@ class SelfAttention(nn.Module):
         self.scale = head_dim ** -0.5 if scale is None else scale
         self.sliding_window = sliding_window
         self.softcap = softcap
+        self.act_dtype = dtype
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self.key_rotation: torch.Tensor | None = None  # set by bind_cache for a quantized cache
+
+    def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        """Attach this layer's (k, v) paged cache; a quantized one also gets the q/k rotation
+        (:mod:`fastinfer.layers.kv_rotation`)."""
+        self.k_cache, self.v_cache = k_cache, v_cache
+        self.key_rotation = key_rotation(k_cache, self.head_dim, self.act_dtype)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
@@ -75,6 +84,7 @@ class SelfAttention(nn.Module):
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
         if self.rotary is not None:
             q, k = self.rotary(positions, q, k)
+        q, k = rotate(q, self.key_rotation), rotate(k, self.key_rotation)
         meta = meta.for_window(self.sliding_window)  # this layer's KV cache group: its block table and slots
         self.ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         o = self.ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window,

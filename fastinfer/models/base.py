@@ -116,7 +116,7 @@ class DecoderForCausalLM(nn.Module):
 
     def bind_kv_cache(self, caches: KVCaches) -> None:
         for attn, (k, v) in zip(self.attention_layers(), caches, strict=True):
-            attn.k_cache, attn.v_cache = k, v
+            attn.bind_cache(k, v)
         self.kv_caches = caches
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from fastinfer.config import ModelConfig
-from fastinfer.models.interface import KVCaches, LayerKVSpec
+from fastinfer.layers.kv_rotation import key_rotation, rotate
+from fastinfer.models.interface import KVCaches, LayerKVSpec, model_dtype
 from fastinfer.ops import AttentionMetadata, OpSet
 from fastinfer.quantization.format import QuantizedWeight
 
@@ -60,6 +61,7 @@ class PagedLayer:
         self.step, self.num_heads, self.num_kv_heads, self.head_size = step, num_heads, num_kv_heads, head_size
         self.sliding_window, self.softcap = sliding_window, softcap
         self.k_cache = self.v_cache = torch.empty(0)
+        self.key_rotation: torch.Tensor | None = None  # a quantized cache's q/k rotation (layers.kv_rotation)
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
                  ) -> torch.Tensor:
@@ -67,9 +69,9 @@ class PagedLayer:
         if meta is None:
             raise RuntimeError("a fastinfer attention layer ran outside TransformersForCausalLM.forward")
         meta = meta.for_window(self.sliding_window)  # this layer's KV cache group: its block table and slots
-        q = query[0].transpose(0, 1).contiguous()  # [1, H, T, D] -> [T, H, D]
-        ops.store_kv(key[0].transpose(0, 1).contiguous(), value[0].transpose(0, 1).contiguous(),
-                     self.k_cache, self.v_cache, meta.slot_mapping)
+        q = rotate(query[0].transpose(0, 1), self.key_rotation).contiguous()  # [1, H, T, D] -> [T, H, D]
+        k = rotate(key[0].transpose(0, 1), self.key_rotation).contiguous()
+        ops.store_kv(k, value[0].transpose(0, 1).contiguous(), self.k_cache, self.v_cache, meta.slot_mapping)
         scale = self.head_size ** -0.5 if scaling is None else scaling
         extra = {} if self.softcap is None else {"softcap": self.softcap}
         o = ops.paged_attention(q, self.k_cache, self.v_cache, meta, scale, self.sliding_window, **extra)
@@ -311,6 +313,7 @@ class TransformersForCausalLM(nn.Module):
     def bind_kv_cache(self, caches: KVCaches) -> None:
         for layer, (k, v) in zip(self.layers, caches, strict=True):
             layer.k_cache, layer.v_cache = k, v
+            layer.key_rotation = key_rotation(k, layer.head_size, model_dtype(self))
         self.kv_caches = caches
 
     def quantizable_layers(self) -> dict[str, Any]:

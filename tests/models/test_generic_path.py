@@ -140,15 +140,16 @@ def test_ngram_speculation_matches_hf(generic_dir):
     assert llm.engine.spec_stats["draft_tokens"] > 0  # drafts were verified, not just plain decoding
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral"])  # mistral: a 24-token sliding window, longer prompts
-def test_model_impl_transformers_matches_native(arch, tiny_model_dir, caplog):
+# mistral: a 24-token sliding window, longer prompts; int8: a quantized KV cache (both paths rotate q and k alike)
+@pytest.mark.parametrize("arch,kv", [("llama", "auto"), ("mistral", "auto"), ("llama", "int8")])
+def test_model_impl_transformers_matches_native(arch, kv, tiny_model_dir, caplog):
     path = tiny_model_dir(arch)
     sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[6]]
     with caplog.at_level("INFO", logger="fastinfer"):
-        native = _llm(path).generate(prompts, sp, use_tqdm=False)
+        native = _llm(path, kv_cache_dtype=kv).generate(prompts, sp, use_tqdm=False)
         assert "native" in caplog.text and "generic path" not in caplog.text
-        generic = _llm(path, model_impl="transformers").generate(prompts, sp, use_tqdm=False)
+        generic = _llm(path, model_impl="transformers", kv_cache_dtype=kv).generate(prompts, sp, use_tqdm=False)
     assert "generic path: " in caplog.text
     assert [o.outputs[0].token_ids for o in generic] == [o.outputs[0].token_ids for o in native]
 
