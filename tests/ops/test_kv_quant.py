@@ -182,8 +182,9 @@ def isa_cases(dtype: torch.dtype) -> list:
     long = paged_case([1, 1, 1, 12, 40], [3, 700, 2100, 12, 1000], 12, 3, 64, 16, dtype, seed=2,
                       kv_cache_dtype="int8")
     wide = paged_case([1, 1, 20], [77, 300, 50], 8, 2, 128, 32, dtype, seed=3, kv_cache_dtype="int8")
+    odd = paged_case([1, 1, 3], [45, 211, 9], 6, 2, 80, 16, dtype, seed=4, kv_cache_dtype="int8")  # head_dim 80
     out = []
-    for case, window, softcap in ((long, None, None), (long, 300, 2.0), (wide, None, None)):
+    for case, window, softcap in ((long, None, None), (long, 300, 2.0), (wide, None, None), (odd, None, None)):
         q, kc, vc, meta = case
         ref = reference.paged_attention(q.float(), kc, vc, meta, q.shape[-1] ** -0.5, window, softcap)
         out.append((case, window, softcap, ref))
@@ -194,7 +195,8 @@ def isa_cases(dtype: torch.dtype) -> list:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_cpp_int8_every_isa(isa, threads, dtype):
     """Every instruction-set variant (generic, AVX2, AVX-512: the conftest forces each) and 1 / 2 threads (long
-    rows split into parts), with windows and soft-capping; head_dim 128 for the wider PV tiles."""
+    rows split into parts), with windows and soft-capping; head_dim 128 for the wider PV tiles, 80 for a head size
+    that is not a multiple of 32."""
     for case, window, softcap, ref in isa_cases(dtype):
         check_attention(cpp, *case, window, softcap, ref=ref)
 
