@@ -4,14 +4,15 @@ acceptance rate, mean acceptance length and draft / verify time, and throughput 
 adaptive speculation vs none, in one run.
 
     python benchmarks/bench_spec.py [--model smollm2-135m] [--k 4] [--proposers ngram,draft,int4-self]
-                                    [--draft-model DIR_OR_GGUF | --draft-layers 20] [--always-draft] [--quick]
+                                    [--draft-model DIR_OR_GGUF | --draft-layers 20] [--always-draft] [--compile]
+                                    [--quick]
 
-The draft model is ``--draft-model`` (any model sharing the target's tokenizer) or, by default, a sibling made
-from the target's first ``--draft-layers`` layers (written to a temporary directory): SmolLM2-135M has no
-smaller released sibling. Draft models are cost-aware (they draft only for requests whose measured acceptance
-pays for the measured draft cost); ``--always-draft`` makes them draft every step. ``--quick`` runs tiny
-settings (one prompt, a few tokens, 4 concurrent requests) to check that the script works; its figures mean
-nothing.
+The draft model is ``--draft-model`` (any model sharing the target's tokenizer) or, by default, a sibling made from
+the target's first ``--draft-layers`` layers (written to a temporary directory): SmolLM2-135M has no smaller
+released sibling. Draft models are cost-aware (they draft only for requests whose measured acceptance pays for the
+measured draft cost); ``--always-draft`` makes them draft every step. ``--compile`` compiles the batch-1 decode step
+of every engine (the plain one too, so ratios stay same-mode) and of the draft model. ``--quick`` runs tiny settings
+(one prompt, a few tokens, 4 concurrent requests) to check that the script works; its figures mean nothing.
 """
 from __future__ import annotations
 
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--self-quantization", default="int4", help="quantization of the self-draft")
     ap.add_argument("--always-draft", action="store_true",
                     help="draft models draft every step (cost_aware=False) instead of only when it pays off")
+    ap.add_argument("--compile", action="store_true",
+                    help="compile the batch-1 decode step of the target (plain and speculative) and of the draft "
+                         "(compilation_config mode compile, rung 1): the speed-up at the lower per-step overhead")
     ap.add_argument("--quick", action="store_true", help="tiny settings, to check that the script runs")
     args = ap.parse_args(argv)
     if args.quick:
@@ -125,6 +129,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 def run(args: argparse.Namespace, proposers: list[str], tmp: str) -> list[dict]:
     common = dict(dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.concurrent,
                   load_progress=False)
+    if args.compile:  # batch 1 compiled, larger decode batches eager (the throughput rows)
+        common["compilation_config"] = {"mode": "compile", "cudagraph_capture_sizes": [1]}
     plain = LLM(args.model, **common)
     tok = plain.get_tokenizer()
     limit = args.max_model_len - args.max_tokens - args.k - 2

@@ -43,12 +43,12 @@ class DecodeGraphs:
     :meth:`capture` once after the KV cache is bound, then :meth:`run` for the steps :meth:`supports`."""
 
     def __init__(self, model: CausalLM, device: torch.device, mode: str, rungs: Sequence[int], max_model_len: int,
-                 block_size: int) -> None:
+                 block_size: int, name: str = "decode step") -> None:
         if mode not in ("cuda_graph", "compile", "static"):
             raise ValueError(f"DecodeGraphs mode must be cuda_graph, compile or static, got {mode!r}")
         if mode == "cuda_graph" and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
-        self.model, self.device, self.mode = model, device, mode
+        self.model, self.device, self.mode, self.name = model, device, mode, name
         self.rungs = sorted(rungs)
         self.max_model_len = max_model_len
         top, width = self.rungs[-1], -(-max_model_len // block_size)
@@ -110,7 +110,7 @@ class DecodeGraphs:
             for b in reversed(self.rungs):
                 self.forward(*self._inputs(b), self.metas[b])
         self.capture_s = time.perf_counter() - t0
-        logger.info("decode step: %s for batch sizes %s (%.1f s)", {"cuda_graph": "CUDA graphs captured",
+        logger.info("%s: %s for batch sizes %s (%.1f s)", self.name, {"cuda_graph": "CUDA graphs captured",
                     "compile": "torch.compile", "static": "padded static buffers"}[self.mode], self.rungs,
                     self.capture_s)
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from fastinfer.models.interface import CausalLM, KVCaches
+from fastinfer.worker.decode_graphs import DecodeGraphs
 from fastinfer.worker.input_batch import Chunk, pack_inputs
 from fastinfer.worker.rejection_sampler import draft_sample
 from fastinfer.worker.spec_decode import Draft
@@ -65,6 +66,9 @@ class DraftModelProposer:
         self.num_tokens_computed = 0  # tokens the draft has run (catch-up and drafts)
         self.num_nonfinite = 0  # draft rows with NaN/inf logits (their proposal stops there)
         self.num_reused_tokens = 0  # tokens of (re)starting requests whose draft KV came from valid_blocks
+        # The draft's own fixed-size decode step (set by the worker in the target's decode mode): its single-token
+        # steps then run padded / compiled / replayed like the target's decode steps.
+        self.decode_graphs: DecodeGraphs | None = None
 
     def lag(self, req: Request) -> int:
         """Tokens of ``req`` the draft has not run yet (its next catch-up), prefix-cache reuse not counted."""
@@ -202,7 +206,11 @@ class DraftModelProposer:
         packed = pack_inputs([Chunk(list(toks), pos, block_ids[i]) for i, toks, pos in batch], self.block_size,
                              self.device)
         input_ids, rows = packed.input_ids, packed.last_rows
-        hidden = self.model.forward(packed.input_ids, packed.positions, packed.meta)  # [T, hidden]
+        graphs = self.decode_graphs
+        if last_only and graphs is not None and graphs.supports(packed.meta):  # one token per request
+            hidden = graphs.run(packed.input_ids, packed.positions, packed.meta)  # [B, hidden]
+        else:
+            hidden = self.model.forward(packed.input_ids, packed.positions, packed.meta)  # [T, hidden]
         self.num_forwards += 1
         self.num_tokens_computed += int(input_ids.numel())
         if last_only:

@@ -17,7 +17,7 @@ from fastinfer.config import EngineConfig, SpeculativeConfig
 from fastinfer.core.outputs import ModelRunnerOutput, SchedulerOutput
 from fastinfer.distributed.communication import all_reduce_min
 from fastinfer.distributed.parallel_state import tp_rank, tp_size
-from fastinfer.models.interface import allocate_kv_caches, forward_sequence, moe_blocks, scratch_kv_cache
+from fastinfer.models.interface import CausalLM, allocate_kv_caches, forward_sequence, moe_blocks, scratch_kv_cache
 from fastinfer.models.loader import LoadedModel, load_model
 from fastinfer.ops import OpSet
 from fastinfer.sampling_params import StructuredOutputsParams
@@ -132,7 +132,9 @@ class Worker:
         self.grammars = GrammarCompiler(self.tokenizer, loaded.config.vocab_size, eos)
         self.runner = ModelRunner(loaded.model, kv, bs, self.ops, self.device, generator, speculator, self.kv_layout,
                                   self.grammars)
-        self.runner.decode_graphs = self._decode_graphs(*config.decode_mode())
+        self.runner.decode_graphs = self._decode_graphs(self.model, *config.decode_mode())
+        if isinstance(self.proposer, DraftModelProposer) and self.runner.decode_graphs is not None:
+            self.proposer.decode_graphs = self._decode_graphs(self.proposer.model, *config.decode_mode(), "draft")
         ahead = (self.spec.num_speculative_tokens
                  if self.spec is not None and self.proposer is not None and self.proposer.needs_kv_slots else 0)
         self.info = WorkerInfo(loaded.config.vocab_size, eos, self.max_model_len, self.num_kv_blocks, ahead,
@@ -142,10 +144,10 @@ class Worker:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(sched)
 
-    def decode_graph_runs(self) -> int:
+    def decode_graph_runs(self, draft: bool = False) -> int:
         """Decode steps served by the fixed-size decode path (CUDA graphs / compiled / static) so far; 0 when
-        decode runs eagerly."""
-        g = self.runner.decode_graphs
+        decode runs eagerly. ``draft``: the draft model's single-token steps instead of the target's."""
+        g = self.runner.decode_graphs if not draft else getattr(self.proposer, "decode_graphs", None)
         return 0 if g is None else g.num_runs
 
     def check_grammar(self, params: StructuredOutputsParams) -> None:
@@ -200,9 +202,11 @@ class Worker:
             torch.set_num_threads(max(1, usable_cpus() // local_size))
             logger.info("tensor-parallel rank %d: %d CPU threads", tp_rank(), torch.get_num_threads())
 
-    def _decode_graphs(self, mode: str, sizes: list[int] | None) -> DecodeGraphs | None:
-        """The padded fixed-size decode step (``EngineConfig.decode_mode``), captured now; None (eager decode,
-        logged with the reason) where it cannot run."""
+    def _decode_graphs(self, model: CausalLM, mode: str, sizes: list[int] | None, what: str = "decode step",
+                       ) -> DecodeGraphs | None:
+        """The padded fixed-size decode step of ``model`` (the served model, or ``what="draft"`` the draft model,
+        whose KV cache is bound already) in ``EngineConfig.decode_mode``, captured now; None (eager decode, logged
+        with the reason) where it cannot run."""
         if mode == "auto":
             mode = "cuda_graph" if self.device.type == "cuda" else "eager"
         if mode != "eager" and tp_size() > 1:
@@ -222,12 +226,12 @@ class Worker:
         if why is not None:
             logger.warning("decode step: %s asked for, running eager: %s", mode, why)
             return None
-        graphs = DecodeGraphs(self.model, self.device, mode, capture_sizes(self.config.max_num_seqs, sizes),
-                              self.max_model_len, self.config.block_size)
+        graphs = DecodeGraphs(model, self.device, mode, capture_sizes(self.config.max_num_seqs, sizes),
+                              self.max_model_len, self.config.block_size, what)
         try:
             graphs.capture()
         except Exception as e:  # a host sync or an unsupported op inside the forward: say so, serve eagerly
-            logger.warning("decode step: %s failed (%s: %s); running eager", mode, type(e).__name__, e)
+            logger.warning("%s: %s failed (%s: %s); running eager", what, mode, type(e).__name__, e)
             return None
         return graphs
 

@@ -31,6 +31,9 @@ def eager(tiny_llm):
 
 
 STATIC = {"mode": "static", "cudagraph_capture_sizes": [1, 2, 4, 8]}
+# the target's int4 self-draft, drafting at every batch size (lossless: greedy tokens equal plain decoding)
+DRAFT_SPEC = {"method": "draft_model", "quantization": "int4-g32", "num_speculative_tokens": 3, "cost_aware": False,
+              "disable_by_batch_size": 64}
 
 
 @pytest.mark.parametrize("kw", [
@@ -39,12 +42,15 @@ STATIC = {"mode": "static", "cudagraph_capture_sizes": [1, 2, 4, 8]}
     {"num_kv_blocks": 20, "block_size": 4, "max_model_len": 64},  # preemption
     {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
                             "disable_by_batch_size": 64}},
-], ids=["plain", "chunked", "preempted", "ngram-spec"])
+    {"speculative_config": DRAFT_SPEC},  # the draft's single-token steps run padded too
+], ids=["plain", "chunked", "preempted", "ngram-spec", "draft-spec"])
 def test_static_decode_equals_eager(tiny_llm, eager, kw):
     llm = tiny_llm("llama", max_num_seqs=8, compilation_config=STATIC, **kw)
     got = _tokens(llm.generate(PROMPTS, SPS, use_tqdm=False))
     assert got == eager
     assert llm.engine.worker.decode_graph_runs() > 0
+    if kw.get("speculative_config") is DRAFT_SPEC:
+        assert llm.engine.worker.decode_graph_runs(draft=True) > 0
     if "num_kv_blocks" in kw:
         assert llm.engine.scheduler.num_preemptions > 0
     again = _tokens(llm.generate(PROMPTS, SPS, use_tqdm=False))  # prefix-cache hits, same tokens
@@ -92,7 +98,8 @@ def test_modes_that_cannot_run_are_logged_not_hidden(tiny_llm, caplog):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kw", [{}, {"num_kv_blocks": 20, "block_size": 4, "max_model_len": 64},
                                 {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3,
-                                                        "disable_by_batch_size": 64}}])
+                                                        "disable_by_batch_size": 64}},
+                                {"speculative_config": DRAFT_SPEC}])
 def test_cuda_graphs_equal_eager(tiny_llm, kw):
     want = _tokens(tiny_llm("llama", device="cuda", enforce_eager=True, **kw).generate(PROMPTS, SPS, use_tqdm=False))
     llm = tiny_llm("llama", device="cuda", max_num_seqs=8,
@@ -107,3 +114,12 @@ def test_compiled_decode_equals_eager(tiny_llm, eager):
     llm = tiny_llm("llama", max_num_seqs=8, compilation_config={"mode": "compile", "cudagraph_capture_sizes": [8]})
     assert _tokens(llm.generate(PROMPTS, SPS, use_tqdm=False)) == eager
     assert llm.engine.worker.decode_graph_runs() > 0
+
+
+def test_compiled_draft_steps_equal_eager(tiny_llm, eager):
+    """With a draft model the draft's single-token steps are compiled too (its own rung of 8): still the eager
+    tokens, and both step kinds ran compiled."""
+    llm = tiny_llm("llama", max_num_seqs=8, compilation_config={"mode": "compile", "cudagraph_capture_sizes": [8]},
+                   speculative_config=DRAFT_SPEC)
+    assert _tokens(llm.generate(PROMPTS, SPS, use_tqdm=False)) == eager
+    assert llm.engine.worker.decode_graph_runs() > 0 and llm.engine.worker.decode_graph_runs(draft=True) > 0
