@@ -67,7 +67,8 @@ class DraftModelProposer:
         self.num_nonfinite = 0  # draft rows with NaN/inf logits (their proposal stops there)
         self.num_reused_tokens = 0  # tokens of (re)starting requests whose draft KV came from valid_blocks
         # The draft's own fixed-size decode step (set by the worker in the target's decode mode): its single-token
-        # steps then run padded / compiled / replayed like the target's decode steps.
+        # forwards (draft steps, and catch-ups of one token: the target accepted every draft) then run padded /
+        # compiled / replayed like the target's decode steps.
         self.decode_graphs: DecodeGraphs | None = None
 
     def lag(self, req: Request) -> int:
@@ -207,8 +208,8 @@ class DraftModelProposer:
                              self.device)
         input_ids, rows = packed.input_ids, packed.last_rows
         graphs = self.decode_graphs
-        if last_only and graphs is not None and graphs.supports(packed.meta):  # one token per request
-            hidden = graphs.run(packed.input_ids, packed.positions, packed.meta)  # [B, hidden]
+        if graphs is not None and graphs.supports(packed.meta):  # one token per request (drafts, or a catch-up
+            hidden = graphs.run(packed.input_ids, packed.positions, packed.meta)  # of the bonus token): [B, hidden]
         else:
             hidden = self.model.forward(packed.input_ids, packed.positions, packed.meta)  # [T, hidden]
         self.num_forwards += 1
