@@ -20,6 +20,7 @@ from fastinfer.quantization import (
     quantize_int4,
     quantize_int8,
     register_method,
+    resolve_method,
     unpack_int4,
     unregister_method,
 )
@@ -73,6 +74,14 @@ def test_group_size_fallback_and_method_names():
     for bad in ("int3", "int4-g48", "fp8", ""):
         with pytest.raises(ValueError, match="not supported"):
             parse_method(bad)
+    qm, group = resolve_method("int4-g32")
+    assert qm is get_method("int4") and group == 32
+    assert resolve_method("int4-g32", 64) == (get_method("int4"), 64)  # an explicit group size wins
+    assert resolve_method("int8") == (get_method("int8"), None)
+    with pytest.raises(ValueError, match="method is required"):
+        resolve_method(None)
+    with pytest.raises(ValueError, match="not supported"):
+        resolve_method("int3")
 
 
 def test_format_validation_errors():

@@ -36,7 +36,7 @@ from fastinfer.layers.moe import SparseMoeBlock
 from fastinfer.models.interface import KVCaches, LayerKVSpec, RotationPlan
 from fastinfer.ops import AttentionMetadata, OpSet
 from fastinfer.quantization.format import QuantizedWeight
-from fastinfer.quantization.methods import QuantMethod, get_method, parse_method
+from fastinfer.quantization.methods import QuantMethod, resolve_method
 
 
 def input_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None,
@@ -147,24 +147,20 @@ class DecoderForCausalLM(nn.Module):
         channel, "int4" group ``group_size`` (default 128), "int4-g64", ...); the lm_head (for tied models: a
         quantized copy of the embedding, which itself stays dense for lookups) gets ``lm_head`` (int8 per
         channel by default, None keeps it float)."""
-        spec = parse_method(method)
-        assert spec.method is not None
-        qm = get_method(spec.method)
+        qm, group = resolve_method(method, group_size)
         for name, m in self.quantizable_layers().items():
             if m.quantized or name == "lm_head":
                 continue
             assert m.weight is not None
-            qw = qm.quantize_weight(m.weight.data, self._row_group(qm, m, group_size or spec.group_size))
+            qw = qm.quantize_weight(m.weight.data, self._row_group(qm, m, group))
             if qw is not None:
                 m.set_quantized(qw, qm)
         if lm_head is None or (self.lm_head is not None and self.lm_head.quantized):
             return
-        head_spec = parse_method(lm_head)
-        assert head_spec.method is not None
-        hm = get_method(head_spec.method)
+        hm, head_group = resolve_method(lm_head)
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         assert w is not None
-        qw = hm.quantize_weight(w.data, head_spec.group_size)
+        qw = hm.quantize_weight(w.data, head_group)
         if qw is not None:
             self._set_lm_head(qw, hm)
 

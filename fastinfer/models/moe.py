@@ -29,7 +29,7 @@ from fastinfer.models.base import PreNormDecoderLayer, layer_sliding_window
 from fastinfer.models.interface import RotationPlan
 from fastinfer.models.llama import LlamaForCausalLM
 from fastinfer.ops import OpSet
-from fastinfer.quantization.methods import get_method, parse_method
+from fastinfer.quantization.methods import resolve_method
 
 logger = logging.getLogger("fastinfer.models")
 
@@ -113,11 +113,9 @@ class MoEForCausalLM(LlamaForCausalLM):
         """The dense projections as every model's, then each MoE layer's experts with the same method (its
         ``quantize_experts``: per expert, stacked); the routers and the shared-expert gate stay float."""
         super().quantize(method, group_size, lm_head)
-        spec = parse_method(method)
-        assert spec.method is not None
-        qm = get_method(spec.method)
+        qm, group = resolve_method(method, group_size)
         blocks = [b for b in self.moe_layers() if isinstance(b, SparseMoeBlock)]
-        done = sum(b.experts.quantize(qm, group_size or spec.group_size) for b in blocks)
+        done = sum(b.experts.quantize(qm, group) for b in blocks)
         logger.info("%s: %s experts of %d of %d MoE layers", self.config.architecture,
                     f"quantized ({method})" if done else f"left float ({method} creates no weights)", done,
                     len(blocks))

@@ -24,6 +24,7 @@ from fastinfer.quantization.methods import (
     method_of,
     parse_method,
     register_method,
+    resolve_method,
     supported_methods,
     unregister_method,
 )
@@ -41,7 +42,7 @@ _LAZY = {
 
 __all__ = [
     "QuantMethod", "QuantSpec", "get_method", "method_for", "method_of", "parse_method", "register_method",
-    "supported_methods", "unregister_method",
+    "resolve_method", "supported_methods", "unregister_method",
     "QuantizedWeight", "dequantize", "from_tensors", "pack_int4", "unpack_int4", "INT4_GROUP_SIZES",
     "fit_group_size", "quantize", "quantize_int4", "quantize_int8",
 ]

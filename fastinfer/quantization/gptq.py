@@ -16,7 +16,7 @@ import torch
 
 from fastinfer.models.interface import CausalLM, forward_sequence, scratch_kv_cache
 from fastinfer.quantization.format import QuantizedWeight, pack_int4
-from fastinfer.quantization.methods import get_method, parse_method
+from fastinfer.quantization.methods import resolve_method
 
 logger = logging.getLogger("fastinfer")
 
@@ -111,11 +111,9 @@ def gptq_quantize_model(model: CausalLM, sequences: Sequence[list[int]], method:
     """Quantize every dense projection of ``model`` with GPTQ on the calibration ``sequences`` (token ids) into
     the weights of ``method`` (a registered method that supports calibration: int8, int4; its group size rule
     decides each layer's group); the lm_head takes RTN ``lm_head`` as in :meth:`CausalLM.quantize`."""
-    spec = parse_method(method)
-    qm = get_method(spec.method) if spec.method is not None else None
-    if qm is None or not qm.supports_calibration or qm.bits not in (4, 8):
+    qm, group_size = resolve_method(method, group_size)
+    if not qm.supports_calibration or qm.bits not in (4, 8):
         raise ValueError(f"GPTQ method must be int4 or int8, got {method!r}")
-    group_size = group_size or spec.group_size
     layers = model.quantizable_layers()
     hessians = collect_hessians(model, sequences)
     for name, (h, count) in hessians.items():

@@ -156,6 +156,15 @@ def method_of(spec: str | None) -> QuantMethod | None:
     return None if name is None else get_method(name)
 
 
+def resolve_method(spec: str | None, group_size: int | None = None) -> tuple[QuantMethod, int | None]:
+    """The method a ``quantization=`` string names and the group size to use (``group_size`` if given, else the
+    spec's own, e.g. 32 for "int4-g32"; None: the method's rule per layer). ValueError for no or an unknown method."""
+    parsed = parse_method(spec)
+    if parsed.method is None:
+        raise ValueError("a quantization method is required here, got None")
+    return get_method(parsed.method), group_size or parsed.group_size
+
+
 def method_for(qw: QuantizedWeight) -> QuantMethod:
     """The method that applies a weight in the shared format whose method is not known (a tensor loaded from a
     file): int8 or int4 by its bits."""
