@@ -217,7 +217,8 @@ def check_engine_request_surface(ctx: Any) -> None:
 
 def check_engine_decode_graphs(ctx: Any) -> None:
     """The captured decode step (CUDA graphs; the padded static path in the dry run) gives the eager tokens with
-    batch sizes between the rungs, requests finishing mid-run, preemption and n-gram speculation."""
+    batch sizes between the rungs, requests finishing mid-run, preemption, n-gram speculation and the int4
+    self-draft (whose own decode steps are captured as well)."""
     from fastinfer import SamplingParams
 
     n = 4 if ctx.dry else 7  # dry: batches 4, 3 (between rungs), 2, 1 under the interpreter
@@ -225,13 +226,18 @@ def check_engine_decode_graphs(ctx: Any) -> None:
     sps = [SamplingParams(temperature=0, max_tokens=(2 if ctx.dry else 10) + 3 * i, ignore_eos=True) for i in range(n)]
     rungs = [1, 2, 4] if ctx.dry else [1, 2, 4, 8]
     cc = {"mode": "static" if ctx.dry else "cuda_graph", "cudagraph_capture_sizes": rungs}
+    draft = {"method": "draft_model", "quantization": "int4-g32", "num_speculative_tokens": 3, "cost_aware": False,
+             "disable_by_batch_size": 64}  # the int4 self-draft: its single-token steps are captured too
     cases = [{}, {"num_kv_blocks": 70, "block_size": 16},  # preempts at full size (1120 slots)
-             {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "disable_by_batch_size": 64}}]
+             {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "disable_by_batch_size": 64}},
+             {"speculative_config": draft}]
     for kw in cases[:1] if ctx.dry else cases:  # the dry run (Triton interpreter) checks the code path once
         want = _tokens(_llm(ctx, enforce_eager=True, **kw).generate(prompts, sps, use_tqdm=False))
         llm = _llm(ctx, max_num_seqs=8, compilation_config=cc, **kw)
         assert _tokens(llm.generate(prompts, sps, use_tqdm=False)) == want, f"captured decode differs ({kw})"
         assert llm.engine.worker.decode_graph_runs() > 0, "no step ran captured"
+        if kw.get("speculative_config") is draft:
+            assert llm.engine.worker.decode_graph_runs(draft=True) > 0, "no draft step ran captured"
     ctx.emit({"case": "engine_decode_graphs", "mode": cc["mode"], "rungs": ",".join(map(str, rungs))})
 
 
