@@ -147,24 +147,20 @@ def decode_table(args, single_ids, hf, rows) -> None:
     path = resolve_model_path(args.model)
     cpp = (llama_cpp_rate(path, single_ids, args.single_tokens, args.repeats, torch.get_num_threads())
            if path.endswith(".gguf") and not args.skip_llama_cpp else None)
-    hf_rate = hf.get("float32", {}).get("decode_tok_s")
-    hf_bf16 = hf.get("bfloat16", {}).get("decode_tok_s")
-    for label, kw in DECODE_CASES + (BF16_DECODE_CASES if hf_bf16 else []):
+    hf_rate = {dt: r["decode_tok_s"] for dt, r in hf.items() if r.get("decode_tok_s")}  # HF decode per dtype
+    for label, kw in DECODE_CASES + (BF16_DECODE_CASES if "bfloat16" in hf_rate else []):
         t = time.perf_counter()
         llm = LLM(args.model, max_model_len=args.max_model_len, max_num_seqs=1, load_progress=False, **kw)
         start_s = time.perf_counter() - t
         rate = single_stream_rate(llm, single_ids, args.single_tokens, args.repeats)
         nbytes = weight_bytes_per_token(llm)
-        base, ref = ((cpp, "llama.cpp") if "int4" in label else (hf_bf16, "hf bfloat16")
-                     if kw["dtype"] == "bfloat16" else (hf_rate, "hf float32"))
+        base, ref = (cpp, "llama.cpp") if "int4" in label else (hf_rate.get(kw["dtype"]), f"hf {kw['dtype']}")
         emit({"case": "decode", "engine": f"fastinfer {label}", "tok_s": rate, "vs": ref,
               "ratio": rate / base if base else None, "weight_mb": nbytes / 1e6,
               "of_read_bw": nbytes * rate / (read_bw * 1e9), "start_s": start_s}, rows)
         del llm
-    if hf_rate:
-        emit({"case": "decode", "engine": "hf generate float32", "tok_s": hf_rate}, rows)
-    if hf_bf16:
-        emit({"case": "decode", "engine": "hf generate bfloat16", "tok_s": hf_bf16}, rows)
+    for dt, rate in hf_rate.items():
+        emit({"case": "decode", "engine": f"hf generate {dt}", "tok_s": rate}, rows)
     if cpp:
         emit({"case": "decode", "engine": "llama.cpp Q4_1", "tok_s": cpp}, rows)
 

@@ -311,9 +311,10 @@ class TransformersForCausalLM(nn.Module):
         return [LayerKVSpec(la.num_kv_heads, la.head_size, la.sliding_window) for la in self.layers]
 
     def bind_kv_cache(self, caches: KVCaches) -> None:
+        dtype = model_dtype(self)
         for layer, (k, v) in zip(self.layers, caches, strict=True):
             layer.k_cache, layer.v_cache = k, v
-            layer.key_rotation = key_rotation(k, layer.head_size, model_dtype(self))
+            layer.key_rotation = key_rotation(k, layer.head_size, dtype)
         self.kv_caches = caches
 
     def quantizable_layers(self) -> dict[str, Any]:

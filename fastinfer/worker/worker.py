@@ -210,11 +210,11 @@ class Worker:
         if mode == "auto":
             mode = "cuda_graph" if self.device.type == "cuda" else "eager"
         if mode != "eager" and tp_size() > 1:
-            logger.warning("decode step: %s asked for, running eager: not captured under tensor parallelism yet",
+            logger.warning("%s: %s asked for, running eager: not captured under tensor parallelism yet", what,
                            mode)
             mode = "eager"
         if mode == "eager":
-            logger.info("decode step: eager%s", " (enforce_eager)" if self.config.enforce_eager else "")
+            logger.info("%s: eager%s", what, " (enforce_eager)" if self.config.enforce_eager else "")
             return None
         why = None
         if self.ops.chosen.get("paged_attention") == "torch" or self._fp8_kv_on_torch():
@@ -224,7 +224,7 @@ class Worker:
         elif mode == "cuda_graph" and self.device.type != "cuda":
             why = "CUDA graphs need a CUDA device"
         if why is not None:
-            logger.warning("decode step: %s asked for, running eager: %s", mode, why)
+            logger.warning("%s: %s asked for, running eager: %s", what, mode, why)
             return None
         graphs = DecodeGraphs(model, self.device, mode, capture_sizes(self.config.max_num_seqs, sizes),
                               self.max_model_len, self.config.block_size, what)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from fastinfer import LLM, SamplingParams
+from fastinfer.verify import position_stats
 from tests.models.test_smollm2_gguf import PROMPTS as SMOLLM2_PROMPTS
 
 TEXT = Path(__file__).resolve().parents[1] / "data" / "python_docs_prose.txt"
@@ -38,6 +39,11 @@ def first_divergence(a: list[int], b: list[int]) -> int:
 def agreement(ours: list[list[int]], ref: list[list[int]], length: int) -> float:
     """Positions before each prompt's first divergence, over all positions (see the module docstring)."""
     return sum(first_divergence(a, b) for a, b in zip(ours, ref)) / (length * len(ref))
+
+
+def mean_kl(ref_llm: LLM, llm: LLM, ids: list[int]) -> float:
+    """Mean KL(ref || ours) of the next-token distributions at every position of ``ids`` (fastinfer verify's)."""
+    return position_stats(ref_llm.prompt_logits(ids), llm.prompt_logits(ids))["kl"].mean().item()
 
 
 def test_agreement_metric():
@@ -64,9 +70,7 @@ def _quality_gate(model: str, prompts: list[str], max_kl: float = 3e-4) -> None:
     ppl_int8 = perplexity(net, ids, window=1024, kv_cache_dtype="int8").perplexity
     assert abs(ppl_int8 / ppl_float - 1) < 0.005, (ppl_float, ppl_int8)
     assert ppl_int8 != ppl_float  # the scratch cache really was int8
-    ref_lp = torch.log_softmax(float_llm.prompt_logits(ids[:KL_TOKENS]).float(), -1)
-    int8_lp = torch.log_softmax(int8_llm.prompt_logits(ids[:KL_TOKENS]).float(), -1)
-    kl = (ref_lp.exp() * (ref_lp - int8_lp)).sum(-1).mean().item()
+    kl = mean_kl(float_llm, int8_llm, ids[:KL_TOKENS])
 
     sp = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = float_llm.generate(prompts, sp, use_tqdm=False)
@@ -89,7 +93,6 @@ def _quality_gate(model: str, prompts: list[str], max_kl: float = 3e-4) -> None:
 
 def test_int8_kv_quality_gate(smollm2_path):
     _quality_gate(smollm2_path, PROMPTS)
-
 
 
 def test_keys_with_outlier_channels_keep_their_precision(tmp_path, smollm2_tokenizer_dir):
@@ -117,9 +120,8 @@ def test_keys_with_outlier_channels_keep_their_precision(tmp_path, smollm2_token
                 w[h * d + 1 + d // 2] *= 40
     path = save_tiny_model(model, tmp_path / "outliers", smollm2_tokenizer_dir)
     kw = dict(dtype="float32", max_model_len=256, load_progress=False, enable_prefix_caching=False)
-    ids = LLM(path, **kw).get_tokenizer().encode(TEXT.read_text())[:200]
-    ref = torch.log_softmax(LLM(path, **kw).prompt_logits(ids).float(), -1)
-    ours = torch.log_softmax(LLM(path, kv_cache_dtype="int8", **kw).prompt_logits(ids).float(), -1)
-    kl = (ref.exp() * (ref - ours)).sum(-1).mean().item()
+    float_llm = LLM(path, **kw)
+    ids = float_llm.get_tokenizer().encode(TEXT.read_text())[:200]
+    kl = mean_kl(float_llm, LLM(path, kv_cache_dtype="int8", **kw), ids)
     print(f"key outliers: mean KL int8 vs float KV {kl:.2e}")
     assert 0 < kl < 3e-4, kl
