@@ -39,6 +39,7 @@ constexpr int64_t kTargetQueries = FI_TARGET_QUERIES;  // queries (rows x heads)
 constexpr int64_t kAllHeadsQueries = 64;  // items with at most this many queries take every KV head
 constexpr int64_t kMinSplit = 256;      // never split a context into parts shorter than this
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kRescaleLog2 = 8.f;  // conditional softmax rescaling: probabilities stay below 2^8
 
 // One unit of parallel work: sequence `seq`, KV heads kvh .. kvh + nkvh - 1, query rows row0 ..
 // row0 + nrows - 1 of that sequence, key positions [lo, hi). `partial` >= 0: offset (floats) of its slab in
@@ -50,10 +51,11 @@ struct Item {
   double cost;
 };
 
-// Per-thread scratch (fp32), all 64-byte aligned: q, acc [M][D]; kt [D][16]; vf [16][D]; pr [M][16]; small
-// per-query arrays.
+// Per-thread scratch (fp32), all 64-byte aligned: q, acc [M][D]; kt [D][16]; vf [16][D]; pr, sumv [M][16];
+// small per-query arrays.
 struct Scratch {
-  float *qf, *acc, *kt, *vf, *pr, *mx, *sum, *alpha;
+  float *qf, *acc, *kt, *vf, *pr, *sumv, *mx, *sum, *alpha, *qsc;
+  int16_t* qi;  // int8 KV with 16-bit dots: q codes [M][D] and their scales qsc [M]
   int64_t *lo, *hi;
   uint32_t* mask;
 };
@@ -66,8 +68,8 @@ Scratch thread_scratch(int64_t D, int64_t M) {
   thread_local std::unique_ptr<float, AlignedFree> buf;
   thread_local size_t cap = 0;
   auto round16 = [](int64_t n) { return size_t((n + 15) / 16 * 16); };  // 64 bytes
-  const size_t need = 2 * round16(M * D) + 2 * round16(D * kChunk) + round16(M * kChunk) +
-                      3 * round16(M) + 2 * round16(2 * M) + round16(M);
+  const size_t need = 2 * round16(M * D) + 2 * round16(D * kChunk) + 2 * round16(M * kChunk) +
+                      4 * round16(M) + round16((M * D + 1) / 2) + 2 * round16(2 * M) + round16(M);
   Scratch s{};
   if (need > cap) {
     buf.reset(static_cast<float*>(std::aligned_alloc(64, need * sizeof(float))));
@@ -80,9 +82,12 @@ Scratch thread_scratch(int64_t D, int64_t M) {
   s.kt = p, p += round16(D * kChunk);
   s.vf = p, p += round16(D * kChunk);
   s.pr = p, p += round16(M * kChunk);
+  s.sumv = p, p += round16(M * kChunk);
   s.mx = p, p += round16(M);
   s.sum = p, p += round16(M);
   s.alpha = p, p += round16(M);
+  s.qsc = p, p += round16(M);
+  s.qi = reinterpret_cast<int16_t*>(p), p += round16((M * D + 1) / 2);
   s.lo = reinterpret_cast<int64_t*>(p), p += round16(2 * M);
   s.hi = reinterpret_cast<int64_t*>(p), p += round16(2 * M);
   s.mask = reinterpret_cast<uint32_t*>(p);
@@ -164,12 +169,17 @@ struct GenericOps {
     for (int i = 0; i < 16; ++i) s += a.v[i];
     return s;
   }
+  static FI_INLINE bool any_gt(const V& a, float b) {
+    bool r = false;
+    for (int i = 0; i < 16; ++i) r |= a.v[i] > b;
+    return r;
+  }
   static FI_INLINE V select(uint32_t mask, const V& a, const V& b) {
     V r;
     for (int i = 0; i < 16; ++i) r.v[i] = (mask >> i) & 1u ? a.v[i] : b.v[i];
     return r;
   }
-  // 2^x for x <= 0 in the lanes of `mask`, 0 elsewhere (degree-7 polynomial on [-0.5, 0.5], ~1 ulp).
+  // 2^x for x <= kRescaleLog2 in the lanes of `mask`, 0 elsewhere (degree-7 polynomial on [-0.5, 0.5], ~1 ulp).
   static FI_INLINE V exp2_maskz(uint32_t mask, const V& x) {
     V r;
     for (int i = 0; i < 16; ++i) {
@@ -202,6 +212,14 @@ struct GenericOps {
     for (int i = 0; i < 16; ++i)
       for (int j = i + 1; j < 16; ++j) std::swap(r[i].v[j], r[j].v[i]);
   }
+  // int8 KV: 16-bit integer dot products (QK and PV); only the AVX-512 VNNI variant has them.
+  template <class T, class C>
+  static FI_INLINE bool i16_dots(const T*, const C*, int64_t) {
+    return false;
+  }
+  static float quantize_i16(const float*, int64_t, int16_t*) { return 0.f; }
+  static void qk_rows_i16(const int16_t*, const float*, int, const int8_t* const*, int64_t, int64_t, V*) {}
+  static void pv_rows_i16(float*, int64_t, const float*, const float*, int, const int8_t* const*, int64_t, int) {}
   // Scores of one query against n <= 16 cache rows; this API always uses the transposed-K path instead.
   template <class T>
   static FI_INLINE bool rows_qk(const T*, int64_t, int64_t) {
@@ -239,6 +257,13 @@ bool g_dpbf16 = false;  // the avx512_bf16 variant: bf16 scores with VDPBF16PS (
 // options would make GCC treat the definition as a separate function version).
 using QkDpFn = void (*)(const bf16_t* const*, int, const bf16_t* const*, int64_t, int64_t, float, __m512*);
 QkDpFn g_qk_rows_dpbf16 = nullptr;
+// The int8-KV 16-bit dot products (VPDPWSSD, AVX512-VNNI), defined below under that target; g_i16: use them
+// (set per call: the avx512_bf16 variant on a CPU with VNNI).
+bool g_i16 = false;
+using QkI16Fn = void (*)(const int16_t*, const float*, int, const int8_t* const*, int64_t, int64_t, __m512*);
+using PvI16Fn = void (*)(float*, int64_t, const float*, const float*, int, const int8_t* const*, int64_t, int);
+QkI16Fn g_qk_rows_i16 = nullptr;
+PvI16Fn g_pv_rows_i16 = nullptr;
 
 // The loads / stores / conversions of cpu_vec.h plus what the attention kernel needs.
 struct Avx512Ops : Avx512Vec {
@@ -249,6 +274,7 @@ struct Avx512Ops : Avx512Vec {
   static FI_INLINE void store(float* p, V a) { _mm512_storeu_ps(p, a); }
   static FI_INLINE float hmax(V a) { return _mm512_reduce_max_ps(a); }
   static FI_INLINE V select(uint32_t mask, V a, V b) { return _mm512_mask_blend_ps(__mmask16(mask), b, a); }
+  static FI_INLINE bool any_gt(V a, float b) { return _mm512_cmp_ps_mask(a, _mm512_set1_ps(b), _CMP_GT_OQ) != 0; }
   static FI_INLINE V exp2_maskz(uint32_t mask, V x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-127.f));
     const V n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -329,25 +355,75 @@ struct Avx512Ops : Avx512Vec {
     return g_dpbf16 && D % 32 == 0 && mh <= FI_ROWS_MAX_BF16;
   }
   // rows[t] must be readable for all 16 t (the caller repeats a real row past n; those lanes are masked).
-  template <class T>
-  static FI_INLINE V qk_rows_cvt(const float* qf, const T* const* rows, int64_t hoff, int64_t D) {
-    V a[16];
-    for (int t = 0; t < 16; ++t) a[t] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; d += 16) {  // 16 independent accumulators: throughput, not latency, bound
-      const V qv = load(qf + d);
-      for (int t = 0; t < 16; ++t) a[t] = _mm512_fmadd_ps(qv, load_cvt(rows[t] + hoff + d), a[t]);
+  // Scores of NQ queries (fp32, pre-scaled) against the 16 rows: R rows at a time, each row converted once and
+  // used by every query (NQ x R independent accumulators); per (query, row) the sum runs over d in the same
+  // order for every R, so the scores do not depend on how many queries share the pass.
+  template <int NQ, class T>
+  static FI_INLINE void qk_rows_nq(const float* qf, const T* const* rows, int64_t hoff, int64_t D, V* s) {
+    constexpr int R = NQ == 1 ? 16 : NQ <= 3 ? 8 : 4;  // NQ <= 4
+    V a[NQ][16];
+    for (int t0 = 0; t0 < 16; t0 += R) {
+      V r[NQ][R];
+      for (int j = 0; j < NQ; ++j)
+        for (int t = 0; t < R; ++t) r[j][t] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 16)
+        for (int t = 0; t < R; ++t) {
+          const V x = load_cvt(rows[t0 + t] + hoff + d);
+          for (int j = 0; j < NQ; ++j) r[j][t] = _mm512_fmadd_ps(load(qf + j * D + d), x, r[j][t]);
+        }
+      for (int j = 0; j < NQ; ++j)
+        for (int t = 0; t < R; ++t) a[j][t0 + t] = r[j][t];
     }
-    return reduce16(a);
+    for (int j = 0; j < NQ; ++j) s[j] = reduce16(a[j]);
   }
   // Scores of the nq queries (raw q[j], or qf + j D: fp32 pre-scaled) against the 16 rows, into s[j].
   template <class T, class C>
   static FI_INLINE void qk_rows(const T* const*, const float* qf, int nq, const C* const* rows, int64_t hoff,
                                 int64_t D, float, V* s) {
-    for (int j = 0; j < nq; ++j) s[j] = qk_rows_cvt(qf + j * D, rows, hoff, D);
+    for (int j0 = 0; j0 < nq; j0 += 4) {  // at most FI_ROWS_MAX_F32 = 8 queries per KV head come here
+      const float* qj = qf + j0 * D;
+      switch (nq - j0) {
+        case 1: qk_rows_nq<1>(qj, rows, hoff, D, s + j0); break;
+        case 2: qk_rows_nq<2>(qj, rows, hoff, D, s + j0); break;
+        case 3: qk_rows_nq<3>(qj, rows, hoff, D, s + j0); break;
+        default: qk_rows_nq<4>(qj, rows, hoff, D, s + j0); break;
+      }
+    }
   }
   static FI_INLINE void qk_rows(const bf16_t* const* q, const float*, int nq, const bf16_t* const* rows, int64_t hoff,
                                 int64_t D, float qscale, V* s) {
     g_qk_rows_dpbf16(q, nq, rows, hoff, D, qscale, s);
+  }
+  // int8 KV under a bf16 / fp16 model: q as 16-bit codes (a scale per query), keys and values widened to 16
+  // bits, probabilities (times the value scales) as 16-bit codes per chunk; exact integer sums (VPDPWSSD).
+  // The two roundings (2^-16 of q's and of the chunk's largest weight) are far below the cache's own int8
+  // step and the bf16 / fp16 output; an fp32 model keeps the exact fp32 path.
+  template <class T, class C>
+  static FI_INLINE bool i16_dots(const T*, const C*, int64_t) {
+    return false;
+  }
+  template <class T>
+  static FI_INLINE bool i16_dots(const T*, const int8_t*, int64_t D) {
+    return !std::is_same<T, float>::value && g_i16 && D % 32 == 0;
+  }
+  // x[0 : D] as 16-bit codes of its largest |element| (D % 16 == 0); returns the scale (code 32767 = max |x|).
+  static FI_INLINE float quantize_i16(const float* x, int64_t D, int16_t* out) {
+    V m = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + d)));
+    const float amax = _mm512_reduce_max_ps(m);
+    const V inv = _mm512_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+    for (int64_t d = 0; d < D; d += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + d),
+                          _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + d), inv))));
+    return amax / 32767.f;
+  }
+  static FI_INLINE void qk_rows_i16(const int16_t* qi, const float* qsc, int nq, const int8_t* const* rows,
+                                    int64_t hoff, int64_t D, V* s) {
+    g_qk_rows_i16(qi, qsc, nq, rows, hoff, D, s);
+  }
+  static FI_INLINE void pv_rows_i16(float* acc, int64_t D, const float* w, const float* alpha, int nq,
+                                    const int8_t* const* rows, int64_t hoff, int n) {
+    g_pv_rows_i16(acc, D, w, alpha, nq, rows, hoff, n);
   }
 };
 
@@ -369,6 +445,101 @@ __attribute__((noinline)) void qk_rows_dpbf16(const bf16_t* const* q, int nq, co
   }
 }
 const bool g_qk_rows_dpbf16_set = (g_qk_rows_dpbf16 = qk_rows_dpbf16, true);
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512vnni")
+// Scores (times qsc[j]) of NQ queries, 16-bit codes qi + j D, against the 16 int8 rows (unscaled by the row
+// scales): R rows at a time, each row widened once; the int32 sums are exact.
+template <int NQ>
+FI_INLINE void qk_i16_nq(const int16_t* qi, const float* qsc, const int8_t* const* rows, int64_t hoff, int64_t D,
+                         __m512* s) {
+  constexpr int R = NQ == 1 ? 16 : NQ <= 3 ? 8 : 4;
+  __m512 a[NQ][16];
+  for (int t0 = 0; t0 < 16; t0 += R) {
+    __m512i r[NQ][R];
+    for (int j = 0; j < NQ; ++j)
+      for (int t = 0; t < R; ++t) r[j][t] = _mm512_setzero_si512();
+    for (int64_t d = 0; d < D; d += 32)
+      for (int t = 0; t < R; ++t) {
+        const __m512i x =
+            _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[t0 + t] + hoff + d)));
+        for (int j = 0; j < NQ; ++j) r[j][t] = _mm512_dpwssd_epi32(r[j][t], _mm512_loadu_si512(qi + j * D + d), x);
+      }
+    for (int j = 0; j < NQ; ++j)
+      for (int t = 0; t < R; ++t) a[j][t0 + t] = _mm512_cvtepi32_ps(r[j][t]);
+  }
+  for (int j = 0; j < NQ; ++j) s[j] = _mm512_mul_ps(Avx512Ops::reduce16(a[j]), _mm512_set1_ps(qsc[j]));
+}
+__attribute__((noinline)) void qk_rows_i16(const int16_t* qi, const float* qsc, int nq, const int8_t* const* rows,
+                                           int64_t hoff, int64_t D, __m512* s) {
+  for (int j0 = 0; j0 < nq; j0 += 4) {  // at most FI_ROWS_MAX_F32 = 8 queries per KV head come here
+    const int16_t* q = qi + j0 * D;
+    switch (nq - j0) {
+      case 1: qk_i16_nq<1>(q, qsc + j0, rows, hoff, D, s + j0); break;
+      case 2: qk_i16_nq<2>(q, qsc + j0, rows, hoff, D, s + j0); break;
+      case 3: qk_i16_nq<3>(q, qsc + j0, rows, hoff, D, s + j0); break;
+      default: qk_i16_nq<4>(q, qsc + j0, rows, hoff, D, s + j0); break;
+    }
+  }
+}
+// acc[j] = alpha[j] acc[j] + sum_t w[j][t] v(t) for NQ queries over the n <= 16 int8 rows of the chunk (w: the
+// probabilities times the value scales, 0 past n). Each query's 16 weights become 16-bit codes of its largest
+// one; rows go in pairs (t, t + 1) interleaved by VPUNPCK{L,H}WD, so one VPDPWSSD adds both rows' products to 16
+// dims, in a lane order that one VPERMT2D per 16 dims undoes. Sums of 8 pairs stay below 2^31 (8 x 2 x 127 x 32767).
+template <int NQ>
+FI_INLINE void pv_i16_nq(float* acc, int64_t D, const float* w, const float* alpha, const int8_t* const* rows,
+                         int64_t hoff, int n) {
+  alignas(64) int32_t pw[NQ][8];  // pw[j][k]: codes of rows 2k (low half) and 2k + 1 (high half)
+  float ps[NQ];
+  for (int j = 0; j < NQ; ++j) {
+    const __m512 x = _mm512_loadu_ps(w + j * 16);
+    const float mx = _mm512_reduce_max_ps(x);  // w >= 0
+    ps[j] = mx / 32767.f;
+    const __m512 inv = _mm512_set1_ps(mx > 0.f ? 32767.f / mx : 0.f);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(pw[j]), _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(x, inv))));
+  }
+  const __m512i idx0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i idx1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  const int pairs = (n + 1) / 2;  // row n (odd n) is a readable repeat of row 0 with weight 0
+  for (int64_t d0 = 0; d0 < D; d0 += 32) {
+    __m512i lo[NQ], hi[NQ];
+    for (int j = 0; j < NQ; ++j) lo[j] = hi[j] = _mm512_setzero_si512();
+    for (int k = 0; k < pairs; ++k) {
+      const __m512i a0 =
+          _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[2 * k] + hoff + d0)));
+      const __m512i a1 =
+          _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[2 * k + 1] + hoff + d0)));
+      const __m512i l = _mm512_unpacklo_epi16(a0, a1), h = _mm512_unpackhi_epi16(a0, a1);
+      for (int j = 0; j < NQ; ++j) {
+        const __m512i b = _mm512_set1_epi32(pw[j][k]);
+        lo[j] = _mm512_dpwssd_epi32(lo[j], l, b);
+        hi[j] = _mm512_dpwssd_epi32(hi[j], h, b);
+      }
+    }
+    for (int j = 0; j < NQ; ++j) {
+      float* o = acc + j * D + d0;
+      const __m512 al = _mm512_set1_ps(alpha[j]), sc = _mm512_set1_ps(ps[j]);
+      const __m512 v0 = _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(lo[j], idx0, hi[j]));
+      const __m512 v1 = _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(lo[j], idx1, hi[j]));
+      _mm512_storeu_ps(o, _mm512_fmadd_ps(v0, sc, _mm512_mul_ps(_mm512_loadu_ps(o), al)));
+      _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(v1, sc, _mm512_mul_ps(_mm512_loadu_ps(o + 16), al)));
+    }
+  }
+}
+__attribute__((noinline)) void pv_rows_i16(float* acc, int64_t D, const float* w, const float* alpha, int nq,
+                                           const int8_t* const* rows, int64_t hoff, int n) {
+  for (int j0 = 0; j0 < nq; j0 += 4) {
+    float* a = acc + j0 * D;
+    switch (nq - j0) {
+      case 1: pv_i16_nq<1>(a, D, w + j0 * 16, alpha + j0, rows, hoff, n); break;
+      case 2: pv_i16_nq<2>(a, D, w + j0 * 16, alpha + j0, rows, hoff, n); break;
+      case 3: pv_i16_nq<3>(a, D, w + j0 * 16, alpha + j0, rows, hoff, n); break;
+      default: pv_i16_nq<4>(a, D, w + j0 * 16, alpha + j0, rows, hoff, n); break;
+    }
+  }
+}
+const bool g_i16_set = (g_qk_rows_i16 = qk_rows_i16, g_pv_rows_i16 = pv_rows_i16, true);
 #pragma GCC pop_options
 namespace avx512 {
 using Ops = Avx512Ops;
@@ -620,6 +791,7 @@ int paged_attention(const PagedAttentionParams& p) {
   const Isa isa = current_isa();
 #if FI_X86
   g_dpbf16 = isa == Isa::kAvx512Bf16;
+  g_i16 = g_dpbf16 && __builtin_cpu_supports("avx512vnni");
 #endif
   const ItemFn fn = item_fn(isa, p.dtype, p.kv_int8);
   const int64_t mmax = std::max(rows_per_tile * G, kAllHeadsQueries);  // most queries of any item

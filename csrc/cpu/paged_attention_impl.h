@@ -12,7 +12,14 @@
 //
 // An int8 KV cache (C = int8_t: rows of head_dim codes + an fp16 scale) runs the same loops on the codes,
 // widened to fp32 as they load; the 16 rows' key scales multiply the chunk's score vector once, and their value
-// scales multiply the probabilities before the PV accumulation (p * scale, then fma with the codes).
+// scales multiply the probabilities before the PV accumulation (p * scale, then fma with the codes). Where the
+// vector API has 16-bit integer dot products (AVX512-VNNI, under a bf16 / fp16 model: Ops::i16_dots), decode
+// instead takes q and each chunk's weights as 16-bit codes and sums exactly in int32 (VPDPWSSD): no fp32
+// widening of the codes, about half the instructions per row.
+//
+// The online softmax rescales conditionally (as FlashAttention-4 does): the running max moves only when a score
+// of the chunk beats it by more than kRescaleLog2 (log2 units), so most chunks skip the horizontal max and the
+// rescale; the sums stay vectors until the end of the item.
 
 using V = Ops::V;
 
@@ -158,6 +165,9 @@ void run_item(const PagedAttentionParams& p, const Item& it, const Scratch& sc, 
   const bool rows_qk = Ops::rows_qk(static_cast<const C*>(nullptr), Mh, D);
   // With at most 4 queries per KV head every V element is used by one PV tile: convert it there, no copy.
   const bool direct_v = Mh <= 4;
+  // int8 KV: 16-bit integer dot products where the vector API has them (see Ops::i16_dots).
+  const bool i16 =
+      rows_qk && direct_v && Ops::i16_dots(static_cast<const T*>(nullptr), static_cast<const C*>(nullptr), D);
 
   for (int64_t r = 0; r < it.nrows; ++r) {
     const int64_t pos = slen - qlen + it.row0 + r;
@@ -172,11 +182,12 @@ void run_item(const PagedAttentionParams& p, const Item& it, const Scratch& sc, 
         sc.lo[m] = lo;
         sc.hi[m] = hi;
         sc.mx[m] = neg_inf;
-        sc.sum[m] = 0.f;
+        Ops::store(sc.sumv + m * kChunk, Ops::zero());
         for (int64_t d = 0; d < D; d += 16) {
           Ops::store(sc.qf + m * D + d, Ops::mul(Ops::load_cvt(qh + d), Ops::set1(qscale)));
           Ops::store(sc.acc + m * D + d, Ops::zero());
         }
+        if (i16) sc.qsc[m] = Ops::quantize_i16(sc.qf + m * D, D, sc.qi + m * D);  // q as 16-bit codes
       }
     }
   }
@@ -229,12 +240,34 @@ void run_item(const PagedAttentionParams& p, const Item& it, const Scratch& sc, 
       FI_PREFETCH(v + b);
     }
   };
+  // An item with every KV head reads whole slot rows, and the slots of a block are contiguous: prefetch each
+  // cache line of rows t once (not once per head row that touches it).
+  const bool whole_rows = it.nkvh == Hkv;
+  const int64_t slot_bytes = kv_row * int64_t(sizeof(C));
+  uintptr_t k_done = 0, v_done = 0;  // the last line prefetched
+  auto prefetch_lines = [](const C* row, int64_t bytes, uintptr_t& done) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(row), e = a + uintptr_t(bytes);
+    for (uintptr_t l = a & ~uintptr_t(63); l < e; l += 64)
+      if (l > done || done - l > uintptr_t(bytes)) {  // a new line (or a jump backwards to another block)
+        FI_PREFETCH(reinterpret_cast<const char*>(l));
+        done = l;
+      }
+  };
+  auto prefetch_rows = [&](int t0, int t1) {
+    for (int t = t0; t < t1; ++t) {
+      prefetch_lines(pk[t], slot_bytes, k_done);
+      prefetch_lines(pv[t], slot_bytes, v_done);
+    }
+  };
   V rows[kChunk];
   V s[8];
   for (int k = 0; k < kPrefetchChunks; ++k) {
     prefetch_ptrs(it.lo + k * kChunk);
-    for (int t = 0; t < pn; ++t)
-      for (int64_t hl = 0; hl < it.nkvh; ++hl) prefetch_head(t, hl * RD);
+    if (whole_rows)
+      prefetch_rows(0, pn);
+    else
+      for (int t = 0; t < pn; ++t)
+        for (int64_t hl = 0; hl < it.nkvh; ++hl) prefetch_head(t, hl * RD);
   }
   for (int64_t c0 = it.lo; c0 < it.hi; c0 += kChunk) {
     const int n = int(it.hi - c0 < kChunk ? it.hi - c0 : kChunk);
@@ -261,8 +294,11 @@ void run_item(const PagedAttentionParams& p, const Item& it, const Scratch& sc, 
           for (int j = 0; j < kChunk; ++j) Ops::store(sc.kt + (d + j) * kChunk, rows[j]);
         }
       }
-      // Meanwhile, prefetch this head's rows of a later chunk.
-      for (int t = 0; t < pn; ++t) prefetch_head(t, hoff);
+      // Meanwhile, prefetch this head's rows (whole rows: this head's share of them) of a later chunk.
+      if (whole_rows)
+        prefetch_rows(int(pn * hl / it.nkvh), int(pn * (hl + 1) / it.nkvh));
+      else
+        for (int t = 0; t < pn; ++t) prefetch_head(t, hoff);
       if (!direct_v)  // V -> fp32 vf[16][D]; only rows < n are ever read
         for (int t = 0; t < n; ++t)
           for (int64_t d = 0; d < D; d += 16) Ops::store(sc.vf + t * D + d, Ops::load_cvt(vp[t] + hoff + d));
@@ -279,7 +315,14 @@ void run_item(const PagedAttentionParams& p, const Item& it, const Scratch& sc, 
             const int64_t m = m0 + j, r = (m - mb) / G, g = (m - mb) % G;
             qh[j] = q + (qs + it.row0 + r) * p.q_stride + ((it.kvh + hl) * G + g) * D;
           }
-          Ops::qk_rows(qh, sc.qf + m0 * D, nq, kp, hoff, D, qscale, s);
+          if constexpr (kQ) {
+            if (i16)
+              Ops::qk_rows_i16(sc.qi + m0 * D, sc.qsc + m0, nq, kp, hoff, D, s);
+            else
+              Ops::qk_rows(qh, sc.qf + m0 * D, nq, kp, hoff, D, qscale, s);
+          } else {
+            Ops::qk_rows(qh, sc.qf + m0 * D, nq, kp, hoff, D, qscale, s);
+          }
         } else {
           qk_any(nq, sc.qf + m0 * D, D, sc.kt, s);
         }
@@ -297,12 +340,21 @@ void run_item(const PagedAttentionParams& p, const Item& it, const Scratch& sc, 
             continue;
           }
           const V x = Ops::select(mk, s[j], Ops::set1(neg_inf));
-          const float cm = Ops::hmax(x);
-          const float mnew = cm > sc.mx[m] ? cm : sc.mx[m];
-          const float alpha = std::exp2(sc.mx[m] - mnew);  // 0 when the old max was -inf
-          const V e = Ops::exp2_maskz(mk, Ops::sub(x, Ops::set1(mnew)));
-          sc.sum[m] = sc.sum[m] * alpha + Ops::hsum(e);
-          sc.mx[m] = mnew;
+          // Conditional rescaling: the running max (the reference of acc and the sums) moves only when a score
+          // exceeds it by more than kRescaleLog2, so most chunks skip the horizontal max and the rescale; the
+          // probabilities stay below 2^kRescaleLog2, far from overflow, and the result is the same softmax.
+          float alpha = 1.f;
+          if (Ops::any_gt(x, sc.mx[m] + kRescaleLog2)) {
+            const float cm = Ops::hmax(x);
+            const float mnew = cm > sc.mx[m] ? cm : sc.mx[m];
+            alpha = std::exp2(sc.mx[m] - mnew);  // 0 when the old max was -inf
+            sc.mx[m] = mnew;
+            float* sv = sc.sumv + m * kChunk;
+            Ops::store(sv, Ops::mul(Ops::load(sv), Ops::set1(alpha)));
+          }
+          const V e = Ops::exp2_maskz(mk, Ops::sub(x, Ops::set1(sc.mx[m])));
+          float* sv = sc.sumv + m * kChunk;
+          Ops::store(sv, Ops::add(Ops::load(sv), e));
           sc.alpha[m] = alpha;
           if constexpr (kQ)
             Ops::store(pr, Ops::mul(e, vscale));  // p * scale: PV then runs on the codes
@@ -311,6 +363,12 @@ void run_item(const PagedAttentionParams& p, const Item& it, const Scratch& sc, 
         }
       }
       // acc = alpha * acc + p v, 4 queries x 64 dims at a time.
+      if constexpr (kQ) {
+        if (i16) {  // every query of the head at once (an all-masked query has p = 0, alpha = 1: a no-op)
+          Ops::pv_rows_i16(sc.acc + mb * D, D, sc.pr + mb * kChunk, sc.alpha + mb, int(Mh), vp, hoff, n);
+          continue;
+        }
+      }
       const CacheRows<C> v_cache{vp, hoff};
       for (int64_t m0 = mb; m0 < me; m0 += 4) {
         const int nq = int(me - m0 < 4 ? me - m0 : 4);
@@ -328,6 +386,7 @@ void run_item(const PagedAttentionParams& p, const Item& it, const Scratch& sc, 
     }
   }
 
+  for (int64_t m = 0; m < M; ++m) sc.sum[m] = Ops::hsum(Ops::load(sc.sumv + m * kChunk));
   if (it.partial >= 0) {  // one part of a split context: keep the unnormalised state for the combine pass
     float* slab = partials + it.partial;
     for (int64_t i = 0; i < M * D; ++i) slab[i] = sc.acc[i];

@@ -201,6 +201,24 @@ def test_cpp_int8_every_isa(isa, threads, dtype):
         check_attention(cpp, *case, window, softcap, ref=ref)
 
 
+@pytest.mark.skipif(cpp is None, reason="fastinfer._C not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 5])
+def test_cpp_int8_decode_group_sizes(isa, threads, dtype, group):
+    """Decode at 1-5 query heads per KV head: the avx512_bf16 variant's 16-bit integer dots (VPDPWSSD) take 1-4
+    under a bf16 / fp16 model, 5 the fp32 path. Odd contexts (odd last chunks: rows go in pairs there), one long
+    enough to be split across threads, and one decode token whose keys and values are 1e4 beside small ones (its
+    probability and the other rows' both survive the 16-bit weights); every variant vs the reference."""
+    q, kc, vc, meta = paged_case([1, 1, 1, 1], [1, 17, 333, 2049], 2 * group, 2, 64, 16, dtype, seed=group,
+                                 kv_cache_dtype="int8")
+    gen = torch.Generator().manual_seed(group)
+    key = torch.randn(4, 2, 64, generator=gen) * 0.05
+    value = torch.randn(4, 2, 64, generator=gen)
+    key[2], value[2] = 1e4, -1e4  # the 333-token sequence's newest token
+    cpp.store_kv(key.to(dtype), value.to(dtype), kc, vc, meta.slot_mapping)
+    check_attention(cpp, (q.float() * 0.1).to(dtype), kc, vc, meta)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_extreme_values(backend, kind):
