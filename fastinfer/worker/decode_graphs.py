@@ -38,6 +38,20 @@ def capture_sizes(max_num_seqs: int, sizes: Sequence[int] | None = None) -> list
     return [b for b in base if b <= max_num_seqs] or [max_num_seqs]
 
 
+def _room_for_recompiles(n: int) -> Any:
+    """Make room for ``n`` more compiled entries of one forward and fail, not fall back, while they compile.
+
+    Every rung is one more compiled entry of the same code object (``forward`` of the model class), and so is every
+    other engine's (a draft of the same class, earlier engines in the process). Past dynamo's ``recompile_limit``
+    (8) a new shape silently runs eagerly: with the default ladder that was batch 1, the last rung compiled. The
+    limits grow by ``n`` per capture, and inside the capture a hit raises."""
+    cfg = torch._dynamo.config
+    cfg.recompile_limit += n
+    cfg.accumulated_recompile_limit += n
+    fail: dict[str, Any] = {"fail_on_recompile_limit_hit": True} if hasattr(cfg, "fail_on_recompile_limit_hit") else {}
+    return cfg.patch(fail)
+
+
 class DecodeGraphs:
     """Decode steps of ``model`` at the batch sizes ``rungs`` in ``mode`` ("cuda_graph", "compile" or "static");
     :meth:`capture` once after the KV cache is bound, then :meth:`run` for the steps :meth:`supports`."""
@@ -107,8 +121,9 @@ class DecodeGraphs:
             torch.cuda.synchronize(self.device)
         elif self.mode == "compile":
             self.forward = torch.compile(self.model.forward, dynamic=False)
-            for b in reversed(self.rungs):
-                self.forward(*self._inputs(b), self.metas[b])
+            with _room_for_recompiles(len(self.rungs)):
+                for b in reversed(self.rungs):
+                    self.forward(*self._inputs(b), self.metas[b])
         self.capture_s = time.perf_counter() - t0
         logger.info("%s: %s for batch sizes %s (%.1f s)", self.name, {"cuda_graph": "CUDA graphs captured",
                     "compile": "torch.compile", "static": "padded static buffers"}[self.mode], self.rungs,

@@ -123,3 +123,38 @@ def test_compiled_draft_steps_equal_eager(tiny_llm, eager):
                    speculative_config=DRAFT_SPEC)
     assert _tokens(llm.generate(PROMPTS, SPS, use_tqdm=False)) == eager
     assert llm.engine.worker.decode_graph_runs() > 0 and llm.engine.worker.decode_graph_runs(draft=True) > 0
+
+
+class _TinyStep(torch.nn.Module):
+    """A stand-in decode forward (compiles in well under a second per shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(2.0), requires_grad=False)
+
+    def forward(self, input_ids, positions, meta):
+        return (input_ids + positions).float()[:, None] * self.scale + meta.seq_lens.float()[:, None]
+
+
+def test_compile_mode_compiles_every_rung_of_a_long_ladder():
+    """Ten rungs are ten compiled entries of one forward, past dynamo's default recompile limit (8), where a new
+    shape used to fall back to eager silently (batch 1, compiled last, ran eagerly): the capture compiles ten
+    graphs (dynamo's own count) and every rung equals the eager result."""
+    from torch._dynamo.utils import counters
+
+    from fastinfer.ops import AttentionMetadata
+    from fastinfer.worker.decode_graphs import DecodeGraphs
+
+    rungs = list(range(1, 11))
+    graphs = DecodeGraphs(_TinyStep(), torch.device("cpu"), "compile", rungs, max_model_len=32, block_size=4)
+    before = counters["stats"]["unique_graphs"]
+    graphs.capture()
+    assert counters["stats"]["unique_graphs"] - before == len(rungs)
+    for b in rungs:
+        meta = AttentionMetadata.build([1] * b, [5 + i % 3 for i in range(b)], [[i, 20 + i] for i in range(b)], 4)
+        ids, pos = torch.arange(b, dtype=torch.int64) + 7, torch.tensor([4 + i % 3 for i in range(b)])
+        assert graphs.supports(meta)
+        with torch.inference_mode():  # as the worker runs its steps (the capture does too)
+            got = graphs.run(ids, pos, meta)
+        torch.testing.assert_close(got, (ids + pos).float()[:, None] * 2 + meta.seq_lens.float()[:, None])
+    assert counters["stats"]["unique_graphs"] - before == len(rungs)  # no recompiles while running
