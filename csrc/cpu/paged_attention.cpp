@@ -485,20 +485,14 @@ __attribute__((noinline)) void qk_rows_i16(const int16_t* qi, const float* qsc, 
 }
 // acc[j] = alpha[j] acc[j] + sum_t w[j][t] v(t) for NQ queries over the n <= 16 int8 rows of the chunk (w: the
 // probabilities times the value scales, 0 past n). Each query's 16 weights become 16-bit codes of its largest
-// one; rows go in pairs (t, t + 1) interleaved by VPUNPCK{L,H}WD, so one VPDPWSSD adds both rows' products to 16
-// dims, in a lane order that one VPERMT2D per 16 dims undoes. Sums of 8 pairs stay below 2^31 (8 x 2 x 127 x 32767).
+// one (quantize_i16, as q); rows go in pairs (t, t + 1) interleaved by VPUNPCK{L,H}WD, so one VPDPWSSD adds both
+// rows' products to 16 dims, in a lane order that one VPERMT2D per 16 dims undoes. Sums of 8 pairs stay below 2^31 (8 x 2 x 127 x 32767).
 template <int NQ>
 FI_INLINE void pv_i16_nq(float* acc, int64_t D, const float* w, const float* alpha, const int8_t* const* rows,
                          int64_t hoff, int n) {
   alignas(64) int32_t pw[NQ][8];  // pw[j][k]: codes of rows 2k (low half) and 2k + 1 (high half)
   float ps[NQ];
-  for (int j = 0; j < NQ; ++j) {
-    const __m512 x = _mm512_loadu_ps(w + j * 16);
-    const float mx = _mm512_reduce_max_ps(x);  // w >= 0
-    ps[j] = mx / 32767.f;
-    const __m512 inv = _mm512_set1_ps(mx > 0.f ? 32767.f / mx : 0.f);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(pw[j]), _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(x, inv))));
-  }
+  for (int j = 0; j < NQ; ++j) ps[j] = Avx512Ops::quantize_i16(w + j * 16, 16, reinterpret_cast<int16_t*>(pw[j]));
   const __m512i idx0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
   const __m512i idx1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
   const int pairs = (n + 1) / 2;  // row n (odd n) is a readable repeat of row 0 with weight 0

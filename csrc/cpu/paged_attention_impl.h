@@ -344,16 +344,15 @@ void run_item(const PagedAttentionParams& p, const Item& it, const Scratch& sc, 
           // exceeds it by more than kRescaleLog2, so most chunks skip the horizontal max and the rescale; the
           // probabilities stay below 2^kRescaleLog2, far from overflow, and the result is the same softmax.
           float alpha = 1.f;
+          float* sv = sc.sumv + m * kChunk;
           if (Ops::any_gt(x, sc.mx[m] + kRescaleLog2)) {
             const float cm = Ops::hmax(x);
             const float mnew = cm > sc.mx[m] ? cm : sc.mx[m];
             alpha = std::exp2(sc.mx[m] - mnew);  // 0 when the old max was -inf
             sc.mx[m] = mnew;
-            float* sv = sc.sumv + m * kChunk;
             Ops::store(sv, Ops::mul(Ops::load(sv), Ops::set1(alpha)));
           }
           const V e = Ops::exp2_maskz(mk, Ops::sub(x, Ops::set1(sc.mx[m])));
-          float* sv = sc.sumv + m * kChunk;
           Ops::store(sv, Ops::add(Ops::load(sv), e));
           sc.alpha[m] = alpha;
           if constexpr (kQ)
