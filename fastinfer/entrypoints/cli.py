@@ -142,7 +142,12 @@ def _enable_in_reasoning(cfg: dict[str, Any] | None) -> bool:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
+    import signal
+    import threading
+
     import uvicorn
+
+    from fastinfer.engine.async_engine import AsyncLLMEngine
 
     from fastinfer.entrypoints.openai_server import ServerConfig, build_app
 
@@ -156,13 +161,24 @@ def cmd_serve(a: argparse.Namespace) -> int:
                        tool_call_parser=a.tool_call_parser, reasoning_parser=a.reasoning_parser,
                        enable_in_reasoning=_enable_in_reasoning(a.structured_outputs_config),
                        generation_config=a.generation_config)
-    app = build_app(llm.engine, cfg)
+    # the engine steps in this thread, which built the model (see fastinfer.engine.async_engine: a second
+    # torch thread costs every op an OpenMP wake-up on CPU); HTTP runs in a thread of its own
+    aeng = AsyncLLMEngine(llm.engine, cfg.max_pending, thread=False)
+    server = uvicorn.Server(uvicorn.Config(build_app(llm.engine, cfg, aeng), host=a.host, port=a.port,
+                                           log_level="warning" if not a.verbose else "info",
+                                           timeout_graceful_shutdown=int(a.shutdown_timeout)))
+    http = threading.Thread(target=server.run, name="fastinfer-http", daemon=True)
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in handled}  # graceful; a 2nd ^C forces
     try:
-        uvicorn.run(app, host=a.host, port=a.port, log_level="warning" if not a.verbose else "info",
-                    timeout_graceful_shutdown=int(a.shutdown_timeout))
+        http.start()
+        aeng.run(until=lambda: not http.is_alive())  # the lifespan's shutdown (after draining) also ends it
+        http.join()
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         llm.shutdown()  # tensor parallelism: stop the other ranks
-    return 0
+    return 0 if server.started else 1
 
 
 def _calibrated(a: argparse.Namespace, spec: QuantSpec) -> tuple[LoadedModel, dict[str, Any]]:

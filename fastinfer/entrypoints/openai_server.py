@@ -150,14 +150,15 @@ class GuardMiddleware:
 
 
 # -- the app ---------------------------------------------------------------------------------------------
-def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
-    """The FastAPI app; the engine thread starts with the app's lifespan and stops (draining) with it."""
+def build_app(engine: LLMEngine, cfg: ServerConfig, async_engine: AsyncLLMEngine | None = None) -> FastAPI:
+    """The FastAPI app. Its lifespan starts a stepping thread (or uses ``async_engine``, whose loop its owner
+    runs) and stops it, draining, at shutdown."""
     state: dict[str, Any] = {}
     metrics = ServerMetrics(lambda: state.get("async"), cfg.served_model_name, engine.max_model_len)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        state["async"] = AsyncLLMEngine(engine, cfg.max_pending)
+        state["async"] = async_engine or AsyncLLMEngine(engine, cfg.max_pending)
         yield
         aeng: AsyncLLMEngine = state["async"]
         aeng.accepting = False
@@ -314,7 +315,7 @@ def build_app(engine: LLMEngine, cfg: ServerConfig) -> FastAPI:
     @app.get("/health")
     async def health():
         a = state.get("async")
-        ok = a is not None and a._thread.is_alive() and a.accepting and _engine_healthy(a.engine)
+        ok = a is not None and a.alive and a.accepting and _engine_healthy(a.engine)
         return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
 
     @app.get("/v1/models")
