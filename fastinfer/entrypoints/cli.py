@@ -148,7 +148,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
     import uvicorn
 
     from fastinfer.engine.async_engine import AsyncLLMEngine
-
     from fastinfer.entrypoints.openai_server import ServerConfig, build_app
 
     llm = _llm(a)
