@@ -72,9 +72,7 @@ class AsyncLLMEngine:
     # -- called from the event loop --------------------------------------------------------------------
     @property
     def alive(self) -> bool:
-        """Steps, or will: false once the loop has ended (or its background thread died)."""
-        if self._thread is not None:
-            return self._thread.is_alive()
+        """Steps, or will: false once :meth:`stop` is called or the loop has ended."""
         return not self._stop.is_set()
 
     @property
@@ -126,7 +124,7 @@ class AsyncLLMEngine:
         thread if this engine started one."""
         self._stop.set()
         self._wake.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
+        if self._thread is not None:
             self._thread.join(timeout)
 
     # -- the engine thread -----------------------------------------------------------------------------
@@ -154,37 +152,45 @@ class AsyncLLMEngine:
     def run(self, until: Callable[[], bool] | None = None) -> None:
         """The step loop, in the calling thread: returns after :meth:`stop`, or once ``until()`` is true
         (checked at least every half second; ``fastinfer serve`` passes "the HTTP thread has ended")."""
-        while not self._stop.is_set() and not (until is not None and until()):
-            self._drain_commands()
-            if not self.engine.has_unfinished_requests():
-                self._wake.wait(0.5)
-                self._wake.clear()
-                continue
-            try:
-                with self.stats_lock:
-                    outputs = self.engine.step()
-            except Exception as e:  # the engine already fails batches it cannot run; this is a last guard
-                logger.exception("engine step crashed")
-                outputs = []
-                with self._lock:
-                    victims = list(self._streams.items())
-                for rid, victim in victims:
-                    self.engine.abort_request(rid)
-                    victim.put(EngineDeadError(f"engine error: {e}"))
-                with self._lock:
-                    self._streams.clear()
-            self.last_step_time = time.monotonic()
-            deliveries: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        try:
+            while not self._stop.is_set() and not (until is not None and until()):
+                self._step_once()
+        finally:
+            self._close()
+
+    def _step_once(self) -> None:
+        self._drain_commands()
+        if not self.engine.has_unfinished_requests():
+            self._wake.wait(0.5)
+            self._wake.clear()
+            return
+        try:
+            with self.stats_lock:
+                outputs = self.engine.step()
+        except Exception as e:  # the engine already fails batches it cannot run; this is a last guard
+            logger.exception("engine step crashed")
+            outputs = []
             with self._lock:
-                for out in outputs:
-                    target = self._streams.get(out.request_id)
-                    if out.finished:
-                        self._streams.pop(out.request_id, None)
-                    if target is not None:
-                        deliveries.setdefault(target.loop, []).append((target.queue, out))
-            for loop, items in deliveries.items():  # one wake-up of each event loop per step, not one per request
-                loop.call_soon_threadsafe(_deliver, items)
-        # shutting down: abort whatever is left
+                victims = list(self._streams.items())
+            for rid, victim in victims:
+                self.engine.abort_request(rid)
+                victim.put(EngineDeadError(f"engine error: {e}"))
+            with self._lock:
+                self._streams.clear()
+        self.last_step_time = time.monotonic()
+        deliveries: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        with self._lock:
+            for out in outputs:
+                target = self._streams.get(out.request_id)
+                if out.finished:
+                    self._streams.pop(out.request_id, None)
+                if target is not None:
+                    deliveries.setdefault(target.loop, []).append((target.queue, out))
+        for loop, items in deliveries.items():  # one wake-up of each event loop per step, not one per request
+            loop.call_soon_threadsafe(_deliver, items)
+
+    def _close(self) -> None:
+        """The loop has ended (stopped, told to by ``until``, or crashed): abort whatever is left."""
         self._stop.set()
         with self._lock:
             left = list(self._streams.items())

@@ -167,8 +167,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                                            log_level="warning" if not a.verbose else "info",
                                            timeout_graceful_shutdown=int(a.shutdown_timeout)))
     http = threading.Thread(target=server.run, name="fastinfer-http", daemon=True)
-    handled = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, server.handle_exit) for sig in handled}  # graceful; a 2nd ^C forces
+    previous = {sig: signal.signal(sig, server.handle_exit)  # graceful; a second ^C forces
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         http.start()
         aeng.run(until=lambda: not http.is_alive())  # the lifespan's shutdown (after draining) also ends it
