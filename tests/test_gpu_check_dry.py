@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
+
+# a minute of engines under the Triton interpreter: slow (tests/conftest.py starts slow files first)
+pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 

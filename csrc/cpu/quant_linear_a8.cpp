@@ -4,9 +4,9 @@
 // The activation row is quantized once per call on the calling thread (scalar code, so every variant sees the
 // same int8 values), each 32-block stored even k then odd k to match the nibbles: a weight block is 16 bytes, its
 // low nibbles (even k) and high nibbles (odd k) masked apart, and one VPMADDUBSW (u8 weight x s8 activation, pairs
-// summed to i16: at most 2 x 15 x 127, no saturation) + VPMADDWD (pairs to i32) give the block's dot in 8 (AVX2)
-// or, two blocks at a time, 16 (AVX-512) i32 lanes, converted and scaled by d_block x scale_group into fp32
-// accumulators. int8 weights (natural order, signed): VPMADDUBSW(|w|, x * sign(w)), llama.cpp's Q8 x Q8 trick
+// summed to i16: at most 2 x 15 x 127, no saturation) + VPMADDWD (pairs to i32) give the block's dot in 8 i32
+// lanes (AVX-512: two blocks in 16 lanes), converted and scaled by d_block x scale_group into fp32 accumulators.
+// AVX2 int4 takes two blocks per 32-byte load instead, x stored to match (prep_row's pair layout; see tile_int4). int8 weights (natural order, signed): VPMADDUBSW(|w|, x * sign(w)), llama.cpp's Q8 x Q8 trick
 // (|w| <= 128, so the i16 pair sums stay below 2^15), with a scale per half-block for groups of 16 (Q6_K).
 // The mins term uses the exact fp32 group sums of x. Tiles: R output rows x MT rows of x; OpenMP
 // threads take contiguous ranges of output rows.
@@ -41,8 +41,11 @@ struct Job {
 };
 
 // Row m of x: int8 blocks (even | odd for int4 weights, natural for int8), their scales, and the exact group sums.
-void prep_row(const QuantLinearA8Params& p, int64_t m, int8_t* xq, float* d, float* gsum) {
-  const int64_t K = p.K, B = K / kBlock;
+// pairs (the AVX2 int4 layout): blocks 2i and 2i + 1 as 64 bytes [even k of 2i | even k of 2i + 1 | odd k of 2i |
+// odd k of 2i + 1], matching one 32-byte load of both blocks' codes (low nibbles, then high); an odd last block
+// stays [even | odd].
+void prep_row(const QuantLinearA8Params& p, int64_t m, int8_t* xq, float* d, float* gsum, bool pairs) {
+  const int64_t K = p.K, B = K / kBlock, paired = pairs ? B - B % 2 : 0;
   const bool split = p.bits == 4;
   std::fill(gsum, gsum + K / p.group, 0.f);
   float xb[kBlock];
@@ -58,7 +61,8 @@ void prep_row(const QuantLinearA8Params& p, int64_t m, int8_t* xq, float* d, flo
     d[b] = amax / 127.f;
     int8_t* o = xq + b * kBlock;
     for (int64_t i = 0; i < kBlock; ++i) {
-      const int64_t pos = split ? (i % 2) * 16 + i / 2 : i;
+      const int64_t pos = !split ? i : b < paired ? (b % 2 ? -kBlock + 16 : 0) + (i % 2) * kBlock + i / 2
+                                                  : (i % 2) * 16 + i / 2;
       o[pos] = int8_t(std::nearbyint(xb[i] * id));
     }
   }
@@ -182,18 +186,117 @@ FI_INLINE __m256i block_dot(const uint8_t* q, __m256i x) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), ones);
 }
 
-template <int R, int MT, int BITS>
-FI_INLINE void tile_impl(const Job& j, const Tables& t, int64_t n0, int64_t m0) {
-  float res[R][MT];
-  mins_term<R, MT>(j, t, m0, res);
-  __m256 acc[R][MT];
+template <int R, int MT>
+FI_INLINE void zero(__m256 (&acc)[R][MT]) {
   for (int r = 0; r < R; ++r)
     for (int mt = 0; mt < MT; ++mt) acc[r][mt] = _mm256_setzero_ps();
-  const int64_t qrow = BITS == 4 ? j.K / 2 : j.K, qblock = BITS == 4 ? 16 : kBlock;
+}
+
+// The mins term, 8 groups per FMA (the scalar form is a dependent chain per row: with K = 576 it cost about as much
+// as a 4-row tile's dot products).
+template <int R, int MT>
+FI_INLINE void mins_term8(const Job& j, const Tables& t, int64_t m0, float (&res)[R][MT]) {
+  for (int r = 0; r < R; ++r)
+    for (int mt = 0; mt < MT; ++mt) {
+      res[r][mt] = 0.f;
+      if (!t.m[r]) continue;
+      const float* gs = j.gsum + (m0 + mt) * j.G;
+      __m256 v = _mm256_setzero_ps();
+      int64_t g = 0;
+      for (; g + 8 <= j.G; g += 8) v = _mm256_fmadd_ps(_mm256_loadu_ps(t.m[r] + g), _mm256_loadu_ps(gs + g), v);
+      float acc = Avx2Vec::hsum(v);
+      for (; g < j.G; ++g) acc += t.m[r][g] * gs[g];
+      res[r][mt] = acc;
+    }
+}
+
+// Scales of the blocks of one row, one per block (int4 groups span whole blocks): the fp32 table itself for groups of
+// 32, else expanded from the groups into a per-thread buffer.
+FI_INLINE const float* block_scales(const Job& j, const float* s, int r) {
+  if (j.G == j.B) return s;
+  thread_local std::vector<float> buf;
+  if (buf.size() < size_t(4 * j.B)) buf.resize(size_t(4 * j.B));
+  float* o = buf.data() + r * j.B;
+  for (int64_t b = 0; b < j.B; ++b) o[b] = s[j.gh[2 * b]];
+  return o;
+}
+
+// int4 weights x the pair layout of prep_row: one 32-byte load holds blocks b and b + 1 (16 bytes each); its low
+// nibbles times [even k of b | even k of b + 1] plus its high nibbles times [odd k of b | odd k of b + 1] (i16 sums
+// of at most 4 x 15 x 127, no saturation) give i32 lanes 0-3 block b, 4-7 block b + 1. Eight blocks' scale
+// products d_x x s_w are one vector multiply, spread to the pairs by VPERMPS. An odd last block runs as before.
+template <int R, int MT>
+FI_INLINE void tile_int4(const Job& j, const Tables& t, int64_t n0, int64_t m0) {
+  float res[R][MT];
+  mins_term8<R, MT>(j, t, m0, res);
+  __m256 acc[R][MT];
+  zero(acc);
+  const int64_t qrow = j.K / 2, paired = j.B - j.B % 2;
   const uint8_t* q = j.p->qweight + n0 * qrow;
+  const float* sb[R];
+  for (int r = 0; r < R; ++r) sb[r] = block_scales(j, t.s[r], r);
+  const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  alignas(32) float ds[R][MT][8];
+  for (int64_t b = 0; b < paired; b += 2) {
+    const int64_t b8 = b & ~int64_t(7);
+    const int pair = int(b - b8) / 2;
+    if (pair == 0) {
+      for (int r = 0; r < R; ++r) FI_PREFETCH(q + r * qrow + b * 16 + kPrefetchBytes);
+      if (b8 + 8 <= j.B) {
+        for (int r = 0; r < R; ++r)
+          for (int mt = 0; mt < MT; ++mt)
+            _mm256_store_ps(ds[r][mt], _mm256_mul_ps(_mm256_loadu_ps(j.d + (m0 + mt) * j.B + b8),
+                                                     _mm256_loadu_ps(sb[r] + b8)));
+      } else {  // the last blocks past a multiple of 8
+        for (int r = 0; r < R; ++r)
+          for (int mt = 0; mt < MT; ++mt)
+            for (int64_t i = 0; i < 8; ++i)
+              ds[r][mt][i] = b8 + i < j.B ? j.d[(m0 + mt) * j.B + b8 + i] * sb[r][b8 + i] : 0.f;
+      }
+    }
+    const __m256i idx = _mm256_setr_epi32(2 * pair, 2 * pair, 2 * pair, 2 * pair, 2 * pair + 1, 2 * pair + 1,
+                                          2 * pair + 1, 2 * pair + 1);
+    __m256i xe[MT], xo[MT];
+    for (int mt = 0; mt < MT; ++mt) {
+      const int8_t* xp = j.xq + (m0 + mt) * j.K + b * kBlock;
+      xe[mt] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
+      xo[mt] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + kBlock));
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * qrow + b * 16));
+      const __m256i lo = _mm256_and_si256(w, m4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
+      for (int mt = 0; mt < MT; ++mt) {
+        const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe[mt]), _mm256_maddubs_epi16(hi, xo[mt]));
+        const __m256 f = _mm256_permutevar8x32_ps(_mm256_load_ps(ds[r][mt]), idx);
+        acc[r][mt] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), f, acc[r][mt]);
+      }
+    }
+  }
+  if (paired < j.B) {  // an odd last block, [even | odd]
+    const int64_t b = paired;
+    for (int r = 0; r < R; ++r)
+      for (int mt = 0; mt < MT; ++mt) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(j.xq + (m0 + mt) * j.K + b * kBlock));
+        const __m256 f = _mm256_set1_ps(j.d[(m0 + mt) * j.B + b] * sb[r][b]);
+        acc[r][mt] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot<4>(q + r * qrow + b * 16, xv)), f, acc[r][mt]);
+      }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int mt = 0; mt < MT; ++mt) res[r][mt] += Avx2Vec::hsum(acc[r][mt]);
+  store<R, MT>(j, n0, m0, res);
+}
+
+// int8 weights (natural order) x int8 x, one block at a time (groups of 16 give the halves their own scales).
+template <int R, int MT>
+FI_INLINE void tile_int8(const Job& j, const Tables& t, int64_t n0, int64_t m0) {
+  float res[R][MT];
+  mins_term8<R, MT>(j, t, m0, res);
+  __m256 acc[R][MT];
+  zero(acc);
+  const uint8_t* q = j.p->qweight + n0 * j.K;
   for (int64_t b = 0; b < j.B; ++b) {
     if ((b & 3) == 0)
-      for (int r = 0; r < R; ++r) FI_PREFETCH(q + r * qrow + b * qblock + kPrefetchBytes);
+      for (int r = 0; r < R; ++r) FI_PREFETCH(q + r * j.K + b * kBlock + kPrefetchBytes);
     __m256i xv[MT];
     float dm[MT];
     for (int mt = 0; mt < MT; ++mt) {
@@ -204,10 +307,8 @@ FI_INLINE void tile_impl(const Job& j, const Tables& t, int64_t n0, int64_t m0) 
     for (int r = 0; r < R; ++r) {
       const float s0 = t.s[r][g0], s1 = t.s[r][g1];
       for (int mt = 0; mt < MT; ++mt) {
-        const __m256i dot = block_dot<BITS>(q + r * qrow + b * qblock, xv[mt]);
-        // int4 groups span whole blocks: one scale; int8 groups of 16 may give the halves their own
-        const __m256 f = BITS == 4 ? _mm256_set1_ps(dm[mt] * s0) : half_scales(dm[mt] * s0, dm[mt] * s1);
-        acc[r][mt] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), f, acc[r][mt]);
+        const __m256i dot = block_dot<8>(q + r * j.K + b * kBlock, xv[mt]);
+        acc[r][mt] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), half_scales(dm[mt] * s0, dm[mt] * s1), acc[r][mt]);
       }
     }
   }
@@ -218,8 +319,8 @@ FI_INLINE void tile_impl(const Job& j, const Tables& t, int64_t n0, int64_t m0) 
 
 template <int R, int MT>
 void tile(const Job& j, const Tables& t, int64_t n0, int64_t m0) {
-  if (j.p->bits == 4) tile_impl<R, MT, 4>(j, t, n0, m0);
-  else tile_impl<R, MT, 8>(j, t, n0, m0);
+  if (j.p->bits == 4) tile_int4<R, MT>(j, t, n0, m0);
+  else tile_int8<R, MT>(j, t, n0, m0);
 }
 }  // namespace avx2
 #pragma GCC pop_options
@@ -356,15 +457,16 @@ int quant_linear_a8(const QuantLinearA8Params& p) {
   for (int64_t h = 0; h < 2 * B; ++h) gh_buf[size_t(h)] = int32_t(h * 16 / p.group);
   float* d = f_buf.data();
   float* gsum = d + p.M * B;
-  for (int64_t m = 0; m < p.M; ++m) prep_row(p, m, xq_buf.data() + m * p.K, d + m * B, gsum + m * G);
-  const Job j{&p, xq_buf.data(), d, gsum, gh_buf.data(), p.scales, p.mins, p.scales_f16, p.M, p.N, p.K, B, G};
   void (*rows)(const Job&, int64_t, int64_t) = generic_rows;
   int align = 1;
+  bool pairs = false;  // the AVX2 int4 tile's x layout
 #if FI_X86
   const Isa isa = active_isa();
   if (isa == Isa::kAvx512 || isa == Isa::kAvx512Bf16) rows = avx512_rows, align = avx512::kR;
-  else if (isa == Isa::kAvx2) rows = avx2_rows, align = avx2::kR;
+  else if (isa == Isa::kAvx2) rows = avx2_rows, align = avx2::kR, pairs = true;
 #endif
+  for (int64_t m = 0; m < p.M; ++m) prep_row(p, m, xq_buf.data() + m * p.K, d + m * B, gsum + m * G, pairs);
+  const Job j{&p, xq_buf.data(), d, gsum, gh_buf.data(), p.scales, p.mins, p.scales_f16, p.M, p.N, p.K, B, G};
   const int64_t work = p.M * p.N * p.K;
   const int nt = work >= (int64_t(1) << 18) ? int(std::min<int64_t>(resolve_threads(p.num_threads), p.N / align + 1)) : 1;
   parallel_ranges(p.N, align, nt, [&](int64_t n0, int64_t n1) { rows(j, n0, n1); });

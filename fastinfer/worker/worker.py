@@ -227,7 +227,7 @@ class Worker:
             logger.warning("%s: %s asked for, running eager: %s", what, mode, why)
             return None
         graphs = DecodeGraphs(model, self.device, mode, capture_sizes(self.config.max_num_seqs, sizes),
-                              self.max_model_len, self.config.block_size, what)
+                              self.max_model_len, self.config.block_size, what, self.config.inductor_options())
         try:
             graphs.capture()
         except Exception as e:  # a host sync or an unsupported op inside the forward: say so, serve eagerly

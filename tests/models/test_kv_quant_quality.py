@@ -18,11 +18,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from fastinfer import LLM, SamplingParams
 from fastinfer.verify import position_stats
 from tests.models.test_smollm2_gguf import PROMPTS as SMOLLM2_PROMPTS
+
+# every test here runs the real model for tens of seconds: slow (tests/conftest.py starts slow files first)
+pytestmark = pytest.mark.slow
 
 TEXT = Path(__file__).resolve().parents[1] / "data" / "python_docs_prose.txt"
 PROMPTS = SMOLLM2_PROMPTS[:5]  # the SmolLM2 vs HF test's prompts

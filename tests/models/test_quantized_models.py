@@ -13,6 +13,9 @@ from fastinfer import LLM, SamplingParams
 from fastinfer.models.loader import describe_quantization
 from tests.models.test_hf_parity import _prefill_logits
 
+# every test here runs the real model for tens of seconds: slow (tests/conftest.py starts slow files first)
+pytestmark = pytest.mark.slow
+
 PROMPTS = [
     "The capital of France is",
     "Here is a Python function that reverses a string:\n",

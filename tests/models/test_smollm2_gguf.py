@@ -9,6 +9,9 @@ import torch
 
 from fastinfer import LLM, SamplingParams
 
+# every test here runs the real model for tens of seconds: slow (tests/conftest.py starts slow files first)
+pytestmark = pytest.mark.slow
+
 PROMPTS = [
     "The capital of France is",
     "Here is a Python function that reverses a string:\n",

@@ -28,7 +28,7 @@ def case(m: int, n: int, k: int, group: int, dtype=torch.float32, f16_scales: bo
     return x, qw.qweight, scales, mins, group, b
 
 
-SHAPES = [(1, 37, 96, 32), (5, 64, 256, 64), (9, 130, 384, 128), (3, 8, 32, 32), (33, 17, 160, 32)]
+SHAPES = [(1, 37, 96, 32), (5, 64, 256, 64), (9, 130, 384, 128), (3, 8, 32, 32), (33, 17, 160, 32), (2, 11, 608, 32)]
 
 
 @pytest.mark.usefixtures("isa")

@@ -77,6 +77,7 @@ def test_capture_sizes_ladder():
     ({"level": 3}, "unknown compilation_config keys"),
     ({"cudagraph_capture_sizes": [0, 2]}, "positive integers"),
     ({"cudagraph_capture_sizes": []}, "positive integers"),
+    ({"inductor_compile_config": ["cpp_wrapper"]}, "inductor_compile_config must be a dict"),
 ])
 def test_bad_compilation_config(cc, needle):
     with pytest.raises(ValueError, match=needle):
