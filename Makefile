@@ -31,8 +31,11 @@ lint:
 	$(PY) -m ruff check fastinfer tests benchmarks kernels
 	$(PY) -m mypy
 
+# pytest-xdist: one worker per usable CPU, each test file whole on one worker (its module fixtures built once), files
+# with slow tests first; tests/conftest.py splits the CPU threads between the workers. (Not in pytest's addopts:
+# pytest-benchmark switches itself off under xdist, and `pytest benchmarks/kernels --benchmark-only` must time.)
 test: install-dev lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 # Compile-only check of the CUDA kernels (csrc/cuda/*.cu) for sm_80 and sm_90 with the machine's nvcc; no GPU needed.
 cuda-check:

@@ -30,7 +30,7 @@ def pytest_configure(config):
         from fastinfer.worker.worker import usable_cpus
 
         torch.set_num_threads(max(1, usable_cpus() // int(workers)))
-    elif not hasattr(config, "workerinput"):
+    elif getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):  # the controller
         from fastinfer.models.loader import EMBEDDED_MODELS, resolve_model_path
 
         for name in EMBEDDED_MODELS:

@@ -1,12 +1,14 @@
 // W4A8 / W8A8 linear layers on the CPU: int4 or int8 weights x int8-quantized activations, integer dot products
 // per block of 32 (raw pointers, no torch). See fastinfer/cpu_quant_a8.h for the contract.
 //
-// The activation row is quantized once per call on the calling thread (scalar code, so every variant sees the
-// same int8 values), each 32-block stored even k then odd k to match the nibbles: a weight block is 16 bytes, its
+// The activation row is quantized once per call on the calling thread (fp32 x on x86: AVX2 code, else scalar; both
+// round x * 127 / amax to nearest even, so every variant sees the same int8 values; only the fp32 order of the
+// group sums differs), each 32-block stored even k then odd k to match the nibbles: a weight block is 16 bytes, its
 // low nibbles (even k) and high nibbles (odd k) masked apart, and one VPMADDUBSW (u8 weight x s8 activation, pairs
 // summed to i16: at most 2 x 15 x 127, no saturation) + VPMADDWD (pairs to i32) give the block's dot in 8 i32
 // lanes (AVX-512: two blocks in 16 lanes), converted and scaled by d_block x scale_group into fp32 accumulators.
-// AVX2 int4 takes two blocks per 32-byte load instead, x stored to match (prep_row's pair layout; see tile_int4). int8 weights (natural order, signed): VPMADDUBSW(|w|, x * sign(w)), llama.cpp's Q8 x Q8 trick
+// AVX2 int4 takes two blocks per 32-byte load instead, x stored to match (prep_row's pair layout; see tile_int4).
+// int8 weights (natural order, signed): VPMADDUBSW(|w|, x * sign(w)), llama.cpp's Q8 x Q8 trick
 // (|w| <= 128, so the i16 pair sums stay below 2^15), with a scale per half-block for groups of 16 (Q6_K).
 // The mins term uses the exact fp32 group sums of x. Tiles: R output rows x MT rows of x; OpenMP
 // threads take contiguous ranges of output rows.
@@ -166,6 +168,48 @@ void cvt(const uint16_t* src, float* dst, int64_t n) {
   for (; i + 8 <= n; i += 8)
     _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
   for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+}
+
+// prep_row for an fp32 row, 32 inputs per step: the same int8 codes, scales and layouts as the scalar prep_row.
+void prep_row_f32(const QuantLinearA8Params& p, int64_t m, int8_t* xq, float* d, float* gsum, bool pairs) {
+  const int64_t B = p.K / kBlock, paired = pairs ? B - B % 2 : 0;
+  const bool split = p.bits == 4;
+  const float* x = static_cast<const float*>(p.x) + m * p.x_stride;
+  std::fill(gsum, gsum + p.K / p.group, 0.f);
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // packs' dword order back to k order
+  const __m256i evens_odds = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                              0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  for (int64_t b = 0; b < B; ++b) {
+    __m256 v[4];
+    for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(x + b * kBlock + 8 * i);
+    const __m256 a = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                   _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    for (int hh = 0; hh < 2; ++hh)
+      gsum[(b * kBlock + 16 * hh) / p.group] += Avx2Vec::hsum(_mm256_add_ps(v[2 * hh], v[2 * hh + 1]));
+    const __m256 id = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    d[b] = amax / 127.f;
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id));  // nearest even, as nearbyint
+    __m256i c = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    c = _mm256_permutevar8x32_epi32(c, order);  // the 32 codes in k order
+    int8_t* o = xq + b * kBlock;
+    if (!split) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), c);
+      continue;
+    }
+    c = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(c, evens_odds), 0xd8);  // [even k | odd k]
+    if (b < paired) {  // [even 2i | even 2i + 1 | odd 2i | odd 2i + 1]
+      int8_t* pair = xq + (b & ~int64_t(1)) * kBlock + (b % 2) * 16;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(pair), _mm256_castsi256_si128(c));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(pair + kBlock), _mm256_extracti128_si256(c, 1));
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), c);
+    }
+  }
 }
 
 // Scales of the two half-blocks of a block as the i32 lanes of block_dot hold them: a in lanes 0-3, b in 4-7.
@@ -465,7 +509,11 @@ int quant_linear_a8(const QuantLinearA8Params& p) {
   if (isa == Isa::kAvx512 || isa == Isa::kAvx512Bf16) rows = avx512_rows, align = avx512::kR;
   else if (isa == Isa::kAvx2) rows = avx2_rows, align = avx2::kR, pairs = true;
 #endif
-  for (int64_t m = 0; m < p.M; ++m) prep_row(p, m, xq_buf.data() + m * p.K, d + m * B, gsum + m * G, pairs);
+  auto prep = prep_row;
+#if FI_X86
+  if (p.dtype == DType::kFloat32 && isa != Isa::kGeneric) prep = avx2::prep_row_f32;
+#endif
+  for (int64_t m = 0; m < p.M; ++m) prep(p, m, xq_buf.data() + m * p.K, d + m * B, gsum + m * G, pairs);
   const Job j{&p, xq_buf.data(), d, gsum, gh_buf.data(), p.scales, p.mins, p.scales_f16, p.M, p.N, p.K, B, G};
   const int64_t work = p.M * p.N * p.K;
   const int nt = work >= (int64_t(1) << 18) ? int(std::min<int64_t>(resolve_threads(p.num_threads), p.N / align + 1)) : 1;
