@@ -274,9 +274,11 @@ def quant_linear_a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     if not ok or x2 is None:
         _fallback(f"quant_linear_a8 on {x.device.type} {x.dtype} group {group_size} scales {scales.dtype}")
         return torch_backend.quant_linear_a8(x, qweight, scales, mins, group_size, bias)
-    out = torch.ops.fastinfer.quant_linear_a8(x2, qweight.contiguous(), scales.contiguous(),
-                                              None if mins is None else mins.contiguous(), group_size, bias)
-    return out.view(*x.shape[:-1], qweight.shape[0])
+    if not (qweight.is_contiguous() and scales.is_contiguous() and (mins is None or mins.is_contiguous())):
+        qweight, scales = qweight.contiguous(), scales.contiguous()  # loaded weights already are: no call per step
+        mins = None if mins is None else mins.contiguous()
+    out = torch.ops.fastinfer.quant_linear_a8(x2, qweight, scales, mins, group_size, bias)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], qweight.shape[0])
 
 
 # ----------------------------------------------------------------------- the per-layer ops (csrc/cpu/fused_ops.cpp)

@@ -58,7 +58,8 @@ def _own_forward(model: CausalLM) -> Any:
     them apart by guards; the compiled steps drop the guards on the model's modules and weights (they never change
     after load; checking some 500 tensors of SmolLM2 cost 1.5 ms of a 10 ms int4 step on a 2-core AVX2 CPU), and
     without them a draft of the same class, or another engine's model, would match this model's entries. A code
-    object of its own gives each captured model its own entries."""
+    object of its own gives each captured model its own entries. Rebinding a captured model's weights or KV cache
+    would need a new capture (nothing does: both are bound before :meth:`DecodeGraphs.capture`)."""
     fn = type(model).forward
     own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     return types.MethodType(own, model)
