@@ -27,14 +27,15 @@ from common import emit, llama_cpp_rate, machine_line, make_workload, single_str
 from fastinfer import LLM  # noqa: E402
 from fastinfer.models.loader import load_tokenizer, resolve_model_path  # noqa: E402
 
+# --modes: the decode step's compilation_config
+MODES = {"eager": {"mode": "eager"}, "compile": {"mode": "compile"},
+         "compile+cpp": {"mode": "compile", "inductor_compile_config": {"cpp_wrapper": True}}}
+
 
 def fastinfer_rate(model: str, dtype: str, quantization: str | None, ids: list[int], n: int, repeats: int,
-                   compile_mode: str = "eager") -> tuple[float, str]:
-    cc: dict = {"mode": "compile"} if compile_mode != "eager" else {"mode": "eager"}
-    if compile_mode == "compile+cpp":
-        cc["inductor_compile_config"] = {"cpp_wrapper": True}
+                   step: str = "eager") -> tuple[float, str]:
     llm = LLM(model, dtype=dtype, quantization=quantization, max_model_len=2048, max_num_seqs=1,
-              enable_prefix_caching=False, load_progress=False, compilation_config=cc)
+              enable_prefix_caching=False, load_progress=False, compilation_config=MODES[step])
     op = "quant_linear_a8" if quantization == "w4a8" else "quant_linear"
     return single_stream_rate(llm, ids, n, repeats), llm.engine.worker.ops.chosen.get(op, "-")
 
@@ -62,6 +63,8 @@ def main() -> None:
     rows: list[dict] = []
     dtypes = args.dtypes.split(",")
     modes = args.modes.split(",")
+    if set(modes) - set(MODES):
+        ap.error(f"--modes: unknown {sorted(set(modes) - set(MODES))} (known: {', '.join(MODES)})")
     runs = [(dt, q, md) for dt in dtypes for q in (None, "gguf", "w4a8") for md in (modes if q else modes[:1])]
     rates = {}
     for dtype, q, mode in runs:

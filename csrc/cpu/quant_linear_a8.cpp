@@ -230,12 +230,6 @@ FI_INLINE __m256i block_dot(const uint8_t* q, __m256i x) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), ones);
 }
 
-template <int R, int MT>
-FI_INLINE void zero(__m256 (&acc)[R][MT]) {
-  for (int r = 0; r < R; ++r)
-    for (int mt = 0; mt < MT; ++mt) acc[r][mt] = _mm256_setzero_ps();
-}
-
 // The mins term, 8 groups per FMA (the scalar form is a dependent chain per row: with K = 576 it cost about as much
 // as a 4-row tile's dot products).
 template <int R, int MT>
@@ -254,12 +248,22 @@ FI_INLINE void mins_term8(const Job& j, const Tables& t, int64_t m0, float (&res
     }
 }
 
+// A tile's end: the mins term plus each accumulator's lanes (+ bias), stored.
+template <int R, int MT>
+FI_INLINE void finish(const Job& j, const Tables& t, int64_t n0, int64_t m0, const __m256 (&acc)[R][MT]) {
+  float res[R][MT];
+  mins_term8<R, MT>(j, t, m0, res);
+  for (int r = 0; r < R; ++r)
+    for (int mt = 0; mt < MT; ++mt) res[r][mt] += Avx2Vec::hsum(acc[r][mt]);
+  store<R, MT>(j, n0, m0, res);
+}
+
 // Scales of the blocks of one row, one per block (int4 groups span whole blocks): the fp32 table itself for groups of
 // 32, else expanded from the groups into a per-thread buffer.
 FI_INLINE const float* block_scales(const Job& j, const float* s, int r) {
   if (j.G == j.B) return s;
-  thread_local std::vector<float> buf;
-  if (buf.size() < size_t(4 * j.B)) buf.resize(size_t(4 * j.B));
+  thread_local std::vector<float> buf;  // a row of blocks for each of a tile's kR rows
+  if (buf.size() < size_t(kR * j.B)) buf.resize(size_t(kR * j.B));
   float* o = buf.data() + r * j.B;
   for (int64_t b = 0; b < j.B; ++b) o[b] = s[j.gh[2 * b]];
   return o;
@@ -271,10 +275,9 @@ FI_INLINE const float* block_scales(const Job& j, const float* s, int r) {
 // products d_x x s_w are one vector multiply, spread to the pairs by VPERMPS. An odd last block runs as before.
 template <int R, int MT>
 FI_INLINE void tile_int4(const Job& j, const Tables& t, int64_t n0, int64_t m0) {
-  float res[R][MT];
-  mins_term8<R, MT>(j, t, m0, res);
   __m256 acc[R][MT];
-  zero(acc);
+  for (int r = 0; r < R; ++r)
+    for (int mt = 0; mt < MT; ++mt) acc[r][mt] = _mm256_setzero_ps();
   const int64_t qrow = j.K / 2, paired = j.B - j.B % 2;
   const uint8_t* q = j.p->qweight + n0 * qrow;
   const float* sb[R];
@@ -325,18 +328,15 @@ FI_INLINE void tile_int4(const Job& j, const Tables& t, int64_t n0, int64_t m0) 
         acc[r][mt] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot<4>(q + r * qrow + b * 16, xv)), f, acc[r][mt]);
       }
   }
-  for (int r = 0; r < R; ++r)
-    for (int mt = 0; mt < MT; ++mt) res[r][mt] += Avx2Vec::hsum(acc[r][mt]);
-  store<R, MT>(j, n0, m0, res);
+  finish(j, t, n0, m0, acc);
 }
 
 // int8 weights (natural order) x int8 x, one block at a time (groups of 16 give the halves their own scales).
 template <int R, int MT>
 FI_INLINE void tile_int8(const Job& j, const Tables& t, int64_t n0, int64_t m0) {
-  float res[R][MT];
-  mins_term8<R, MT>(j, t, m0, res);
   __m256 acc[R][MT];
-  zero(acc);
+  for (int r = 0; r < R; ++r)
+    for (int mt = 0; mt < MT; ++mt) acc[r][mt] = _mm256_setzero_ps();
   const uint8_t* q = j.p->qweight + n0 * j.K;
   for (int64_t b = 0; b < j.B; ++b) {
     if ((b & 3) == 0)
@@ -356,9 +356,7 @@ FI_INLINE void tile_int8(const Job& j, const Tables& t, int64_t n0, int64_t m0) 
       }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int mt = 0; mt < MT; ++mt) res[r][mt] += Avx2Vec::hsum(acc[r][mt]);
-  store<R, MT>(j, n0, m0, res);
+  finish(j, t, n0, m0, acc);
 }
 
 template <int R, int MT>
@@ -504,13 +502,11 @@ int quant_linear_a8(const QuantLinearA8Params& p) {
   void (*rows)(const Job&, int64_t, int64_t) = generic_rows;
   int align = 1;
   bool pairs = false;  // the AVX2 int4 tile's x layout
+  auto prep = prep_row;
 #if FI_X86
   const Isa isa = active_isa();
   if (isa == Isa::kAvx512 || isa == Isa::kAvx512Bf16) rows = avx512_rows, align = avx512::kR;
   else if (isa == Isa::kAvx2) rows = avx2_rows, align = avx2::kR, pairs = true;
-#endif
-  auto prep = prep_row;
-#if FI_X86
   if (p.dtype == DType::kFloat32 && isa != Isa::kGeneric) prep = avx2::prep_row_f32;
 #endif
   for (int64_t m = 0; m < p.M; ++m) prep(p, m, xq_buf.data() + m * p.K, d + m * B, gsum + m * G, pairs);

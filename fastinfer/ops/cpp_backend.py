@@ -201,6 +201,15 @@ def _quant_unsupported(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     return None
 
 
+
+def _contiguous_weight(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The weight's tensors as the kernels read them (contiguous); loaded weights already are, so a step makes no
+    ``contiguous()`` calls."""
+    if qweight.is_contiguous() and scales.is_contiguous() and (mins is None or mins.is_contiguous()):
+        return qweight, scales, mins
+    return qweight.contiguous(), scales.contiguous(), None if mins is None else mins.contiguous()
+
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                  bits: int, group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Weight-only int8/int4 ``x @ W.T + bias`` for x [..., K] (format of :mod:`fastinfer.quantization`); same
@@ -217,9 +226,7 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, m
         x2 = x2.contiguous()
     if mins is not None and mins.dtype != scales.dtype:  # fp16 -> fp32 is exact
         scales, mins = scales.float(), mins.float()
-    if not (qweight.is_contiguous() and scales.is_contiguous() and (mins is None or mins.is_contiguous())):
-        qweight, scales = qweight.contiguous(), scales.contiguous()
-        mins = None if mins is None else mins.contiguous()
+    qweight, scales, mins = _contiguous_weight(qweight, scales, mins)
     out = torch.ops.fastinfer.quant_linear(x2, qweight, scales, mins, bits, group_size, bias)  # [M, N]
     return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])  # [..., N]
 
@@ -274,9 +281,7 @@ def quant_linear_a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     if not ok or x2 is None:
         _fallback(f"quant_linear_a8 on {x.device.type} {x.dtype} group {group_size} scales {scales.dtype}")
         return torch_backend.quant_linear_a8(x, qweight, scales, mins, group_size, bias)
-    if not (qweight.is_contiguous() and scales.is_contiguous() and (mins is None or mins.is_contiguous())):
-        qweight, scales = qweight.contiguous(), scales.contiguous()  # loaded weights already are: no call per step
-        mins = None if mins is None else mins.contiguous()
+    qweight, scales, mins = _contiguous_weight(qweight, scales, mins)
     out = torch.ops.fastinfer.quant_linear_a8(x2, qweight, scales, mins, group_size, bias)
     return out if x.dim() == 2 else out.view(*x.shape[:-1], qweight.shape[0])
 
